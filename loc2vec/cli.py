@@ -1,0 +1,177 @@
+"""The `loc2vec` command line: one entry point, one sub-command per pipeline stage.
+
+Heavy libraries (torch, mapnik, feast) are imported inside the commands that need
+them, so `loc2vec --help` and light commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+log = logging.getLogger("loc2vec")
+
+
+def _finite(name: str, lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number in [{lo}, {hi}], got {text!r}")
+        return value
+
+    return parse
+
+
+LAT = _finite("latitude", -90.0, 90.0)
+LON = _finite("longitude", -180.0, 180.0)
+
+
+def _metres(text: str) -> float:
+    return _finite("shift", -1e4, 1e4)(text)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from loc2vec import dbadmin
+
+    if args.action == "setup":
+        dbadmin.setup_cluster()
+    else:
+        dbadmin.stop_cluster()
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from loc2vec.osm import ingest
+
+    result = ingest(args.region, args.pbf, force=args.force)
+    print(result.message)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from loc2vec.render import render_tile, write_preview
+
+    tile = render_tile(args.region, args.lat, args.lon, angle_deg=args.angle, shift_m=tuple(args.shift_m))
+    _atomic_save_npy(Path(args.out), tile)
+    if args.png:
+        write_preview(tile, Path(args.png))
+    nonzero = {name: float(v) for name, v in zip(_channel_names(), (tile > 0).mean(axis=(1, 2)), strict=True)}
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "shape": list(tile.shape),
+                "dtype": str(tile.dtype),
+                "nonzero_fraction": {k: round(v, 4) for k, v in nonzero.items()},
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+def _channel_names() -> list[str]:
+    from loc2vec.channels import CHANNELS
+
+    return [c.name for c in CHANNELS]
+
+
+def _atomic_save_npy(path: Path, array) -> None:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from loc2vec import bench
+
+    result = bench.run(args.what, region=args.region, n=args.n)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loc2vec", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("db", help="start/stop the project's PostgreSQL cluster")
+    s.add_argument("action", choices=["setup", "stop"])
+    s.set_defaults(func=cmd_db)
+
+    s = sub.add_parser("ingest", help="import a region's OSM extract into PostGIS")
+    s.add_argument("--region", required=True)
+    s.add_argument("--pbf", type=Path, help="use this extract (registers a new region if needed)")
+    s.add_argument("--force", action="store_true", help="re-import even if the extract is unchanged")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("render", help="render one 12-channel tile")
+    s.add_argument("--region", required=True)
+    s.add_argument("--lat", type=LAT, required=True)
+    s.add_argument("--lon", type=LON, required=True)
+    s.add_argument("--angle", type=_finite("angle", -3600, 3600), default=0.0, help="rotation, degrees CCW")
+    s.add_argument(
+        "--shift-m",
+        type=_metres,
+        nargs=2,
+        default=[0.0, 0.0],
+        metavar=("DX", "DY"),
+        help="move the tile centre DX metres east and DY metres north",
+    )
+    s.add_argument("--out", required=True, help="output .npy (uint8, shape 12×size×size)")
+    s.add_argument("--png", help="also write an RGB preview PNG")
+    s.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("bench", help="benchmarks (JSON)")
+    s.add_argument("what", choices=["render"])
+    s.add_argument("--region", default=None)
+    s.add_argument("--n", type=int, default=None, help="number of tiles/items")
+    s.add_argument("--json", action="store_true", help="compact JSON on one line")
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from loc2vec.errors import USER_ERRORS
+
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"loc2vec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

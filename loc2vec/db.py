@@ -1,0 +1,186 @@
+"""PostgreSQL/PostGIS connection and the import metadata table.
+
+One place decides how to reach the database (LOC2VEC_PG_DSN, PG* variables, or the
+project's own cluster from params.yaml), so psycopg2, osm2pgsql and Mapnik all agree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from loc2vec.config import DBConfig, load_params, validate_region_name
+from loc2vec.errors import Loc2VecError
+
+DSN_ENV = "LOC2VEC_PG_DSN"
+_PG_ENV = {
+    "host": "PGHOST",
+    "port": "PGPORT",
+    "dbname": "PGDATABASE",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+}
+
+
+class DatabaseError(Loc2VecError, RuntimeError):
+    """The database cannot be reached or is not in the expected state."""
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    host: str
+    port: int
+    dbname: str
+    user: str
+    password: str | None
+
+    def kwargs(self) -> dict[str, str | int]:
+        out: dict[str, str | int] = {
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.dbname,
+            "user": self.user,
+        }
+        if self.password:
+            out["password"] = self.password
+        return out
+
+    def redacted(self) -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+
+def conninfo(cfg: DBConfig | None = None) -> ConnInfo:
+    """Resolve connection settings: LOC2VEC_PG_DSN, else PG* variables over params.yaml's db section."""
+    cfg = cfg or load_params().db
+    values: dict[str, str | int | None] = {
+        "host": cfg.host,
+        "port": cfg.port,
+        "dbname": cfg.dbname,
+        "user": cfg.user,
+        "password": cfg.password,
+    }
+    dsn = os.environ.get(DSN_ENV)
+    if dsn:
+        try:
+            parsed = psycopg2.extensions.parse_dsn(dsn)
+        except psycopg2.ProgrammingError as exc:
+            raise DatabaseError(f"{DSN_ENV} is not a valid libpq connection string: {exc}") from exc
+        values.update({k: v for k, v in parsed.items() if k in values})
+    else:
+        values.update({k: os.environ[v] for k, v in _PG_ENV.items() if os.environ.get(v)})
+    return ConnInfo(
+        host=str(values["host"]),
+        port=int(values["port"] or 5432),
+        dbname=str(values["dbname"]),
+        user=str(values["user"]),
+        password=str(values["password"]) if values["password"] else None,
+    )
+
+
+def connect(info: ConnInfo | None = None) -> psycopg2.extensions.connection:
+    info = info or conninfo()
+    try:
+        return psycopg2.connect(**info.kwargs(), connect_timeout=10)
+    except psycopg2.OperationalError as exc:
+        raise DatabaseError(
+            f"cannot connect to PostgreSQL at {info.redacted()}: {str(exc).strip()}\n"
+            "Start the project database with `make setup` (or set LOC2VEC_PG_DSN)."
+        ) from exc
+
+
+@contextmanager
+def cursor(info: ConnInfo | None = None, *, autocommit: bool = False) -> Iterator[psycopg2.extensions.cursor]:
+    """A cursor whose transaction commits on success and rolls back on error."""
+    conn = connect(info)
+    conn.autocommit = autocommit
+    try:
+        with conn.cursor() as cur:
+            yield cur
+        if not autocommit:
+            conn.commit()
+    except Exception:
+        if not autocommit:
+            conn.rollback()
+        raise
+    finally:
+        conn.close()
+
+
+def meta_schema() -> str:
+    return validate_region_name(load_params().db.meta_schema)
+
+
+def ensure_meta(cur: psycopg2.extensions.cursor) -> None:
+    """Create the import metadata table (idempotent)."""
+    schema = sql.Identifier(meta_schema())
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+    cur.execute(
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {}.imports (
+                region        text PRIMARY KEY,
+                source        text NOT NULL,
+                sha256        text NOT NULL,
+                osm_timestamp timestamptz,
+                imported_at   timestamptz NOT NULL DEFAULT now(),
+                import_seconds double precision,
+                west double precision, south double precision,
+                east double precision, north double precision
+            )"""
+        ).format(schema)
+    )
+
+
+@dataclass(frozen=True)
+class ImportRecord:
+    region: str
+    source: str
+    sha256: str
+    osm_timestamp: datetime | None
+    imported_at: datetime
+    import_seconds: float | None
+    bbox: tuple[float, float, float, float]  # west, south, east, north (WGS84)
+
+    def contains(self, lat: float, lon: float) -> bool:
+        west, south, east, north = self.bbox
+        return south <= lat <= north and west <= lon <= east
+
+
+def get_import(region: str, info: ConnInfo | None = None) -> ImportRecord | None:
+    """The metadata of a region's current import, or None when it was never ingested."""
+    validate_region_name(region)
+    with cursor(info) as cur:
+        cur.execute("SELECT to_regclass(%s)", (f"{meta_schema()}.imports",))
+        if cur.fetchone()[0] is None:
+            return None
+        cur.execute(
+            sql.SQL(
+                "SELECT region, source, sha256, osm_timestamp, imported_at, import_seconds,"
+                " west, south, east, north FROM {}.imports WHERE region = %s"
+            ).format(sql.Identifier(meta_schema())),
+            (region,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (region,))
+        if cur.fetchone() is None:
+            return None
+    return ImportRecord(*row[:6], bbox=tuple(row[6:10]))  # type: ignore[arg-type]
+
+
+def require_import(region: str, info: ConnInfo | None = None) -> ImportRecord:
+    """Like get_import, but a missing import is an error that says what to run."""
+    record = get_import(region, info)
+    if record is None:
+        raise DatabaseError(
+            f"region {region!r} has not been ingested into {(info or conninfo()).redacted()}; "
+            f"run `loc2vec ingest --region {region}` first"
+        )
+    return record
