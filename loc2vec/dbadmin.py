@@ -49,8 +49,7 @@ def _cluster_status(cfg: DBConfig) -> str | None:
         if len(parts) >= 4 and parts[0] == str(cfg.pg_version) and parts[1] == cfg.cluster:
             if int(parts[2]) != cfg.port:
                 raise ClusterError(
-                    f"cluster {cfg.pg_version}/{cfg.cluster} exists on port {parts[2]}, "
-                    f"params.yaml says {cfg.port}"
+                    f"cluster {cfg.pg_version}/{cfg.cluster} exists on port {parts[2]}, params.yaml says {cfg.port}"
                 )
             return parts[3]
     return None
@@ -114,10 +113,7 @@ def setup_cluster(cfg: DBConfig | None = None, extra_databases: tuple[str, ...] 
 def _wait_ready(cfg: DBConfig, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        ok = (
-            subprocess.run(["pg_isready", "-q", "-h", "/var/run/postgresql", "-p", str(cfg.port)]).returncode
-            == 0
-        )
+        ok = subprocess.run(["pg_isready", "-q", "-h", "/var/run/postgresql", "-p", str(cfg.port)]).returncode == 0
         if ok:
             return
         time.sleep(0.5)

@@ -112,9 +112,7 @@ def fetch_extract(spec: RegionSpec, params: Params | None = None) -> Path:
 def _verify(path: Path, expected: str, region: str) -> None:
     actual = sha256_file(path)
     if actual != expected.lower():
-        raise IngestError(
-            f"checksum mismatch for region {region!r} ({path}): expected sha256 {expected}, got {actual}"
-        )
+        raise IngestError(f"checksum mismatch for region {region!r} ({path}): expected sha256 {expected}, got {actual}")
 
 
 def inspect_extract(path: Path) -> ExtractInfo:
@@ -194,9 +192,7 @@ def ingest(region: str, pbf: Path | str | None = None, *, force: bool = False) -
         path = fetch_extract(params.regions.registry[region], params)
     else:
         known = ", ".join(sorted(params.regions.registry))
-        raise IngestError(
-            f"unknown region {region!r} (known: {known}); pass --pbf PATH to register a new one"
-        )
+        raise IngestError(f"unknown region {region!r} (known: {known}); pass --pbf PATH to register a new one")
 
     info = conninfo(params.db)
     digest = sha256_file(path)
@@ -223,24 +219,18 @@ def ingest(region: str, pbf: Path | str | None = None, *, force: bool = False) -
     seconds = time.monotonic() - started
     if pbf is not None and region not in params.regions.registry:
         register_adhoc_region(region, path, digest, params)
-    msg = (
-        f"imported {path.name} into schema {region!r} in {seconds:.1f}s (OSM data of {extract.osm_timestamp})"
-    )
+    msg = f"imported {path.name} into schema {region!r} in {seconds:.1f}s (OSM data of {extract.osm_timestamp})"
     log.info(msg)
     return IngestResult(region, True, digest, seconds, msg)
 
 
-def _swap_in(
-    region: str, staging: str, extract: ExtractInfo, path: Path, seconds: float, info: ConnInfo
-) -> None:
+def _swap_in(region: str, staging: str, extract: ExtractInfo, path: Path, seconds: float, info: ConnInfo) -> None:
     """Replace the live schema by the staging one and record the import, in one transaction."""
     with cursor(info) as cur:
         for table in ("planet_osm_point", "planet_osm_line", "planet_osm_polygon", "planet_osm_roads"):
             cur.execute(sql.SQL("ANALYZE {}.{}").format(sql.Identifier(staging), sql.Identifier(table)))
         cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(region)))
-        cur.execute(
-            sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(staging), sql.Identifier(region))
-        )
+        cur.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(staging), sql.Identifier(region)))
         cur.execute(
             sql.SQL(
                 """INSERT INTO {}.imports (region, source, sha256, osm_timestamp, imported_at, import_seconds,

@@ -72,9 +72,7 @@ def _symbolizer(channel: Channel, px_per_m: float, size: int) -> str:
     )
 
 
-def channel_map_xml(
-    channel: Channel, schema: str, info: ConnInfo, px_per_m: float, buffer_px: int, size: int
-) -> str:
+def channel_map_xml(channel: Channel, schema: str, info: ConnInfo, px_per_m: float, buffer_px: int, size: int) -> str:
     """Mapnik XML for one channel: one layer from PostGIS, drawn white on transparent."""
     params = {
         "type": "postgis",
@@ -118,9 +116,7 @@ class TileSpec:
 class TileRenderer:
     """The 12 channel maps of one region, built once; renders tiles on demand (one per process)."""
 
-    def __init__(
-        self, region: str, spec: TileSpec, info: ConnInfo | None = None, buffer_px: int | None = None
-    ):
+    def __init__(self, region: str, spec: TileSpec, info: ConnInfo | None = None, buffer_px: int | None = None):
         self.region = check_region_name(region)
         self.spec = spec
         self.info = info or conninfo()
@@ -133,9 +129,7 @@ class TileRenderer:
         self._maps: list[mapnik.Map] = []
         for channel in CHANNELS:
             m = mapnik.Map(spec.size, spec.size)
-            mapnik.load_map_from_string(
-                m, channel_map_xml(channel, region, self.info, px_per_m, buffer_px, spec.size)
-            )
+            mapnik.load_map_from_string(m, channel_map_xml(channel, region, self.info, px_per_m, buffer_px, spec.size))
             self._maps.append(m)
         self._image = mapnik.Image(spec.size, spec.size)
         self._lock = threading.Lock()  # Mapnik maps are not thread-safe; processes scale, threads don't
