@@ -1,0 +1,95 @@
+"""Shared fixtures: a real PostGIS test database and a small bbox of the real Liechtenstein extract.
+
+Tests run against the project's PostgreSQL cluster (started by `make setup`) but in their
+own database, with their own params.yaml copy in a temporary project root, so nothing a
+developer has ingested or rendered is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_DB = "loc2vec_test"
+# Vaduz centre, Schaan and its railway station, and the Rhine on the Swiss border.
+TEST_BBOX = (9.485, 47.125, 9.545, 47.180)  # west, south, east, north
+TEST_REGION = "test_li"
+VADUZ = (47.1410, 9.5209)
+
+
+def _shared_pbf(name: str) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    src = Path(params["regions"]["registry"][name]["source"])
+    return src if src.is_absolute() else (REPO / src).resolve()
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A temporary project root with its own params.yaml (absolute extract paths) and test database."""
+    from loc2vec import dbadmin
+    from loc2vec.config import load_params
+
+    root = tmp_path_factory.mktemp("project")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for spec in params["regions"]["registry"].values():
+        if not spec["source"].startswith(("http://", "https://")):
+            spec["source"] = str((REPO / spec["source"]).resolve())
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "loc2vec").mkdir()  # marks the directory as a project root
+
+    old = {k: os.environ.get(k) for k in ("LOC2VEC_PARAMS", "LOC2VEC_PG_DSN")}
+    os.environ["LOC2VEC_PARAMS"] = str(root / "params.yaml")
+    db = load_params().db
+    dbadmin.setup_cluster(db, extra_databases=(TEST_DB,))
+    os.environ["LOC2VEC_PG_DSN"] = (
+        f"host={db.host} port={db.port} dbname={TEST_DB} user={db.user} password={db.password}"
+    )
+    yield root
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def small_pbf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bbox cut (Vaduz–Schaan–Rhine) of the real Liechtenstein extract, made with osmium."""
+    out = tmp_path_factory.mktemp("osm") / "vaduz_schaan.osm.pbf"
+    bbox = ",".join(str(v) for v in TEST_BBOX)
+    subprocess.run(
+        ["osmium", "extract", "-b", bbox, "-s", "complete_ways", "-o", str(out), str(_shared_pbf("liechtenstein"))],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def region(project: Path, small_pbf: Path) -> str:
+    """The test region, ingested into the test database (once per session)."""
+    from loc2vec.osm import ingest
+
+    ingest(TEST_REGION, small_pbf)
+    return TEST_REGION
+
+
+@pytest.fixture()
+def corrupt_pbf(tmp_path: Path, small_pbf: Path) -> Path:
+    """The small extract truncated to half its size."""
+    data = small_pbf.read_bytes()
+    out = tmp_path / "truncated.osm.pbf"
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def copy_pbf(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    return dst
