@@ -66,6 +66,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     _atomic_save_npy(Path(args.out), tile)
     if args.png:
         write_preview(tile, Path(args.png))
+    if args.channels_png:
+        from loc2vec.viz import channel_grid
+
+        channel_grid(tile, Path(args.channels_png), title=f"{args.region} {args.lat:.5f}, {args.lon:.5f}")
     nonzero = {name: float(v) for name, v in zip(_channel_names(), (tile > 0).mean(axis=(1, 2)), strict=True)}
     print(
         json.dumps(
@@ -145,10 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", required=True, help="output .npy (uint8, shape 12×size×size)")
     s.add_argument("--png", help="also write an RGB preview PNG")
+    s.add_argument("--channels-png", help="also write a grid of the 12 channels")
     s.set_defaults(func=cmd_render)
 
     s = sub.add_parser("bench", help="benchmarks (JSON)")
-    s.add_argument("what", choices=["render"])
+    s.add_argument("what", help="render | tiles | train | serve | similar")
     s.add_argument("--region", default=None)
     s.add_argument("--n", type=int, default=None, help="number of tiles/items")
     s.add_argument("--json", action="store_true", help="compact JSON on one line")

@@ -130,6 +130,8 @@ def inspect_extract(path: Path) -> ExtractInfo:
     options = header.get("option", {})
     stamp = options.get("osmosis_replication_timestamp") or options.get("timestamp")
     stamp = stamp or info.get("data", {}).get("timestamp", {}).get("last")
+    # The header bbox is the extract's cut (Geofabrik, `osmium extract --set-bounds`); without one,
+    # fall back to the data bbox, which is wider (complete ways and relations reach outside the cut).
     boxes = header.get("boxes") or [info.get("data", {}).get("bbox")]
     if not boxes or not boxes[0]:
         raise IngestError(f"{path} holds no data (empty bounding box)")

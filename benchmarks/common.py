@@ -1,0 +1,30 @@
+"""Shared helpers for benchmarks: deterministic locations where there is something to draw."""
+
+from __future__ import annotations
+
+import numpy as np
+from psycopg2 import sql
+
+from loc2vec.db import cursor
+from loc2vec.osm import check_region_name
+
+
+def bench_locations(region: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n (lat, lon) points on buildings and roads of the region, the same for the same seed."""
+    check_region_name(region)
+    query = sql.SQL(
+        """SELECT ST_Y(p), ST_X(p) FROM (
+             SELECT ST_Transform(ST_PointOnSurface(way), 4326) AS p, md5(osm_id::text || %s) AS h
+               FROM {schema}.planet_osm_polygon WHERE building IS NOT NULL
+             UNION ALL
+             SELECT ST_Transform(ST_LineInterpolatePoint(ST_LineMerge(way), 0.5), 4326),
+                    md5(osm_id::text || %s)
+               FROM {schema}.planet_osm_line WHERE highway IS NOT NULL AND ST_GeometryType(way) = 'ST_LineString'
+           ) q ORDER BY h LIMIT %s"""
+    ).format(schema=sql.Identifier(region))
+    with cursor() as cur:
+        cur.execute(query, (str(seed), str(seed), n))
+        rows = np.asarray(cur.fetchall(), dtype=np.float64)
+    if len(rows) == 0:
+        raise ValueError(f"region {region!r} has no buildings or roads to benchmark on")
+    return rows[:, 0], rows[:, 1]
