@@ -52,10 +52,19 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from loc2vec.osm import ingest
+    from loc2vec.osm import ingest, write_record
 
     result = ingest(args.region, args.pbf, force=args.force)
     print(result.message)
+    if args.record:
+        write_record(args.region, Path(args.record))
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from loc2vec.osm import fetch_to
+
+    print(fetch_to(args.region, Path(args.out)))
     return 0
 
 
@@ -108,6 +117,55 @@ def _atomic_save_npy(path: Path, array) -> None:
         raise
 
 
+def _regions(text: str | None) -> list[str]:
+    from loc2vec.config import load_params
+    from loc2vec.osm import check_region_name
+
+    default = ",".join(load_params().section("pipeline").get("regions") or [load_params().regions.default])
+    names = [r.strip() for r in (text or default).split(",") if r.strip()]
+    return [check_region_name(r) for r in names]
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from loc2vec.sampling import write_samples
+
+    for region in _regions(args.region):
+        print(write_samples(region, args.out))
+    return 0
+
+
+def cmd_metatiles(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from loc2vec.metatiles import ensure_metatiles
+    from loc2vec.train import samples_path
+
+    for region in _regions(args.region):
+        samples = pd.read_parquet(samples_path(region))
+        index = ensure_metatiles(region, samples["lat"].to_numpy(), samples["lon"].to_numpy())
+        print(f"{region}: {len(index)} metatiles in {index.path.parent}")
+    return 0
+
+
+def cmd_render_tiles(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from loc2vec.tiles import render_direct_tiles
+    from loc2vec.train import samples_path
+
+    for region in _regions(args.region):
+        print(render_direct_tiles(region, pd.read_parquet(samples_path(region))))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loc2vec.train import train
+
+    summary = train(_regions(args.regions), resume=not args.no_resume, track=not args.no_mlflow)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from loc2vec import bench
 
@@ -132,7 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--region", required=True)
     s.add_argument("--pbf", type=Path, help="use this extract (registers a new region if needed)")
     s.add_argument("--force", action="store_true", help="re-import even if the extract is unchanged")
+    s.add_argument("--record", help="also write the import's metadata as JSON (a DVC output)")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("fetch", help="copy or download a region's extract, verified by sha256")
+    s.add_argument("--region", required=True)
+    s.add_argument("--out", required=True, help="where to put the verified extract (DVC versions it)")
+    s.set_defaults(func=cmd_fetch)
 
     s = sub.add_parser("render", help="render one 12-channel tile")
     s.add_argument("--region", required=True)
@@ -151,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--png", help="also write an RGB preview PNG")
     s.add_argument("--channels-png", help="also write a grid of the 12 channels")
     s.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("sample", help="draw training locations of a region (Parquet)")
+    s.add_argument("--region", help="region or comma-separated regions (default: params)")
+    s.add_argument("--out", help="output Parquet (default data/samples/REGION.parquet)")
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("metatiles", help="render the metatiles the sampled locations need (fast path)")
+    s.add_argument("--region", help="region or comma-separated regions (default: params)")
+    s.set_defaults(func=cmd_metatiles)
+
+    s = sub.add_parser("render-tiles", help="render anchor + K positives per sampled location (zarr shards)")
+    s.add_argument("--region", help="region or comma-separated regions (default: params)")
+    s.set_defaults(func=cmd_render_tiles)
+
+    s = sub.add_parser("train", help="train the encoder (MLflow-tracked, resumable)")
+    s.add_argument("--regions", help="comma-separated regions (default: params)")
+    s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    s.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("bench", help="benchmarks (JSON)")
     s.add_argument("what", help="render | tiles | train | serve | similar")

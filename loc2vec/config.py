@@ -108,6 +108,14 @@ class RenderConfig:
         return 2.0 * self.radius_m / self.size
 
 
+@dataclass(frozen=True)
+class AugmentConfig:
+    """How positives differ from their anchor (shared by direct shards, metatiles and the fast path)."""
+
+    max_shift_m: float = 80.0  # |shift| ~ U(0, max) on each axis, random sign
+    channel_drop_p: float = 0.2  # each channel of a positive is switched off with this probability
+
+
 T = TypeVar("T")
 
 
@@ -129,6 +137,7 @@ class Params:
     db: DBConfig
     ingest: IngestConfig
     render: RenderConfig
+    augment: AugmentConfig
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.raw.get(name) or {})
@@ -166,6 +175,7 @@ def _load(path: Path, mtime: float) -> Params:
         db=_build(DBConfig, raw.get("db"), "db"),
         ingest=_build(IngestConfig, raw.get("ingest"), "ingest"),
         render=_build(RenderConfig, raw.get("render"), "render"),
+        augment=_build(AugmentConfig, raw.get("augment"), "augment"),
     )
 
 

@@ -246,3 +246,35 @@ def _swap_in(region: str, staging: str, extract: ExtractInfo, path: Path, second
             ).format(sql.Identifier(meta_schema())),
             (region, str(path), extract.sha256, extract.osm_timestamp, seconds, *extract.bbox),
         )
+
+
+def fetch_to(region: str, out: Path) -> Path:
+    """Put the region's verified extract at `out` (atomically), so DVC can version it."""
+    params = load_params()
+    check_region_name(region)
+    if region not in params.regions.registry:
+        raise IngestError(f"unknown region {region!r}; add it to params.yaml regions.registry")
+    src = fetch_extract(params.regions.registry[region], params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def write_record(region: str, out: Path) -> Path:
+    """The import's metadata as JSON: what downstream stages depend on (no wall-clock fields)."""
+    record = get_import(region)
+    if record is None:
+        raise IngestError(f"region {region!r} is not ingested")
+    data = {
+        "region": region,
+        "sha256": record.sha256,
+        "osm_timestamp": record.osm_timestamp.isoformat() if record.osm_timestamp else None,
+        "bbox": list(record.bbox),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, out)
+    return out

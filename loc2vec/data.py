@@ -1,0 +1,164 @@
+"""Triplet batches the article's way, from either tile source.
+
+A batch is L locations × P (anchor, positive) pairs: the anchor is the location's
+unaugmented tile, each positive a rotated/shifted tile of the same location with random
+channels switched off, and each negative a positive of another location of the same
+batch. The same `TripletBatches` serves stored direct tiles (`StoredTiles`) and tiles cut
+on the fly from metatiles (`FastTiles`), and yields plain (anchor, positive, negative)
+uint8 tensors, so any loss can consume it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from loc2vec.config import load_params, section_config
+from loc2vec.tiles import TileStore
+
+
+@dataclass(frozen=True)
+class TripletConfig:
+    locations_per_batch: int = 20  # L
+    pairs_per_location: int = 5  # P
+    channel_drop_p: float = 0.2  # probability that each channel of a positive is switched off
+    max_shift_m: float = 80.0  # fast path: |shift| ~ U(0, max) on each axis, random sign
+
+
+def triplet_config() -> TripletConfig:
+    """Batch shape from params `triplets:`, augmentation strengths from params `augment:`."""
+    params = load_params()
+    shape = section_config(TripletConfig, "triplets", params)
+    aug = params.augment
+    return replace(shape, channel_drop_p=aug.channel_drop_p, max_shift_m=aug.max_shift_m)
+
+
+@dataclass
+class TripletBatch:
+    anchor: torch.Tensor  # (B, 12, S, S) uint8
+    positive: torch.Tensor
+    negative: torch.Tensor
+    location: torch.Tensor  # (B,) row of the anchor's location
+
+
+class TileSource(Protocol):
+    """Anchors and positives of locations, whatever renders or stores them."""
+
+    def __len__(self) -> int: ...
+
+    def pairs(self, rows: np.ndarray, n_pairs: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anchors, positives), each (len(rows)·n_pairs, 12, S, S) uint8, grouped by location."""
+        ...
+
+
+class StoredTiles:
+    """Pairs from a direct-tile store: P of the K pre-rendered positives, drawn without replacement."""
+
+    def __init__(self, store: TileStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def pairs(self, rows: np.ndarray, n_pairs: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        anchors, positives = [], []
+        for row in rows:
+            tiles = self.store.location(int(row))
+            pick = 1 + rng.choice(self.store.k, size=n_pairs, replace=n_pairs > self.store.k)
+            anchors.append(np.repeat(tiles[:1], n_pairs, axis=0))
+            positives.append(tiles[pick])
+        return torch.from_numpy(np.concatenate(anchors)), torch.from_numpy(np.concatenate(positives))
+
+
+class FastTiles:
+    """Pairs cut on the fly from metatiles: every positive is a fresh random rotation and shift."""
+
+    def __init__(self, index, lats: np.ndarray, lons: np.ndarray, max_shift_m: float, device: str | None = None):
+        from loc2vec.cutter import cut_tiles
+
+        self._cut = cut_tiles
+        self.index, self.lats, self.lons = index, np.asarray(lats), np.asarray(lons)
+        self.max_shift_m, self.device = max_shift_m, device
+
+    def __len__(self) -> int:
+        return len(self.lats)
+
+    def pairs(self, rows: np.ndarray, n_pairs: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        lats, lons = np.repeat(self.lats[rows], n_pairs), np.repeat(self.lons[rows], n_pairs)
+        zeros = np.zeros(len(rows))
+        anchors = self._cut(self.index, self.lats[rows], self.lons[rows], zeros, np.zeros((len(rows), 2)), device=self.device)
+        angles = rng.uniform(0.0, 360.0, len(lats))
+        shifts = rng.uniform(-self.max_shift_m, self.max_shift_m, (len(lats), 2))
+        positives = self._cut(self.index, lats, lons, angles, shifts, device=self.device)
+        return anchors.repeat_interleave(n_pairs, dim=0), positives
+
+
+def drop_channels(tiles: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Switch off each channel of each tile with probability p (never all channels of a tile)."""
+    if p <= 0:
+        return tiles
+    keep = torch.rand(tiles.shape[:2], generator=generator) >= p
+    none_left = ~keep.any(dim=1)
+    if none_left.any():
+        keep[none_left, torch.randint(tiles.shape[1], (int(none_left.sum()),), generator=generator)] = True
+    return tiles * keep[:, :, None, None].to(tiles.device, tiles.dtype)
+
+
+def make_batch(
+    source: TileSource, rows: np.ndarray, cfg: TripletConfig, rng: np.random.Generator, gen: torch.Generator
+) -> TripletBatch:
+    """One batch for the given L location rows: negatives are positives of *other* batch locations."""
+    n_loc, n_pairs = len(rows), cfg.pairs_per_location
+    anchors, positives = source.pairs(rows, n_pairs, rng)
+    owner = np.repeat(np.arange(n_loc), n_pairs)
+    other = (owner + rng.integers(1, n_loc, size=len(owner))) % n_loc  # uniform over the other locations
+    negatives = positives[other * n_pairs + rng.integers(0, n_pairs, size=len(owner))]
+    positives = drop_channels(positives, cfg.channel_drop_p, gen)
+    return TripletBatch(anchors, positives, negatives, torch.from_numpy(np.asarray(rows)[owner]))
+
+
+class TripletBatches(IterableDataset):
+    """An endless (or n_batches long) stream of triplet batches over the given location rows.
+
+    Locations are drawn without replacement within a batch, with probability ∝ weight
+    (low-information locations are down-weighted by the sampler).
+    """
+
+    def __init__(
+        self,
+        source: TileSource,
+        rows: np.ndarray,
+        cfg: TripletConfig | None = None,
+        *,
+        weights: np.ndarray | None = None,
+        seed: int = 0,
+        n_batches: int | None = None,
+    ):
+        self.source, self.rows = source, np.asarray(rows)
+        self.cfg = cfg or triplet_config()
+        if len(self.rows) < 2:
+            raise ValueError("triplet batches need at least 2 locations (negatives come from other locations)")
+        w = np.ones(len(self.rows)) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.p = w / w.sum()
+        self.seed, self.n_batches = seed, n_batches
+
+    def batch(self, k: int) -> TripletBatch:
+        """Batch number k: a pure function of (seed, k), so training resumes exactly at any step."""
+        rng = np.random.default_rng([self.seed, k])
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        n_loc = min(self.cfg.locations_per_batch, len(self.rows))
+        rows = rng.choice(self.rows, size=n_loc, replace=False, p=self.p)
+        return make_batch(self.source, rows, self.cfg, rng, gen)
+
+    def __iter__(self) -> Iterator[TripletBatch]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        k = worker
+        while self.n_batches is None or k < self.n_batches:
+            yield self.batch(k)
+            k += workers

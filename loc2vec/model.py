@@ -1,0 +1,119 @@
+"""The Loc2Vec encoder: a 12-channel 128×128 map tile → a 16-D location embedding.
+
+Architecture (defaults from params.yaml `model:`), after the Loc2Vec article:
+
+    Dropout2d(0.1) on the input     – drops whole semantic channels, so the embedding cannot
+                                      lean on any single layer (e.g. only on roads)
+    5 × [Conv3×3 → MaxPool2 → BN → LeakyReLU]   widths 16, 32, 64, 96, 128   (128² → 4²)
+    2 × [Conv1×1 → LeakyReLU]                   widths 64, 32  ("network in network":
+                                      learned cross-channel pooling shrinks the flatten)
+    Flatten (32·4·4 = 512) → Linear 192 → LeakyReLU → Dropout(0.3)
+    Linear 16                       – the embedding, no activation (distances live in R^16)
+
+Exact parameter count of the default network: 303,248 (the article's has 305,040).
+
+Convs followed by BatchNorm carry no bias (BN's shift replaces it). `forward` has no
+data-dependent Python control flow, so it is `torch.compile`-able, and every op
+accepts channels_last inputs and bf16 autocast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loc2vec.config import section_config
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder hyper-parameters; the defaults equal params.yaml's `model:` section."""
+
+    in_channels: int = 12
+    input_size: int = 128
+    conv_channels: tuple[int, ...] = (16, 32, 64, 96, 128)
+    nin_channels: tuple[int, ...] = (64, 32)
+    dense_units: int = 192
+    embedding_dim: int = 16
+    input_dropout: float = 0.1
+    dropout: float = 0.3
+    leaky_slope: float = 0.1
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; tuples keep the frozen config hashable.
+        object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
+        object.__setattr__(self, "nin_channels", tuple(int(c) for c in self.nin_channels))
+        if not self.conv_channels:
+            raise ValueError("model.conv_channels must not be empty")
+        if self.input_size % (2 ** len(self.conv_channels)):
+            raise ValueError(
+                f"model.input_size={self.input_size} is not divisible by 2**{len(self.conv_channels)} "
+                "(one 2×2 max-pool per conv layer)"
+            )
+
+    @property
+    def feature_size(self) -> int:
+        """Spatial side of the last feature map (one halving per conv block)."""
+        return self.input_size // 2 ** len(self.conv_channels)
+
+    @classmethod
+    def from_params(cls) -> ModelConfig:
+        return section_config(cls, "model")
+
+
+class Encoder(nn.Module):
+    """Tile (B, C, H, W) float in [0, 1] → embedding (B, embedding_dim)."""
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg if cfg is not None else ModelConfig.from_params()
+        act = nn.LeakyReLU(cfg.leaky_slope)
+
+        layers: list[nn.Module] = [nn.Dropout2d(cfg.input_dropout)]
+        c = cfg.in_channels
+        for w in cfg.conv_channels:
+            # Pool right after the conv: BN and LeakyReLU then run on a quarter of the pixels
+            # (30% faster training steps on CPU, same parameters).
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), act]
+            c = w
+        for w in cfg.nin_channels:
+            layers += [nn.Conv2d(c, w, 1), act]
+            c = w
+        self.features = nn.Sequential(*layers)
+
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c * cfg.feature_size**2, cfg.dense_units),
+            act,
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.dense_units, cfg.embedding_dim),
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Kaiming init matched to the leaky slope keeps activations' scale through 7 conv layers.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight, a=self.cfg.leaky_slope, nonlinearity="leaky_relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def to_input(tiles_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 tiles (B, C, H, W) with coverage 0..255 → float32 in [0, 1], the encoder's input.
+
+    Tiles are stored as uint8 (4× smaller); dataloaders convert per batch, keeping the memory format.
+    """
+    if tiles_uint8.dtype != torch.uint8:
+        raise TypeError(f"to_input expects uint8 tiles, got {tiles_uint8.dtype}")
+    return tiles_uint8.to(torch.float32).div_(255.0)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,391 @@
+"""Train the encoder with triplet batches: Adam + warm-up/cosine LR, checkpoints, early stopping.
+
+* Batch k is a pure function of (seed, k) (`TripletBatches.batch`), and the checkpoint holds
+  model, optimizer, scheduler and torch RNG state, so a run killed at any point resumes at
+  the checkpointed step and continues exactly as if it had never stopped (deterministic on CPU).
+* CUDA when present (bf16 autocast, channels_last, optional torch.compile), CPU otherwise;
+  no code change between the two.
+* Early stopping on validation triplet accuracy — the fraction of val triplets with
+  Δ(a,p) < min(Δ(a,n), Δ(p,n)) — over fixed val batches from spatially held-out locations.
+* Everything is tracked in MLflow (see loc2vec/tracking.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from loc2vec.config import load_params, section_config
+from loc2vec.data import StoredTiles, TileSource, TripletBatch, TripletBatches, TripletConfig, triplet_config
+from loc2vec.errors import Loc2VecError
+from loc2vec.losses import LossConfig, softpn_terms, triplet_accuracy
+from loc2vec.model import Encoder, ModelConfig, count_parameters, to_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    source: str = "fast"  # fast (cut from metatiles) | stored (direct tiles, the article's scheme)
+    lr: float = 1e-3
+    min_lr_factor: float = 0.05  # cosine decays to lr·factor at max_steps
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    max_steps: int = 600
+    max_minutes: float = 12.0  # the default CPU budget; 0 = no time limit
+    val_every: int = 25
+    val_batches: int = 6
+    checkpoint_every: int = 25
+    patience: int = 6  # evaluations without improvement before stopping
+    min_delta: float = 0.002
+    target_val_accuracy: float = 1.01  # stop early once reached (>1 disables)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile on CUDA
+    prefetch: int = 2  # batches prepared ahead in a background thread
+    experiment_prefix: str = "loc2vec"
+    registered_model: str = "loc2vec-encoder"
+
+    def __post_init__(self) -> None:
+        if self.source not in ("fast", "stored"):
+            raise ValueError(f"train.source must be 'fast' or 'stored', got {self.source!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def train_config() -> TrainConfig:
+    return section_config(TrainConfig, "train")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise Loc2VecError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+# ---------------------------------------------------------------- data
+
+
+def samples_path(region: str) -> Path:
+    return load_params().root / "data" / "samples" / f"{region}.parquet"
+
+
+def load_samples(regions: list[str]) -> pd.DataFrame:
+    frames = []
+    for region in regions:
+        path = samples_path(region)
+        if not path.is_file():
+            raise Loc2VecError(f"no samples for region {region!r} ({path}): run `loc2vec sample --region {region}`")
+        frames.append(pd.read_parquet(path).assign(region=region))
+    return pd.concat(frames, ignore_index=True)
+
+
+class ConcatSource:
+    """Several regions' sources behind one row space (rows follow the concatenated samples)."""
+
+    def __init__(self, parts: list[tuple[TileSource, int]]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [n for _, n in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def pairs(self, rows: np.ndarray, n_pairs: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        anchors: list[torch.Tensor | None] = [None] * len(rows)
+        positives: list[torch.Tensor | None] = [None] * len(rows)
+        for p in np.unique(part):  # one call per region, order restored below
+            idx = np.flatnonzero(part == p)
+            a, b = self.parts[p][0].pairs(rows[idx] - self.offsets[p], n_pairs, rng)
+            for j, i in enumerate(idx):
+                anchors[i], positives[i] = a[j * n_pairs : (j + 1) * n_pairs], b[j * n_pairs : (j + 1) * n_pairs]
+        return torch.cat(anchors), torch.cat(positives)  # type: ignore[arg-type]
+
+
+def build_source(samples: pd.DataFrame, cfg: TrainConfig, device: torch.device) -> TileSource:
+    """The configured tile source for every region of the samples (rows = samples' order)."""
+    parts: list[tuple[TileSource, int]] = []
+    for region, frame in samples.groupby("region", sort=False):
+        if cfg.source == "stored":
+            from loc2vec.tiles import TileStore, default_store
+
+            store = TileStore(default_store(str(region)))
+            if len(store) != len(frame):
+                raise Loc2VecError(f"tile store of {region!r} is out of date: run `loc2vec render-tiles --region {region}`")
+            parts.append((StoredTiles(store), len(frame)))
+        else:
+            from loc2vec.data import FastTiles
+            from loc2vec.metatiles import ensure_metatiles
+
+            lats, lons = frame["lat"].to_numpy(), frame["lon"].to_numpy()
+            index = ensure_metatiles(str(region), lats, lons)
+            dev = str(device) if device.type == "cuda" else None
+            parts.append((FastTiles(index, lats, lons, triplet_config().max_shift_m, device=dev), len(frame)))
+    return parts[0][0] if len(parts) == 1 else ConcatSource(parts)
+
+
+# ---------------------------------------------------------------- training
+
+
+def lr_lambda(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def embed_triplets(model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool):
+    """One forward pass over anchors, positives and negatives together (shared BN statistics)."""
+    x = torch.cat([batch.anchor, batch.positive, batch.negative]).to(device, non_blocking=True)
+    x = to_input(x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        emb = model(x)
+    return emb.float().split(len(batch.anchor))
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_val_accuracy: float = -1.0
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    stopped_reason: str = ""
+    history: list[dict[str, float]] | None = None
+    mlflow_run_id: str | None = None
+
+
+def run_signature(regions: list[str], samples: pd.DataFrame, parts: dict[str, Any]) -> str:
+    """Identifies a training run's inputs: a checkpoint is resumed only for the same signature."""
+    h = hashlib.sha256(json.dumps({"regions": regions, **parts}, sort_keys=True, default=str).encode())
+    h.update(pd.util.hash_pandas_object(samples[["lat", "lon", "split"]], index=False).values.tobytes())
+    return h.hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(self, regions: list[str], out_dir: Path | None = None, checkpoint_dir: Path | None = None):
+        params = load_params()
+        self.regions = regions
+        self.cfg = train_config()
+        self.model_cfg = section_config(ModelConfig, "model")
+        self.loss_cfg = section_config(LossConfig, "loss")
+        self.triplet_cfg: TripletConfig = triplet_config()
+        self.out_dir = out_dir or params.root / "data" / "model"
+        self.checkpoint_path = (checkpoint_dir or params.root / "data" / "checkpoints") / "train.pt"
+        self.device = resolve_device(self.cfg.device)
+        self.samples = load_samples(regions)
+        self.signature = run_signature(
+            regions,
+            self.samples,
+            {k: asdict(v) for k, v in
+             {"train": self.cfg, "model": self.model_cfg, "loss": self.loss_cfg, "triplets": self.triplet_cfg}.items()},
+        )  # fmt: skip
+
+    def _split_rows(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        mask = (self.samples["split"] == split).to_numpy()
+        rows = np.flatnonzero(mask)
+        if len(rows) < 2:
+            raise Loc2VecError(f"only {len(rows)} {split} locations in {self.regions}: sample more locations")
+        weights = self.samples["weight"].to_numpy()[rows] if "weight" in self.samples else None
+        return rows, weights
+
+    def fit(self, resume: bool = True, tracker=None) -> dict[str, Any]:
+        cfg, device = self.cfg, self.device
+        torch.manual_seed(cfg.seed)
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        model = Encoder(self.model_cfg).to(device)
+        channels_last = True  # faster on CUDA and on CPU (oneDNN) alike
+        model = model.to(memory_format=torch.channels_last)
+        step_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        loss_fn = self.loss_cfg.build()
+        state = TrainState(history=[])
+        best_weights = copy.deepcopy(model.state_dict())
+
+        if resume and self.checkpoint_path.is_file():
+            ckpt = torch.load(self.checkpoint_path, map_location=device, weights_only=False)
+            if ckpt.get("signature") == self.signature and not ckpt["state"].stopped_reason:
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+                torch.set_rng_state(ckpt["torch_rng"])
+                state, best_weights = ckpt["state"], ckpt["best_weights"]
+                log.info("resuming from %s at step %d", self.checkpoint_path, state.step)
+            else:
+                log.info("ignoring checkpoint %s (other inputs, or a finished run)", self.checkpoint_path)
+
+        source = build_source(self.samples, cfg, device)
+        train_rows, train_w = self._split_rows("train")
+        val_rows, _ = self._split_rows("val")
+        train_stream = TripletBatches(source, train_rows, self.triplet_cfg, weights=train_w, seed=cfg.seed)
+        val_stream = TripletBatches(source, val_rows, self.triplet_cfg, seed=cfg.seed + 7919)
+        if tracker is not None:
+            state.mlflow_run_id = tracker.start(self, model, state.mlflow_run_id)
+            if state.step == 0:
+                tracker.log_triplet_grid(train_stream.batch(0))
+
+        started = time.monotonic()
+        pool = ThreadPoolExecutor(max_workers=1)
+        pending = {k: pool.submit(train_stream.batch, k) for k in range(state.step, state.step + cfg.prefetch + 1)}
+        bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step")
+        try:
+            while state.step < cfg.max_steps:
+                k = state.step
+                batch = pending.pop(k).result()
+                pending[k + cfg.prefetch + 1] = pool.submit(train_stream.batch, k + cfg.prefetch + 1)
+                model.train()
+                a, p, n = embed_triplets(step_model, batch, device, channels_last)
+                loss = loss_fn(a, p, n)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                state.step += 1
+                terms = softpn_terms(a.detach(), p.detach(), n.detach())
+                record = {
+                    "step": state.step,
+                    "loss": float(loss.detach()),
+                    "d_pos": float(terms["d_pos"]),
+                    "d_neg": float(terms["d_neg"]),
+                    "triplet_accuracy": float(triplet_accuracy(a.detach(), p.detach(), n.detach())),
+                    "lr": scheduler.get_last_lr()[0],
+                }
+                if state.step % cfg.val_every == 0 or state.step == cfg.max_steps:
+                    record.update(self._validate(model, val_stream, loss_fn, channels_last))
+                    if record["val_triplet_accuracy"] > state.best_val_accuracy + cfg.min_delta:
+                        state.best_val_accuracy, state.best_step = record["val_triplet_accuracy"], state.step
+                        state.evals_without_improvement = 0
+                        best_weights = copy.deepcopy(model.state_dict())
+                    else:
+                        state.evals_without_improvement += 1
+                    if state.evals_without_improvement >= cfg.patience:
+                        state.stopped_reason = f"early stopping: no val improvement in {cfg.patience} evaluations"
+                    elif record["val_triplet_accuracy"] >= cfg.target_val_accuracy:
+                        state.stopped_reason = f"reached target val accuracy {cfg.target_val_accuracy}"
+                state.history.append(record)
+                if tracker is not None:
+                    tracker.log_step(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['triplet_accuracy']:.2f}",
+                                val=f"{state.best_val_accuracy:.3f}")  # fmt: skip
+                if cfg.max_minutes and (time.monotonic() - started) / 60 > cfg.max_minutes:
+                    state.stopped_reason = state.stopped_reason or f"time budget of {cfg.max_minutes} min"
+                if state.step == cfg.max_steps:
+                    state.stopped_reason = state.stopped_reason or "max_steps"
+                if state.step % cfg.checkpoint_every == 0 or state.stopped_reason:
+                    self._checkpoint(model, optimizer, scheduler, state, best_weights)
+                if state.stopped_reason:
+                    break
+        finally:
+            bar.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+        if state.best_step < 0:  # never validated (tiny runs): validate the final weights
+            state.history[-1].update(self._validate(model, val_stream, loss_fn, channels_last))
+            state.best_val_accuracy, state.best_step = state.history[-1]["val_triplet_accuracy"], state.step
+            best_weights = copy.deepcopy(model.state_dict())
+        model.load_state_dict(best_weights)
+        summary = self._write_outputs(model, state, time.monotonic() - started)
+        if tracker is not None:
+            tracker.finish(self, model.cpu().eval(), summary, self.out_dir)
+        return summary
+
+    @torch.no_grad()
+    def _validate(self, model, stream: TripletBatches, loss_fn, channels_last: bool) -> dict[str, float]:
+        model.eval()
+        accs, losses = [], []
+        for k in range(self.cfg.val_batches):
+            a, p, n = embed_triplets(model, stream.batch(k), self.device, channels_last)
+            accs.append(float(triplet_accuracy(a, p, n)))
+            losses.append(float(loss_fn(a, p, n)))
+        return {"val_triplet_accuracy": float(np.mean(accs)), "val_loss": float(np.mean(losses))}
+
+    def _checkpoint(self, model, optimizer, scheduler, state: TrainState, best_weights) -> None:
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(
+            {"signature": self.signature, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
+             "best_weights": best_weights},
+            tmp,
+        )  # fmt: skip
+        os.replace(tmp, self.checkpoint_path)
+
+    def _write_outputs(self, model: Encoder, state: TrainState, seconds: float) -> dict[str, Any]:
+        """model.pt + config, training summary (DVC metric) and curve (DVC plot), atomically."""
+        from loc2vec.viz import training_curves
+
+        out = self.out_dir
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), tmp / "model.pt")
+        (tmp / "model_config.json").write_text(json.dumps(asdict(self.model_cfg), indent=1))
+        history = pd.DataFrame(state.history)
+        history.to_csv(tmp / "train_curve.csv", index=False)
+        training_curves(history, tmp / "training_curves.png")
+        first_val = next((r["val_triplet_accuracy"] for r in state.history if "val_triplet_accuracy" in r), None)
+        summary = {
+            "regions": self.regions,
+            "steps": state.step,
+            "best_step": state.best_step,
+            "best_val_triplet_accuracy": round(state.best_val_accuracy, 4),
+            "first_val_triplet_accuracy": None if first_val is None else round(first_val, 4),
+            "final_train_loss": round(float(history["loss"].tail(10).mean()), 5),
+            "stopped": state.stopped_reason,
+            "wall_s": round(seconds, 1),
+            "device": str(self.device),
+            "parameters": count_parameters(model),
+            "source": self.cfg.source,
+            "n_train_locations": int((self.samples["split"] == "train").sum()),
+            "n_val_locations": int((self.samples["split"] == "val").sum()),
+            "signature": self.signature,
+            "mlflow_run_id": state.mlflow_run_id,
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        from loc2vec.tiles import _swap_dir
+
+        _swap_dir(tmp, out)
+        log.info("training done: %s", summary)
+        return summary
+
+
+def load_encoder(model_dir: Path | None = None, device: str = "cpu") -> Encoder:
+    """The trained encoder from a model directory (default data/model), in eval mode."""
+    model_dir = model_dir or load_params().root / "data" / "model"
+    if not (model_dir / "model.pt").is_file():
+        raise Loc2VecError(f"no trained model in {model_dir}: run `loc2vec train`")
+    cfg = ModelConfig(**json.loads((model_dir / "model_config.json").read_text()))
+    model = Encoder(cfg)
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location=device, weights_only=True))
+    return model.to(device).eval()
+
+
+def train(regions: list[str], *, resume: bool = True, track: bool = True) -> dict[str, Any]:
+    """Train on the regions' samples; returns the training summary."""
+    trainer = Trainer(regions)
+    tracker = None
+    if track:
+        from loc2vec.tracking import MlflowTracker
+
+        tracker = MlflowTracker()
+    return trainer.fit(resume=resume, tracker=tracker)

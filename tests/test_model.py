@@ -1,0 +1,113 @@
+"""The encoder: shapes, size, eval/channels_last equivalence, gradients, compile-ability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loc2vec.losses import softpn_loss
+from loc2vec.model import Encoder, ModelConfig, count_parameters, to_input
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder()
+
+
+def test_default_config_mirrors_params() -> None:
+    cfg = ModelConfig.from_params()
+    assert cfg == ModelConfig()
+    assert cfg.conv_channels == (16, 32, 64, 96, 128) and isinstance(cfg.conv_channels, tuple)
+    assert cfg.feature_size == 4
+
+
+def test_parameter_count(encoder: Encoder) -> None:
+    n = count_parameters(encoder)
+    assert 250_000 <= n <= 360_000
+    assert n == 303_248  # the count stated in loc2vec/model.py's docstring
+
+
+def test_output_shape(encoder: Encoder) -> None:
+    encoder.train()
+    out = encoder(torch.rand(3, 12, 128, 128))
+    assert out.shape == (3, 16)
+    assert out.dtype == torch.float32
+
+
+def test_eval_batch_of_one_and_channels_last(encoder: Encoder) -> None:
+    encoder.eval()
+    x = torch.rand(4, 12, 128, 128)
+    with torch.no_grad():
+        one = encoder(x[:1])
+        dense = encoder(x)
+        cl = encoder(x.contiguous(memory_format=torch.channels_last))
+        cl_model = Encoder(encoder.cfg).eval()
+        cl_model.load_state_dict(encoder.state_dict())
+        cl_model = cl_model.to(memory_format=torch.channels_last)
+        cl_both = cl_model(x.contiguous(memory_format=torch.channels_last))
+    assert one.shape == (1, 16)
+    torch.testing.assert_close(one, dense[:1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cl, dense, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cl_both, dense, atol=1e-5, rtol=1e-4)
+
+
+def test_eval_is_deterministic_and_train_uses_dropout(encoder: Encoder) -> None:
+    x = torch.rand(2, 12, 128, 128)
+    encoder.eval()
+    with torch.no_grad():
+        assert torch.equal(encoder(x), encoder(x))
+    encoder.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert not torch.equal(encoder(x), encoder(x))
+
+
+def test_every_parameter_gets_a_gradient_and_a_step_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    # 64² tiles keep this fast; every layer is the same, only the flatten is smaller.
+    model = Encoder(ModelConfig(input_size=64, input_dropout=0.0, dropout=0.0))
+    x = torch.rand(3, 4, 12, 64, 64)  # anchors, positives, negatives
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> float:
+        emb = model(x.flatten(0, 1)).view(3, 4, -1)
+        loss = softpn_loss(emb[0], emb[1], emb[2])
+        opt.zero_grad()
+        loss.backward()
+        return loss.item()
+
+    first = step()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    opt.step()
+    for _ in range(4):
+        step()
+        opt.step()
+    assert step() < first
+
+
+def test_to_input() -> None:
+    tiles = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    x = to_input(tiles)
+    assert x.dtype == torch.float32
+    assert x.shape == (2, 3, 4, 4)
+    assert x[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.2, 1.0])
+    cl = torch.zeros(2, 12, 8, 8, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    assert to_input(cl).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(TypeError, match="uint8"):
+        to_input(torch.zeros(1, 12, 8, 8))
+
+
+def test_bad_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(input_size=100)
+
+
+def test_forward_traces_as_one_graph(encoder: Encoder) -> None:
+    # fullgraph=True fails on any graph break (data-dependent Python control flow);
+    # the eager backend checks Dynamo's capture without paying for Inductor's codegen.
+    encoder.eval()
+    compiled = torch.compile(encoder, fullgraph=True, backend="eager")
+    x = torch.rand(2, 12, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), encoder(x))

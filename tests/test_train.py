@@ -1,0 +1,189 @@
+"""Training on the real test region: triplet batches, exact kill-and-resume, MLflow tracking and registry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from loc2vec.config import load_params
+
+TINY = {
+    "sample": {"n_locations": 160, "block_m": 400.0, "seed": 7},
+    "triplets": {"locations_per_batch": 4, "pairs_per_location": 2},
+    "train": {"max_steps": 24, "checkpoint_every": 4, "val_every": 6, "val_batches": 2, "max_minutes": 0.0,
+              "warmup_steps": 2, "prefetch": 1},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(project: Path, region: str) -> Iterator[Path]:
+    """The test project with tiny sampling/training params, sampled once for the module."""
+    from loc2vec.sampling import write_samples
+
+    path = project / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params["pipeline"] = {"regions": [region]}
+    for section, values in TINY.items():
+        params.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    os.utime(path, None)
+    write_samples(region)
+    yield project
+    path.write_text(original)
+
+
+def _checkpoint(project: Path) -> Path:
+    return project / "data" / "checkpoints" / "train.pt"
+
+
+def test_triplet_batches_follow_the_article(tiny: Path, region: str) -> None:
+    from loc2vec.data import triplet_config
+    from loc2vec.train import Trainer, build_source
+
+    trainer = Trainer([region])
+    source = build_source(trainer.samples, trainer.cfg, torch.device("cpu"))
+    from loc2vec.data import TripletBatches
+
+    rows = np.flatnonzero(trainer.samples["split"].to_numpy() == "train")
+    stream = TripletBatches(source, rows, triplet_config(), seed=3)
+    batch = stream.batch(0)
+    cfg = triplet_config()
+    b = cfg.locations_per_batch * cfg.pairs_per_location
+    assert batch.anchor.shape == batch.positive.shape == batch.negative.shape == (b, 12, 128, 128)
+    assert batch.anchor.dtype == torch.uint8
+    loc = batch.location.numpy()
+    assert len(set(loc)) == cfg.locations_per_batch and set(loc) <= set(rows)
+    # P pairs per location share the anchor; positives differ (fresh rotation/shift each)
+    assert torch.equal(batch.anchor[0], batch.anchor[1])
+    assert not torch.equal(batch.positive[0], batch.positive[1])
+    # negatives are tiles of *other* locations of the batch: never equal to the own anchor's positives
+    assert all(not torch.equal(batch.negative[i], batch.positive[i]) for i in range(b))
+    # batch k is a pure function of (seed, k)
+    again = stream.batch(0)
+    assert torch.equal(again.positive, batch.positive) and torch.equal(again.negative, batch.negative)
+
+
+def test_channel_drop_switches_whole_channels_off() -> None:
+    from loc2vec.data import drop_channels
+
+    tiles = torch.full((200, 12, 4, 4), 255, dtype=torch.uint8)
+    out = drop_channels(tiles, 0.3, torch.Generator().manual_seed(0))
+    per_channel = out.amax(dim=(2, 3))
+    assert set(per_channel.unique().tolist()) == {0, 255}, "channels are either kept whole or dropped whole"
+    assert 0.2 < (per_channel == 0).float().mean() < 0.4
+    assert (per_channel.amax(dim=1) == 255).all(), "a tile never loses every channel"
+
+
+def _run_fit(resume: bool) -> dict:
+    from loc2vec.train import Trainer
+
+    return Trainer(load_params().section("pipeline")["regions"]).fit(resume=resume, tracker=None)
+
+
+def _final_state(project: Path) -> dict:
+    return torch.load(_checkpoint(project), weights_only=False)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny: Path) -> None:
+    # Reference: an uninterrupted run; its last checkpoint holds the final weights and optimizer state.
+    _checkpoint(tiny).unlink(missing_ok=True)
+    _run_fit(resume=False)
+    reference = _final_state(tiny)
+    assert reference["state"].step == TINY["train"]["max_steps"]
+    _checkpoint(tiny).unlink()
+
+    # A second run, killed with SIGKILL after its first checkpoints.
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-m", "loc2vec.cli", "train", "--no-mlflow", "--no-resume"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _checkpoint(tiny).is_file():
+            step = torch.load(_checkpoint(tiny), weights_only=False)["state"].step
+            if 8 <= step < TINY["train"]["max_steps"]:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed_at = step
+                break
+        time.sleep(0.05)
+    assert killed_at is not None, f"the run was not killed mid-training: {proc.stderr.read() if proc.stderr else ''}"
+    interrupted = _final_state(tiny)
+    assert killed_at <= interrupted["state"].step < TINY["train"]["max_steps"]
+
+    # Resume: starts at the checkpointed step with the checkpointed optimizer state, ends identical.
+    _run_fit(resume=True)
+    resumed = _final_state(tiny)
+    steps = [r["step"] for r in resumed["state"].history]
+    assert steps == list(range(1, TINY["train"]["max_steps"] + 1)), "no step lost or repeated"
+    for key in reference["model"]:
+        torch.testing.assert_close(resumed["model"][key], reference["model"][key], rtol=0, atol=0)
+    ref_opt, res_opt = reference["optimizer"]["state"], resumed["optimizer"]["state"]
+    for pid in ref_opt:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(res_opt[pid][name], ref_opt[pid][name], rtol=0, atol=0)
+    assert resumed["scheduler"]["last_epoch"] == reference["scheduler"]["last_epoch"]
+
+
+def test_training_is_tracked_in_mlflow_and_registered(tiny: Path, region: str) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from loc2vec.tracking import CHAMPION, tracking_uri
+    from loc2vec.train import train
+
+    summary = train([region], resume=False)
+    assert (tiny / "data" / "model" / "model.pt").is_file()
+    assert summary["steps"] == TINY["train"]["max_steps"] and 0 <= summary["best_val_triplet_accuracy"] <= 1
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["train.lr"] == str(load_params().section("train")["lr"])
+    assert run.data.params["git_commit"] != "unknown"
+    assert any(k.startswith("samples.") for k in run.data.params), "data versions are logged"
+    for metric in ("loss", "d_pos", "d_neg", "triplet_accuracy"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert len(history) == TINY["train"]["max_steps"], metric
+    assert len(client.get_metric_history(run.info.run_id, "val_triplet_accuracy")) >= 3
+    figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"triplets.png", "training_curves.png", "activation_max_bottom.png", "activation_max_upper.png"} <= figures
+
+    name = load_params().section("train")["registered_model"]
+    champion = client.get_model_version_by_alias(name, CHAMPION)
+    assert champion.run_id == run.info.run_id
+    model = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}")
+    out = model(torch.zeros(2, 12, 128, 128))
+    assert out.shape == (2, 16)
+
+
+def test_champion_moves_only_for_a_better_model(tiny: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from loc2vec.tracking import CHAMPION, MlflowTracker, setup_mlflow
+
+    mlflow = setup_mlflow("loc2vec-champion-test")
+    client = MlflowClient()
+    name = "champion-test"
+    client.create_registered_model(name)
+    with mlflow.start_run() as run:
+        mlflow.log_text("placeholder", "model/README.txt")
+    source = f"runs:/{run.info.run_id}/model"
+    versions = [client.create_model_version(name, source=source, run_id=run.info.run_id).version for _ in range(3)]
+    tracker = MlflowTracker()
+    assert tracker.promote_if_better(name, versions[0], 0.80)
+    assert not tracker.promote_if_better(name, versions[1], 0.75)
+    assert client.get_model_version_by_alias(name, CHAMPION).version == versions[0]
+    assert tracker.promote_if_better(name, versions[2], 0.90)
+    assert client.get_model_version_by_alias(name, CHAMPION).version == versions[2]
