@@ -29,7 +29,14 @@ BATCH = 100  # tiles per cut_tiles call: a training batch (triplets.locations_pe
 
 
 def _bench_locations(region: str, n: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Placeholder sampler: points on buildings/roads, kept inside the region's extent."""
+    """The region's sampled training locations (`loc2vec sample`) when there are, else points on
+    buildings/roads inside the region's extent."""
+    samples = load_params().root / "data" / "samples" / f"{region}.parquet"
+    if samples.is_file():
+        import pandas as pd
+
+        frame = pd.read_parquet(samples).sample(frac=1.0, random_state=seed).head(n)
+        return frame["lat"].to_numpy(), frame["lon"].to_numpy()
     west, south, east, north = require_import(region).bbox
     lats, lons = bench_locations(region, 2 * n + 50, seed)
     inside = (lats >= south) & (lats <= north) & (lons >= west) & (lons <= east)

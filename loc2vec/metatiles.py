@@ -375,7 +375,10 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 def _locked(directory: Path) -> Iterator[None]:
     """One process renders a region's metatiles at a time (data-loader workers may race)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as fh:
+    # The lock lives beside the directory, not in it: the directory is a DVC output, whose
+    # files DVC may check out as read-only links to its cache.
+    lock = directory.parent / f".{directory.name}.lock"
+    with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
