@@ -7,7 +7,7 @@ PYTHON ?= python3
 REGIONS ?= liechtenstein
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: setup system venv db db-stop test run lint bench clean-venv
+.PHONY: setup system venv db db-stop test run repro lint bench clean-venv
 
 setup: system venv db
 
@@ -38,8 +38,12 @@ lint: venv
 bench: setup
 	$(L2V) bench render --region liechtenstein --json
 
-run: setup
-	$(L2V) run --regions $(REGIONS)
+# DVC runs stage commands through the shell: the venv's bin must be on PATH.
+repro: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# Until the Prefect pipeline flow lands, `make run` reproduces the DVC pipeline.
+run: repro
 
 clean-venv:
 	rm -rf $(VENV)

@@ -72,7 +72,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     from loc2vec.render import render_tile, write_preview
 
     tile = render_tile(args.region, args.lat, args.lon, angle_deg=args.angle, shift_m=tuple(args.shift_m))
-    _atomic_save_npy(Path(args.out), tile)
+    from loc2vec.atomic import save_npy
+
+    save_npy(Path(args.out), tile)
     if args.png:
         write_preview(tile, Path(args.png))
     if args.channels_png:
@@ -98,23 +100,6 @@ def _channel_names() -> list[str]:
     from loc2vec.channels import CHANNELS
 
     return [c.name for c in CHANNELS]
-
-
-def _atomic_save_npy(path: Path, array) -> None:
-    import os
-    import tempfile
-
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _regions(text: str | None) -> list[str]:

@@ -52,6 +52,7 @@ import mapnik
 import numpy as np
 from tqdm import tqdm
 
+from loc2vec.atomic import save_npy, write_text
 from loc2vec.channels import CHANNELS, N_CHANNELS
 from loc2vec.config import ConfigError, load_params, section_config
 from loc2vec.db import ConnInfo, ImportRecord, conninfo, require_import
@@ -237,7 +238,7 @@ class MetatileIndex:
         }
 
     def save(self) -> None:
-        _atomic_write_text(self.path, json.dumps(self.to_json(), indent=1))
+        write_text(self.path, json.dumps(self.to_json(), indent=1))
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -342,7 +343,7 @@ def _render_one(task: tuple[str, MetatileGrid, str]) -> Metatile:
         renderer = _RENDERERS[(region, grid, info)] = MetatileRenderer(region, grid, info)
     row, col = (int(v) for v in key[1:].split("_c"))
     meta = grid.metatile(row, col)
-    _atomic_save_npy(metatile_dir(region) / f"{key}.npy", renderer.render(meta))
+    save_npy(metatile_dir(region) / f"{key}.npy", renderer.render(meta))
     return meta
 
 
@@ -354,21 +355,6 @@ def _pool(workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
         return
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield pool
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import yaml
 from psycopg2 import sql
 from tqdm import tqdm
 
+from loc2vec.atomic import atomic_path, write_text
 from loc2vec.config import ConfigError, Params, RegionSpec, load_params, validate_region_name
 from loc2vec.db import ConnInfo, conninfo, cursor, ensure_meta, get_import, meta_schema
 from loc2vec.errors import Loc2VecError
@@ -152,9 +153,7 @@ def register_adhoc_region(name: str, pbf: Path, sha256: str, params: Params | No
     data = yaml.safe_load(registry_file.read_text()) if registry_file.is_file() else {}
     data = data or {}
     data[name] = {"source": str(pbf.resolve()), "sha256": sha256}
-    tmp = registry_file.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=True))
-    os.replace(tmp, registry_file)
+    write_text(registry_file, yaml.safe_dump(data, sort_keys=True))
 
 
 def _run_osm2pgsql(pbf: Path, schema: str, info: ConnInfo, params: Params) -> None:
@@ -255,10 +254,8 @@ def fetch_to(region: str, out: Path) -> Path:
     if region not in params.regions.registry:
         raise IngestError(f"unknown region {region!r}; add it to params.yaml regions.registry")
     src = fetch_extract(params.regions.registry[region], params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(src, tmp)
     return out
 
 
@@ -273,8 +270,4 @@ def write_record(region: str, out: Path) -> Path:
         "osm_timestamp": record.osm_timestamp.isoformat() if record.osm_timestamp else None,
         "bbox": list(record.bbox),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, out)
-    return out
+    return write_text(out, json.dumps(data, indent=1) + "\n")

@@ -24,6 +24,7 @@ from xml.sax.saxutils import escape, quoteattr
 import mapnik
 import numpy as np
 
+from loc2vec.atomic import atomic_path
 from loc2vec.channels import CHANNELS, Channel
 from loc2vec.config import load_params
 from loc2vec.db import ConnInfo, ImportRecord, conninfo, require_import
@@ -242,8 +243,6 @@ def attributed_image(rgb: np.ndarray, scale: int = 4):
 
 def write_preview(tile: np.ndarray, path: Path, scale: int = 4) -> Path:
     """Write the RGB composite of a tile as a PNG carrying "© OpenStreetMap contributors"."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    attributed_image(composite_rgb(tile), scale).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        attributed_image(composite_rgb(tile), scale).save(tmp, format="PNG")
     return path

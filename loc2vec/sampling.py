@@ -53,6 +53,7 @@ from psycopg2 import sql
 from sklearn.neighbors import KDTree
 from tqdm import tqdm
 
+from loc2vec.atomic import atomic_path
 from loc2vec.channels import MAJOR_ROADS, MINOR_ROADS, N_CHANNELS, NOT_POI_AMENITY, PATHS, RAIL
 from loc2vec.config import ConfigError, load_params, section_config
 from loc2vec.db import cursor, require_import
@@ -486,12 +487,7 @@ def write_samples(region: str, out_path: Path | str | None = None, cfg: SampleCo
     """Sample a region's locations and write them as Parquet atomically (temp file + os.replace)."""
     df = sample_locations(region, cfg)
     path = Path(out_path) if out_path else load_params().root / "data" / "samples" / f"{region}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("wrote %d locations to %s", len(df), path)
     return path

@@ -25,6 +25,7 @@ import zarr
 from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 
+from loc2vec.atomic import swap_dir
 from loc2vec.channels import N_CHANNELS
 from loc2vec.config import load_params, section_config
 from loc2vec.errors import Loc2VecError
@@ -120,20 +121,10 @@ def render_direct_tiles(region: str, samples: pd.DataFrame, out: Path | None = N
     manifest["angles"] = list(angles)
     manifest["shifts_m"] = [s.reshape(-1) for s in shifts]
     manifest.to_parquet(tmp / "manifest.parquet", index=False)
-    _swap_dir(tmp, out)
+    swap_dir(tmp, out)
     log.info("rendered %d tiles (%d locations × %d) in %.1fs: %.0f tiles/s with %d processes",
              n * (k + 1), n, k + 1, seconds, n * (k + 1) / seconds, processes)  # fmt: skip
     return out
-
-
-def _swap_dir(tmp: Path, out: Path) -> None:
-    """Replace directory `out` by `tmp`; the old one is removed only after the new one is in place."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class TileStore:

@@ -66,7 +66,8 @@ def data_versions(regions: list[str]) -> dict[str, str]:
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         for name, stage in stages.items():
             for o in stage.get("outs", []):
-                out[f"dvc.{name}.{o['path']}"] = o.get("md5", "")
+                if o.get("md5"):  # MLflow param names allow no '@' (foreach stages are 'ingest@region')
+                    out[f"dvc.{name.replace('@', '.')}.{o['path']}"] = o["md5"]
     for region in regions:
         path = root / "data" / "samples" / f"{region}.parquet"
         if path.is_file():

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +31,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from loc2vec.atomic import atomic_path, swap_dir
 from loc2vec.config import load_params, section_config
 from loc2vec.data import StoredTiles, TileSource, TripletBatch, TripletBatches, TripletConfig, triplet_config
 from loc2vec.errors import Loc2VecError
@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    source: str = "fast"  # fast (cut from metatiles) | stored (direct tiles, the article's scheme)
+    # metatiles: cut on the fly from data/metatiles (the fast path) | tiles: the stored direct
+    # tiles of data/tiles (the article's scheme). The name is the data directory, so DVC's train
+    # stage depends on exactly the tiles it reads (`data/${train.source}`).
+    source: str = "metatiles"
     lr: float = 1e-3
     min_lr_factor: float = 0.05  # cosine decays to lr·factor at max_steps
     warmup_steps: int = 20
@@ -64,8 +67,8 @@ class TrainConfig:
     registered_model: str = "loc2vec-encoder"
 
     def __post_init__(self) -> None:
-        if self.source not in ("fast", "stored"):
-            raise ValueError(f"train.source must be 'fast' or 'stored', got {self.source!r}")
+        if self.source not in ("metatiles", "tiles"):
+            raise ValueError(f"train.source must be 'metatiles' or 'tiles', got {self.source!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -123,7 +126,7 @@ def build_source(samples: pd.DataFrame, cfg: TrainConfig, device: torch.device) 
     """The configured tile source for every region of the samples (rows = samples' order)."""
     parts: list[tuple[TileSource, int]] = []
     for region, frame in samples.groupby("region", sort=False):
-        if cfg.source == "stored":
+        if cfg.source == "tiles":
             from loc2vec.tiles import TileStore, default_store
 
             store = TileStore(default_store(str(region)))
@@ -327,15 +330,13 @@ class Trainer:
         return {"val_triplet_accuracy": float(np.mean(accs)), "val_loss": float(np.mean(losses))}
 
     def _checkpoint(self, model, optimizer, scheduler, state: TrainState, best_weights) -> None:
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(
-            {"signature": self.signature, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
-             "best_weights": best_weights},
-            tmp,
-        )  # fmt: skip
-        os.replace(tmp, self.checkpoint_path)
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(
+                {"signature": self.signature, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
+                 "best_weights": best_weights},
+                tmp,
+            )  # fmt: skip
 
     def _write_outputs(self, model: Encoder, state: TrainState, seconds: float) -> dict[str, Any]:
         """model.pt + config, training summary (DVC metric) and curve (DVC plot), atomically."""
@@ -368,9 +369,7 @@ class Trainer:
             "mlflow_run_id": state.mlflow_run_id,
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-        from loc2vec.tiles import _swap_dir
-
-        _swap_dir(tmp, out)
+        swap_dir(tmp, out)
         log.info("training done: %s", summary)
         return summary
 

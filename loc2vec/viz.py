@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from loc2vec.atomic import atomic_path
 from loc2vec.channels import CHANNELS
 from loc2vec.render import ATTRIBUTION, composite_rgb
 
@@ -40,10 +40,8 @@ def _grid(cells: Sequence[tuple[np.ndarray, str]], cols: int, cell: int, title: 
 
 
 def _save(img: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
 
 
