@@ -8,8 +8,9 @@
 * Early stopping on validation triplet accuracy — the fraction of val triplets with
   Δ(a,p) < min(Δ(a,n), Δ(p,n)) — over fixed val batches from spatially held-out locations
   (positives rotated and shifted; channel drop is for training only, as in the article).
-* The default CPU budget is max_steps = 450 (~11 min at 1.4 s/step on 2 cores), sized so the
-  cosine schedule completes; max_minutes is a safety net.
+* The default CPU budget is max_steps = 450 (~11 min at 1.4 s/step on 2 idle cores), sized so
+  the cosine schedule completes; a wall-clock cap (max_minutes) is optional, because on a shared
+  machine it would cut the schedule short.
 * Everything is tracked in MLflow (see loc2vec/tracking.py).
 """
 
@@ -52,7 +53,7 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     max_steps: int = 450
-    max_minutes: float = 15.0  # a safety net on top of max_steps; 0 = no time limit
+    max_minutes: float = 0.0  # optional wall-clock cap; 0 = none (max_steps is the budget)
     val_every: int = 25
     val_batches: int = 6
     checkpoint_every: int = 25
@@ -198,11 +199,14 @@ class Trainer:
         self.checkpoint_path = (checkpoint_dir or params.root / "data" / "checkpoints") / "train.pt"
         self.device = resolve_device(self.cfg.device)
         self.samples = load_samples(regions)
+        # Settings that only decide when to stop or how to prefetch do not change the trajectory:
+        # a run resumed with another value continues the same run.
+        trajectory = {k: v for k, v in asdict(self.cfg).items() if k not in ("max_minutes", "prefetch", "checkpoint_every")}
         self.signature = run_signature(
             regions,
             self.samples,
-            {k: asdict(v) for k, v in
-             {"train": self.cfg, "model": self.model_cfg, "loss": self.loss_cfg, "triplets": self.triplet_cfg}.items()},
+            {"train": trajectory, **{k: asdict(v) for k, v in
+             {"model": self.model_cfg, "loss": self.loss_cfg, "triplets": self.triplet_cfg}.items()}},
         )  # fmt: skip
 
     def _split_rows(self, split: str) -> tuple[np.ndarray, np.ndarray]:
