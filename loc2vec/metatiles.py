@@ -361,9 +361,10 @@ def _pool(workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
 def _locked(directory: Path) -> Iterator[None]:
     """One process renders a region's metatiles at a time (data-loader workers may race)."""
     directory.mkdir(parents=True, exist_ok=True)
-    # The lock lives beside the directory, not in it: the directory is a DVC output, whose
-    # files DVC may check out as read-only links to its cache.
-    lock = directory.parent / f".{directory.name}.lock"
+    # The lock lives outside data/metatiles: that directory is a DVC output (and a dependency of
+    # training), whose content must change only when metatiles do.
+    lock = load_params().root / "data" / ".locks" / f"metatiles-{directory.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

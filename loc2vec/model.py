@@ -2,12 +2,12 @@
 
 Architecture (defaults from params.yaml `model:`), after the Loc2Vec article:
 
-    Dropout2d(0.1) on the input     – drops whole semantic channels, so the embedding cannot
+    Dropout2d(0.05) on the input    – drops whole semantic channels, so the embedding cannot
                                       lean on any single layer (e.g. only on roads)
     5 × [Conv3×3 → MaxPool2 → BN → LeakyReLU]   widths 16, 32, 64, 96, 128   (128² → 4²)
     2 × [Conv1×1 → LeakyReLU]                   widths 64, 32  ("network in network":
                                       learned cross-channel pooling shrinks the flatten)
-    Flatten (32·4·4 = 512) → Linear 192 → LeakyReLU → Dropout(0.3)
+    Flatten (32·4·4 = 512) → Linear 192 → LeakyReLU → Dropout(0.1)
     Linear 16                       – the embedding, no activation (distances live in R^16)
 
 Exact parameter count of the default network: 303,248 (the article's has 305,040).
@@ -37,8 +37,8 @@ class ModelConfig:
     nin_channels: tuple[int, ...] = (64, 32)
     dense_units: int = 192
     embedding_dim: int = 16
-    input_dropout: float = 0.1
-    dropout: float = 0.3
+    input_dropout: float = 0.05
+    dropout: float = 0.1
     leaky_slope: float = 0.1
 
     def __post_init__(self) -> None:

@@ -52,12 +52,12 @@ class TrainConfig:
     min_lr_factor: float = 0.05  # cosine decays to lr·factor at max_steps
     warmup_steps: int = 20
     weight_decay: float = 0.0
-    max_steps: int = 450
+    max_steps: int = 600
     max_minutes: float = 0.0  # optional wall-clock cap; 0 = none (max_steps is the budget)
     val_every: int = 25
-    val_batches: int = 6
+    val_batches: int = 10
     checkpoint_every: int = 25
-    patience: int = 6  # evaluations without improvement before stopping
+    patience: int = 8  # evaluations without improvement before stopping
     min_delta: float = 0.002
     target_val_accuracy: float = 1.01  # stop early once reached (>1 disables)
     seed: int = 0
