@@ -120,14 +120,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_metatiles(args: argparse.Namespace) -> int:
+    import numpy as np
     import pandas as pd
 
+    from loc2vec.embed import select_cells
     from loc2vec.metatiles import ensure_metatiles
     from loc2vec.train import samples_path
 
     for region in _regions(args.region):
+        # where training samples and the cells to embed need them: nothing else is rendered
         samples = pd.read_parquet(samples_path(region))
-        index = ensure_metatiles(region, samples["lat"].to_numpy(), samples["lon"].to_numpy())
+        _, cell_lats, cell_lons = select_cells(region)
+        lats = np.concatenate([samples["lat"].to_numpy(), cell_lats])
+        lons = np.concatenate([samples["lon"].to_numpy(), cell_lons])
+        index = ensure_metatiles(region, lats, lons)
         print(f"{region}: {len(index)} metatiles in {index.path.parent}")
     return 0
 
@@ -148,6 +154,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(_regions(args.regions), resume=not args.no_resume, track=not args.no_mlflow)
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from loc2vec.embed import embed_region
+
+    for region in _regions(args.region):
+        path = embed_region(region)
+        print(json.dumps({"region": region, "out": str(path), **getattr(path, "stats", {})}, default=str))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from loc2vec.publish import materialize_incremental_only, publish
+
+    if args.incremental:
+        result = materialize_incremental_only(online_store=args.online_store)
+    else:
+        result = publish(_regions(args.regions), online_store=args.online_store, force=args.force)
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from loc2vec.features import get_location_embeddings
+
+    row = get_location_embeddings([args.lat], [args.lon], online_store=args.online_store).iloc[0]
+    out = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+    print(json.dumps(out, default=str))
     return 0
 
 
@@ -219,6 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     s.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("embed", help="embed every H3 cell on the region's mapped land with the champion model")
+    s.add_argument("--region", help="region or comma-separated regions (default: params)")
+    s.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("publish", help="feast apply + materialize the embeddings (idempotent)")
+    s.add_argument("--regions", help="comma-separated regions (default: params)")
+    s.add_argument("--online-store", choices=["sqlite", "postgres"], help="default: params/LOC2VEC_ONLINE_STORE")
+    s.add_argument("--incremental", action="store_true", help="materialize-incremental only (scheduled runs)")
+    s.add_argument("--force", action="store_true", help="publish even if nothing changed")
+    s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("features", help="online feature lookup for one location (JSON)")
+    s.add_argument("--lat", type=LAT, required=True)
+    s.add_argument("--lon", type=LON, required=True)
+    s.add_argument("--online-store", choices=["sqlite", "postgres"], help="default: params/LOC2VEC_ONLINE_STORE")
+    s.set_defaults(func=cmd_features)
 
     s = sub.add_parser("bench", help="benchmarks (JSON)")
     s.add_argument("what", help="render | tiles | train | serve | similar")
