@@ -1,0 +1,362 @@
+"""Publish embeddings to Feast: the offline Parquet, `feast apply`, materialization to the online store.
+
+Steps (serialised by a lock file: Feast's file registry has no protection against concurrent writers):
+
+1. Offline: every region's data/embeddings/<region>.parquet is merged into data/feast/embeddings.parquet,
+   the FileSource of all regions and model versions. A region's rows replace the earlier rows of the same
+   (region, model, version, event_timestamp) and keep the others, so an older model version's rows stay
+   with their own event timestamps (point-in-time joins need them). The file is rewritten (atomically)
+   only when its content changes.
+2. Apply: the definitions in feature_repo/ (imported like `feast apply` does), via FeatureStore.apply.
+3. Materialize the whole event-time range of the offline data. Feast writes, per feature view, the latest
+   row of each cell in the range, so the online store always serves the latest event_timestamp per cell
+   (a new model version, or a new import, wins; an old one can never overwrite it), whatever order
+   regions and versions were published in.
+
+Idempotence: the content digest of the offline data, the definitions and the store config are recorded
+in data/feast/published_<store>.json; when all match and a spot check of online rows agrees with the
+offline data, nothing is applied or written. (Forced, re-materializing the same data rewrites the same
+values and timestamps: the rows are identical.)
+
+No half-updated online store: Feast writes each feature view's rows in one `online_write_batch` call
+(`materialization.online_write_batch_size` unset, checked below), which both the SQLite store (one
+`with conn:` transaction) and the PostgreSQL store (executemany + one commit) make a single transaction:
+readers see a view all-old or all-new. The views are written one after the other; a view's columns
+that belong together (embedding + model_version) are in the same view. A crash mid-publish leaves
+each view at its old or new state and the recorded digest unchanged, so the next publish redoes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from loc2vec.config import load_params
+from loc2vec.embed import SCHEMA, embeddings_path, read_embeddings, write_parquet_atomic
+from loc2vec.errors import Loc2VecError
+from loc2vec.features import (
+    DEFINITION_MODULES,
+    SOURCE_REPO,
+    FeatureStoreError,
+    describe,
+    feast_dir,
+    feature_store,
+    online_store_kind,
+    store_yaml,
+)
+from loc2vec.osm import check_region_name
+
+log = logging.getLogger(__name__)
+PARTITION = ("region", "model_name", "model_version", "event_timestamp")
+SPOT_CHECK = 32  # cells compared between offline and online data
+
+
+class PublishError(Loc2VecError, RuntimeError):
+    """Nothing to publish, or the online store does not hold what was published."""
+
+
+def offline_path() -> Path:
+    return feast_dir() / "embeddings.parquet"
+
+
+@contextlib.contextmanager
+def publish_lock() -> Iterator[None]:
+    directory = feast_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".publish.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- offline data
+
+
+def _region_files(regions: Iterable[str] | None) -> list[Path]:
+    if regions is None:
+        files = sorted((load_params().root / "data" / "embeddings").glob("*.parquet"))
+        if not files:
+            raise PublishError("no embeddings in data/embeddings/: run `loc2vec embed --region NAME` first")
+        return files
+    return [embeddings_path(check_region_name(r)) for r in regions]
+
+
+def merge_offline(existing: pa.Table | None, new: list[pa.Table]) -> pa.Table:
+    """Existing rows minus the partitions the new tables bring, plus the new rows; one row per
+    (h3_cell, event_timestamp) (overlapping regions: the alphabetically first region's row), sorted."""
+    tables = [t.cast(SCHEMA) for t in new]
+    if existing is not None and existing.num_rows:
+        replaced = set()
+        for t in tables:
+            replaced |= {tuple(r[c] for c in PARTITION) for r in t.select(list(PARTITION)).to_pylist()}
+        part = existing.select(list(PARTITION)).to_pylist()
+        keep = np.array([tuple(r[c] for c in PARTITION) not in replaced for r in part], dtype=bool)
+        tables.insert(0, existing.cast(SCHEMA).filter(pa.array(keep)))
+    merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    merged = merged.sort_by([("h3_cell", "ascending"), ("event_timestamp", "ascending"), ("region", "ascending")])
+    # Feast's point-in-time join breaks ties on event_timestamp arbitrarily: keep one row per tie.
+    cell, ts = merged.column("h3_cell").to_numpy(zero_copy_only=False), merged.column("event_timestamp").to_numpy()
+    first = np.ones(len(cell), dtype=bool)
+    first[1:] = (cell[1:] != cell[:-1]) | (ts[1:] != ts[:-1])
+    return merged.filter(pa.array(first)).combine_chunks()
+
+
+def update_offline(regions: Iterable[str] | None = None) -> tuple[Path, bool, pa.Table]:
+    """Merge region embeddings into the offline Parquet; rewrite it only if its content changes."""
+    path = offline_path()
+    existing = pq.read_table(path).cast(SCHEMA) if path.is_file() else None
+    merged = merge_offline(existing, [read_embeddings(p) for p in _region_files(regions)])
+    if existing is not None and existing.equals(merged):
+        return path, False, existing
+    write_parquet_atomic(merged, path)
+    log.info("offline store: %d rows → %s", merged.num_rows, path)
+    return path, True, merged
+
+
+def file_digest(path: Path) -> str:
+    """The offline file's sha256: it is rewritten only when its content changes, so this is stable."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- definitions
+
+
+def load_definitions() -> list[Any]:
+    """The Feast objects in feature_repo/*.py, imported the way `feast apply` does (repo dir on sys.path)."""
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    repo = str(SOURCE_REPO)
+    added = repo not in sys.path
+    if added:
+        sys.path.insert(0, repo)
+    try:
+        modules = []
+        for name in DEFINITION_MODULES:
+            module = importlib.import_module(name)
+            if Path(module.__file__ or "").resolve().parent != SOURCE_REPO:
+                raise FeatureStoreError(f"module {name!r} is {module.__file__}, not {SOURCE_REPO / name}.py")
+            modules.append(module)
+    finally:
+        if added:
+            sys.path.remove(repo)
+    objects: list[Any] = []
+    for module in modules:
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if isinstance(obj, Entity | DataSource | FeatureView | FeatureService) and not any(
+                obj is o for o in objects
+            ):
+                objects.append(obj)
+    return objects
+
+
+def definitions_digest() -> str:
+    """A digest of the definition files (Feast objects are mutated by apply: their protos are not stable)."""
+    h = hashlib.sha256()
+    for name in DEFINITION_MODULES:
+        h.update(name.encode() + b"\0" + (SOURCE_REPO / f"{name}.py").read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- online checks
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """The row with the latest event_timestamp per cell: what the online store must serve."""
+    ordered = table.sort_by([("h3_cell", "ascending"), ("event_timestamp", "descending")])
+    cell = ordered.column("h3_cell").to_numpy(zero_copy_only=False)
+    first = np.ones(len(cell), dtype=bool)
+    first[1:] = cell[1:] != cell[:-1]
+    return ordered.filter(pa.array(first))
+
+
+def spot_check(store, latest: pa.Table, n: int = SPOT_CHECK) -> list[str]:
+    """Compare n evenly spread cells' online values with the offline latest rows; returns the mismatches."""
+    if latest.num_rows == 0:
+        return []
+    idx = np.unique(np.linspace(0, latest.num_rows - 1, min(n, latest.num_rows)).astype(int))
+    rows = latest.take(pa.array(idx)).to_pylist()
+    online = store.get_online_features(
+        features=[
+            "location_embedding:embedding",
+            "location_embedding:model_version",
+            "tile_histogram:histogram",
+            "tag_counts:tag_counts",
+        ],
+        entity_rows={"h3_cell": [r["h3_cell"] for r in rows]},
+    ).to_dict()
+    bad = []
+    for i, r in enumerate(rows):
+        for col in ("embedding", "histogram", "tag_counts"):
+            got = online[col][i]
+            if got is None or not np.array_equal(np.asarray(got, np.float32), np.asarray(r[col], np.float32)):
+                bad.append(f"{r['h3_cell']}.{col}")
+        if online["model_version"][i] != r["model_version"]:
+            bad.append(f"{r['h3_cell']}.model_version")
+    return bad
+
+
+# ---------------------------------------------------------------- publish
+
+
+def _state_path(kind: str) -> Path:
+    return feast_dir() / f"published_{kind}.json"
+
+
+def _read_state(kind: str) -> dict[str, Any]:
+    path = _state_path(kind)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(kind: str, state: dict[str, Any]) -> None:
+    path = _state_path(kind)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _check_single_batch(store) -> None:
+    size = store.config.materialization_config.online_write_batch_size
+    if size is not None:
+        raise FeatureStoreError(
+            f"materialization.online_write_batch_size={size}: each view must be written in one batch "
+            "(one transaction), or readers could see a half-updated online store"
+        )
+
+
+def _apply(store, objects: list[Any]) -> None:
+    store.apply(objects)
+    store.refresh_registry()
+
+
+def _materialize(store, table: pa.Table) -> dict[str, Any]:
+    ts = table.column("event_timestamp")
+    start = pc.min(ts).as_py().astimezone(UTC)
+    end = max(datetime.now(UTC), pc.max(ts).as_py().astimezone(UTC) + timedelta(microseconds=1))
+    t0 = time.perf_counter()
+    store.materialize(start_date=start, end_date=end)
+    seconds = time.perf_counter() - t0
+    cells = len(set(table.column("h3_cell").to_pylist()))
+    views = len(store.list_feature_views())
+    return {
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "cells": cells,
+        "rows_written": cells * views,
+        "materialize_s": round(seconds, 2),
+        "rows_per_s": round(cells * views / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def publish(
+    regions: Iterable[str] | None = None, *, online_store: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Publish region embeddings (default: every data/embeddings/*.parquet) to the offline and online stores.
+
+    Idempotent: unchanged data, definitions and store → nothing is written (`"skipped": true`), unless force.
+    Returns what was done: offline rows, whether each step ran, materialization rows/s.
+    """
+    kind = online_store_kind(online_store)
+    started = time.perf_counter()
+    with publish_lock():
+        path, offline_changed, table = update_offline(None if regions is None else list(regions))
+        if table.num_rows == 0:
+            raise PublishError(f"{path} holds no rows: nothing to publish")
+        store = feature_store(kind)
+        _check_single_batch(store)
+        objects = load_definitions()
+        state = {
+            "offline_digest": file_digest(path),
+            "definitions_digest": definitions_digest(),
+            "store_digest": hashlib.sha256(store_yaml(kind).encode()).hexdigest(),
+        }
+        latest = latest_rows(table)
+        report: dict[str, Any] = {
+            **describe(kind),
+            "offline_path": str(path),
+            "offline_rows": table.num_rows,
+            "offline_rewritten": offline_changed,
+            "cells": latest.num_rows,
+            "model_versions": sorted(set(table.column("model_version").to_pylist()), key=_version_key),
+        }
+        reason = "forced" if force else _why_publish(_read_state(kind), state, store, latest)
+        if reason is None:
+            log.info("publish (%s): data, definitions and store unchanged: nothing to do", kind)
+            return {**report, "skipped": True, "applied": False, "materialized": None,
+                    "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+        log.info("publish (%s): %s", kind, reason)
+        report["reason"] = reason
+        t0 = time.perf_counter()
+        _apply(store, objects)
+        report["apply_s"] = round(time.perf_counter() - t0, 2)
+        report["materialized"] = _materialize(store, table)
+        bad = spot_check(store, latest)
+        if bad:
+            raise PublishError(f"online store disagrees with the offline data after materializing: {bad[:5]}")
+        _write_state(kind, state)
+    report.update(skipped=False, applied=True, seconds=round(time.perf_counter() - started, 2))
+    log.info("published %d cells (%s) to %s in %.1f s", report["cells"], report["model_versions"], kind,
+             report["seconds"])  # fmt: skip
+    return report
+
+
+def _why_publish(old: dict[str, Any], new: dict[str, Any], store, latest: pa.Table) -> str | None:
+    """Why this publish must write, or None when the online store already holds exactly this data."""
+    if not old:
+        return "first publish to this store"
+    changed = [k.removesuffix("_digest") for k in new if old.get(k) != new[k]]
+    if changed:
+        return f"changed: {', '.join(changed)}"
+    try:
+        bad = spot_check(store, latest)
+    except Exception as exc:  # a deleted online.db or dropped table is "not published", not a crash
+        return f"online store unreadable ({type(exc).__name__}: {exc})"
+    return f"online store differs from the offline data at {bad[:3]}" if bad else None
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), v) if v.isdigit() else (1 << 62, v)
+
+
+def materialize_incremental_only(*, online_store: str | None = None) -> dict[str, Any]:
+    """Materialize offline rows newer than the last materialization (for a scheduled flow).
+
+    Cheap, and enough when new rows carry newer event timestamps (a new model version or import). A
+    region embedded with an *older* model version after a later publish needs `publish()`, which
+    materializes the whole range.
+    """
+    kind = online_store_kind(online_store)
+    with publish_lock():
+        if not offline_path().is_file():
+            raise PublishError(f"no offline data at {offline_path()}: run `loc2vec publish` first")
+        store = feature_store(kind)
+        _check_single_batch(store)
+        if not store.list_feature_views():
+            raise PublishError(f"nothing applied to the {kind} store yet: run `loc2vec publish` first")
+        end = datetime.now(UTC)
+        t0 = time.perf_counter()
+        store.materialize_incremental(end_date=end)
+        return {**describe(kind), "end": end.isoformat(), "materialize_s": round(time.perf_counter() - t0, 2)}

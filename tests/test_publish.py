@@ -1,0 +1,218 @@
+"""Embedding and Feast publishing on the real test region: real MLflow models, Feast, SQLite and PostgreSQL.
+
+Two tiny untrained Encoders are registered in the test project's own MLflow store (v1, then v2, under a
+model name of this module), so their registration times t1 < t2 are the embeddings' event timestamps.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from loc2vec.config import load_params
+
+from .conftest import VADUZ
+
+MODEL = "loc2vec-encoder-publish-test"
+RESOLUTION = 9  # ~175 m edge: ~200 cells in the test region
+
+
+def _register(seed: int) -> str:
+    """A tiny untrained Encoder logged like training logs its model (pt2, batch-2 example); returns its version."""
+    from mlflow import MlflowClient
+
+    from loc2vec.model import Encoder
+    from loc2vec.tracking import setup_mlflow
+
+    mlflow = setup_mlflow("loc2vec-publish-test")
+    torch.manual_seed(seed)
+    model = Encoder().eval()
+    with mlflow.start_run():
+        mlflow.log_params({f"model.{k}": str(v) for k, v in vars(model.cfg).items()})
+        info = mlflow.pytorch.log_model(
+            model, name="model", input_example=np.zeros((2, 12, 128, 128), np.float32), registered_model_name=MODEL
+        )
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(MODEL, "champion", version)
+    return version
+
+
+@pytest.fixture(scope="module")
+def setup(project: Path, region: str) -> Iterator[dict]:
+    """Test params (coarse H3, own model name), a clean Feast dir and Postgres schema, model v1 as champion."""
+    import shutil
+
+    from loc2vec.db import cursor
+    from loc2vec.features import forget_stores
+
+    path = project / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params.setdefault("embed", {}).update({"h3_resolution": RESOLUTION, "batch_size": 64})
+    params.setdefault("train", {})["registered_model"] = MODEL
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    os.utime(path, None)
+    shutil.rmtree(project / "data" / "feast", ignore_errors=True)
+    shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
+    with cursor() as cur:
+        cur.execute("DROP SCHEMA IF EXISTS feast CASCADE")  # the test database's
+    forget_stores()
+    yield {"v1": _register(1), "region": region}
+    forget_stores()
+    path.write_text(original)
+
+
+def _online_rows(project: Path) -> list[tuple]:
+    with sqlite3.connect(project / "data" / "feast" / "online.db") as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        return [
+            (t, *row)
+            for t in tables
+            for row in conn.execute(
+                f'SELECT entity_key, feature_name, value, event_ts, created_ts FROM "{t}" ORDER BY 1, 2'
+            )
+        ]
+
+
+def test_embed_is_deterministic_and_complete(setup: dict, project: Path) -> None:
+    from loc2vec.embed import TAG_COUNT_NAMES, embed_region, resolve_champion
+
+    first = embed_region(setup["region"], progress=False)
+    data = first.read_bytes()
+    df = pd.read_parquet(first)
+    assert 100 < len(df) < 400 and df["h3_cell"].is_unique
+    assert {len(e) for e in df["embedding"]} == {16} and df["embedding"].iloc[0].dtype == np.float32
+    assert {len(h) for h in df["histogram"]} == {12} and {len(t) for t in df["tag_counts"]} == {len(TAG_COUNT_NAMES)}
+    h = np.stack(df["histogram"].to_numpy())
+    assert ((h >= 0) & (h <= 1)).all() and (h.sum(axis=1) > 0).all(), "every cell on mapped land draws something"
+    assert np.stack(df["tag_counts"].to_numpy())[:, 0].sum() > 0, "buildings are counted"
+    ref = resolve_champion()
+    assert (df["model_name"] == MODEL).all() and (df["model_version"] == setup["v1"]).all()
+    for col in ("event_timestamp", "created", "osm_timestamp"):
+        assert str(df[col].dt.tz) == "UTC", col
+    assert (df["event_timestamp"] == pd.Timestamp(ref.created)).all(), "valid from the version's registration"
+    assert first.stats["cells"] == len(df) and first.stats["cells_per_s"] > 0
+
+    again = embed_region(setup["region"], progress=False)
+    assert again.read_bytes() == data, "same model + same data → byte-identical Parquet"
+
+
+def test_publish_serves_embeddings_online(setup: dict, project: Path) -> None:
+    from loc2vec.features import (
+        InvalidLocationError,
+        LocationNotPublishedError,
+        get_location_embeddings,
+    )
+    from loc2vec.publish import publish
+
+    report = publish(online_store="sqlite")
+    assert report["applied"] and not report["skipped"] and report["materialized"]["cells"] == report["cells"]
+
+    out = get_location_embeddings([VADUZ[0]], [VADUZ[1]], online_store="sqlite")
+    row = out.iloc[0]
+    assert len(row["embedding"]) == 16 and all(isinstance(v, float) for v in row["embedding"])
+    assert row["model_version"] == setup["v1"] and row["model_name"] == MODEL
+    offline = pd.read_parquet(project / "data" / "embeddings" / f"{setup['region']}.parquet").set_index("h3_cell")
+    np.testing.assert_array_equal(np.float32(row["embedding"]), offline.loc[row["h3_cell"], "embedding"])
+
+    with pytest.raises(LocationNotPublishedError, match="no published embedding"):
+        get_location_embeddings([VADUZ[0], 0.0], [VADUZ[1], 0.0], online_store="sqlite")
+    for lat, lon in ((float("nan"), 9.5), (91.0, 9.5), (47.1, 181.0)):
+        with pytest.raises(InvalidLocationError):
+            get_location_embeddings([lat], [lon], online_store="sqlite")
+
+
+def test_republish_writes_nothing(setup: dict, project: Path) -> None:
+    from loc2vec.publish import publish
+
+    feast = project / "data" / "feast"
+    files = [feast / "embeddings.parquet", feast / "registry.db", feast / "online.db"]
+    before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in files]
+    rows = _online_rows(project)
+    assert rows
+
+    report = publish(online_store="sqlite")
+    assert report["skipped"] and not report["offline_rewritten"], report.get("reason")
+    assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in files] == before, "nothing is written"
+
+    forced = publish(online_store="sqlite", force=True)  # re-materializes the same data
+    assert forced["applied"] and not forced["offline_rewritten"]
+    assert files[0].stat().st_mtime_ns == before[0][0], "unchanged offline content is not rewritten"
+    assert _online_rows(project) == rows, "same values, event and created timestamps"
+
+
+def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, project: Path) -> None:
+    from loc2vec.embed import embed_region
+    from loc2vec.features import get_location_embeddings, historical_features
+    from loc2vec.publish import publish
+
+    v1_path = project / "data" / "embeddings" / f"{setup['region']}.parquet"
+    v1 = pd.read_parquet(v1_path).set_index("h3_cell")
+    v2_version = _register(2)
+    embed_region(setup["region"], progress=False)
+    v2 = pd.read_parquet(v1_path).set_index("h3_cell")
+    t1, t2 = v1["event_timestamp"].iloc[0], v2["event_timestamp"].iloc[0]
+    assert t1 < t2 and (v2["model_version"] == v2_version).all()
+
+    publish(online_store="sqlite")
+    offline = pq.read_table(project / "data" / "feast" / "embeddings.parquet").to_pandas()
+    assert sorted(offline["model_version"].unique()) == sorted([setup["v1"], v2_version]), "both versions kept"
+    assert len(offline) == len(v1) + len(v2)
+
+    online = get_location_embeddings([VADUZ[0]], [VADUZ[1]], online_store="sqlite").iloc[0]
+    assert online["model_version"] == v2_version, "online serves the latest event_timestamp"
+    np.testing.assert_array_equal(np.float32(online["embedding"]), v2.loc[online["h3_cell"], "embedding"])
+
+    cell = online["h3_cell"]
+    times = [t1 - timedelta(seconds=1), t1 + (t2 - t1) / 2, t2 + timedelta(hours=1)]
+    entity = pd.DataFrame(
+        {"h3_cell": [cell] * 3, "event_timestamp": pd.to_datetime(times, utc=True), "label": [0, 1, 2]}
+    )
+    entity = entity.iloc[[2, 0, 1]].reset_index(drop=True)  # the caller's order must be kept
+    got = historical_features(entity, "transport_mode_v1", online_store="sqlite")
+    assert list(got["label"]) == [2, 0, 1] and len(got) == 3
+    by_label = got.set_index("label")
+    assert by_label.loc[0, "embedding"] is None or pd.isna(by_label.loc[0, "model_version"]), "before t1: nothing"
+    assert by_label.loc[1, "model_version"] == setup["v1"], "between t1 and t2: v1, never v2"
+    np.testing.assert_array_equal(np.float32(list(by_label.loc[1, "embedding"])), v1.loc[cell, "embedding"])
+    assert by_label.loc[2, "model_version"] == v2_version
+    np.testing.assert_array_equal(np.float32(list(by_label.loc[2, "embedding"])), v2.loc[cell, "embedding"])
+    assert len(by_label.loc[2, "histogram"]) == 12 and len(by_label.loc[2, "tag_counts"]) > 0
+
+
+def test_postgres_online_store(setup: dict, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loc2vec.db import cursor
+    from loc2vec.features import LocationNotPublishedError, get_location_embeddings
+    from loc2vec.publish import materialize_incremental_only, publish
+
+    monkeypatch.setenv("LOC2VEC_ONLINE_STORE", "postgres")
+    report = publish()
+    assert report["online_store"] == "postgres" and report["applied"]
+    with cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'feast' ORDER BY 1")
+        tables = [r[0] for r in cur.fetchall()]
+        assert tables == ["loc2vec_location_embedding", "loc2vec_tag_counts", "loc2vec_tile_histogram"]
+        cur.execute('SELECT count(DISTINCT entity_key) FROM feast."loc2vec_location_embedding"')
+        assert cur.fetchone()[0] == report["cells"]
+
+    pg = get_location_embeddings([VADUZ[0]], [VADUZ[1]]).iloc[0]
+    lite = get_location_embeddings([VADUZ[0]], [VADUZ[1]], online_store="sqlite").iloc[0]
+    assert pg["model_version"] == lite["model_version"] and pg["embedding"] == lite["embedding"]
+    with pytest.raises(LocationNotPublishedError):
+        get_location_embeddings([0.0], [0.0])
+
+    assert publish()["skipped"], "idempotent on PostgreSQL too"
+    assert materialize_incremental_only()["online_store"] == "postgres"
+    assert get_location_embeddings([VADUZ[0]], [VADUZ[1]]).iloc[0]["embedding"] == pg["embedding"]
+    assert load_params().root == project
+    assert pd.Timestamp.now(tz=UTC) > pd.Timestamp(report["materialized"]["start"])
