@@ -186,6 +186,15 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from loc2vec.evaluate import evaluate
+
+    train_regions = _regions(args.train_regions) if args.train_regions else None
+    result = evaluate(_regions(args.region)[0], train_regions=train_regions, out=Path(args.out) if args.out else None)
+    print(json.dumps(result.get("tasks", result), indent=1, default=str))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from loc2vec import bench
 
@@ -271,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lon", type=LON, required=True)
     s.add_argument("--online-store", choices=["sqlite", "postgres"], help="default: params/LOC2VEC_ONLINE_STORE")
     s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("evaluate", help="transport and venue classifiers on loc2vec vs baseline featuresets")
+    s.add_argument("--region", required=True, help="the region to test on")
+    s.add_argument("--train-regions", help="train the classifiers on these regions (cross-region transfer)")
+    s.add_argument("--out", help="metrics JSON (default data/evaluate/REGION.json)")
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("bench", help="benchmarks (JSON)")
     s.add_argument("what", help="render | tiles | train | serve | similar")

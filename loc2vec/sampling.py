@@ -346,12 +346,12 @@ def information(region: str, lat: Iterable[float], lon: Iterable[float], cfg: Sa
 
 
 def _pool(region: str, workers: int):
-    # fork where available: no re-import of __main__ (spawn fails for stdin scripts and pays ~2 s per
-    # worker). Workers build their own renderer (get_renderer is keyed by pid) and leave with os._exit,
-    # so the parent's pooled Mapnik/PostGIS connections are never used or closed by a child.
+    # spawn, not fork: a parent that already runs torch, Feast or Mapnik threads cannot be forked
+    # safely (seen: forked workers dying in a loop and the pool hanging after other tests had run).
+    # Spawned workers inherit the environment (LOC2VEC_PARAMS, LOC2VEC_PG_DSN) and build their own
+    # renderer once; the cost is ~2 s of start-up, and scripts must be importable (not stdin).
     n = workers or os.cpu_count() or 1
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(n, initializer=_init_worker, initargs=(region,))
+    return mp.get_context("spawn").Pool(n, initializer=_init_worker, initargs=(region,))
 
 
 # ---------------------------------------------------------------- spatial split

@@ -106,7 +106,7 @@ def render_direct_tiles(region: str, samples: pd.DataFrame, out: Path | None = N
     env = {key: os.environ[key] for key in ("LOC2VEC_PARAMS", "LOC2VEC_PG_DSN") if key in os.environ}
     processes = cfg.processes or os.cpu_count() or 1
     started = time.monotonic()
-    ctx = mp.get_context("fork")  # fast start; each worker builds its own renderer (no shared connections)
+    ctx = mp.get_context("spawn")  # forking a parent with torch/Feast/Mapnik threads is unsafe
     with (
         ctx.Pool(processes, initializer=_init_worker, initargs=(region, render_cfg.radius_m, size, env)) as pool,
         tqdm(total=n * (k + 1), unit="tile", desc=f"render {region}") as bar,

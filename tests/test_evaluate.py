@@ -1,0 +1,294 @@
+"""Downstream evaluation on the real test region: OSM labels, the blocked split, the metrics JSON, MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h3
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from psycopg2 import sql
+
+from loc2vec.config import load_params
+
+SMALL = {
+    "labels": {
+        "jitter_m": 15.0,
+        "seed": 3,
+        "transport_per_class": 40,
+        "venue_per_class": 30,
+        "min_per_class": 10,
+        "label_time": "2030-01-01T00:00:00Z",
+    },
+    "split": {"block_m": 600.0, "folds": 3, "seed": 1},
+    "knn_k": 5,
+}
+TEST_MODEL = "loc2vec-encoder-evaltest"  # never the name test_train's champion assertions use
+LABEL_TIME = pd.Timestamp("2030-01-01T00:00:00Z")
+
+
+@pytest.fixture(scope="module")
+def small(project: Path, region: str) -> Iterator[Path]:
+    """The test project with small evaluation params and its own registered-model name."""
+    path = project / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params["evaluate"] = SMALL
+    params.setdefault("embed", {})["h3_resolution"] = 10  # ~7× fewer cells than 11: a quick embed
+    params.setdefault("train", {})["registered_model"] = TEST_MODEL
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    os.utime(path, None)
+    yield project
+    path.write_text(original)
+
+
+def _true_metres_to_mercator(lat: np.ndarray, metres: float) -> np.ndarray:
+    return metres / np.cos(np.radians(lat))
+
+
+def _great_circle_m(lat1, lon1, lat2, lon2) -> np.ndarray:
+    """Pairwise haversine distances (n, m) in metres."""
+    p1, p2 = np.radians(lat1)[:, None], np.radians(lat2)[None, :]
+    dphi, dlam = p2 - p1, np.radians(lon2)[None, :] - np.radians(lon1)[:, None]
+    a = np.sin(dphi / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlam / 2) ** 2
+    return 2 * 6371008.8 * np.arcsin(np.sqrt(a))
+
+
+def test_transport_labels_lie_on_ways_of_their_mode(small: Path, region: str) -> None:
+    from loc2vec.db import cursor
+    from loc2vec.labels import TRANSPORT_MODES, label_config, transport_labels
+    from loc2vec.sampling import to_mercator
+
+    cfg = label_config()
+    labels = transport_labels(region)
+    counts = labels["label"].value_counts()
+    assert set(counts.index) == {"car", "rail", "cycle", "foot"}, "Vaduz–Schaan has these four modes, no ferry"
+    assert (counts == cfg.transport_per_class).all(), "balanced: N points per mode"
+    assert str(labels["event_timestamp"].dt.tz) == "UTC" and (labels["event_timestamp"] == LABEL_TIME).all()
+    res = load_params().section("embed")["h3_resolution"]
+    assert all(
+        h3.latlng_to_cell(a, b, res) == c
+        for a, b, c in zip(labels["lat"], labels["lon"], labels["h3_cell"], strict=True)
+    )
+
+    for mode, group in labels.groupby("label"):
+        x0, y0 = to_mercator(group["lon0"].to_numpy(), group["lat0"].to_numpy())
+        x, y = to_mercator(group["lon"].to_numpy(), group["lat"].to_numpy())
+        lat = group["lat0"].to_numpy()
+        query = sql.SQL(
+            """SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM {s}.planet_osm_line l WHERE l.osm_id = p.id
+                        AND ({mode}) AND ST_DWithin(l.way, ST_SetSRID(ST_MakePoint(p.x0, p.y0), 3857), p.on_way))),
+                      count(*) FILTER (WHERE EXISTS (SELECT 1 FROM {s}.planet_osm_line l WHERE ({mode})
+                        AND ST_DWithin(l.way, ST_SetSRID(ST_MakePoint(p.x, p.y), 3857), p.near)))
+               FROM unnest(%s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::int8[], %s::float8[],
+                           %s::float8[]) AS p(x0, y0, x, y, id, on_way, near)"""
+        ).format(s=sql.Identifier(region), mode=sql.SQL(TRANSPORT_MODES[mode]))
+        with cursor() as cur:
+            cur.execute(query, (x0.tolist(), y0.tolist(), x.tolist(), y.tolist(), group["osm_id"].tolist(),
+                                _true_metres_to_mercator(lat, 0.05).tolist(),
+                                _true_metres_to_mercator(lat, 4 * math.sqrt(2) * cfg.jitter_m).tolist()))  # fmt: skip
+            on_way, near = cur.fetchone()
+        assert on_way == len(group), f"{mode}: every un-jittered point lies on its own way of that mode"
+        assert near == len(group), f"{mode}: every jittered point is within 4σ·√2 of a way of that mode"
+
+    # GPS-like noise: independent N(0, σ²) metres east and north
+    north = np.radians(labels["lat"] - labels["lat0"]) * 6371008.8
+    east = np.radians(labels["lon"] - labels["lon0"]) * 6371008.8 * np.cos(np.radians(labels["lat0"]))
+    for axis in (north, east):
+        assert abs(axis.mean()) < 3.0 and 0.8 * cfg.jitter_m < axis.std() < 1.2 * cfg.jitter_m
+
+
+def test_venue_labels_are_pois_of_their_group(small: Path, region: str) -> None:
+    from loc2vec.db import cursor
+    from loc2vec.labels import VENUE_GROUPS, _margin_box, label_config, venue_candidates, venue_labels
+    from loc2vec.sampling import to_mercator
+
+    cfg = label_config()
+    labels = venue_labels(region)
+    available = venue_candidates(region, _margin_box(region, cfg)[1])["label"].value_counts()
+    counts = labels["label"].value_counts()
+    expected = {g for g, n in available.items() if n >= cfg.min_per_class}
+    assert set(counts.index) == expected and len(expected) >= 6
+    assert (available[available < cfg.min_per_class].index.isin(["lodging"])).all(), "9 hotels: too few"
+    for group, n in counts.items():
+        assert n == min(cfg.venue_per_class, available[group])
+
+    # the un-jittered point is the POI itself (node, or point-on-surface of the area) with its group's tags
+    for (group, kind), rows in labels.groupby(["label", "osm_kind"]):
+        table = "planet_osm_point" if kind == "node" else "planet_osm_polygon"
+        geom = "way" if kind == "node" else "ST_PointOnSurface(way)"
+        x, y = to_mercator(rows["lon0"].to_numpy(), rows["lat0"].to_numpy())
+        query = sql.SQL(
+            """SELECT count(*) FROM unnest(%s::int8[], %s::float8[], %s::float8[]) AS p(id, x, y)
+               WHERE EXISTS (SELECT 1 FROM {s}.{t} o WHERE o.osm_id = p.id AND ({where})
+                             AND ST_DWithin({geom}, ST_SetSRID(ST_MakePoint(p.x, p.y), 3857), 0.01))"""
+        ).format(s=sql.Identifier(region), t=sql.Identifier(table), where=sql.SQL(VENUE_GROUPS[group]),
+                 geom=sql.SQL(geom))  # fmt: skip
+        with cursor() as cur:
+            cur.execute(query, (rows["osm_id"].tolist(), x.tolist(), y.tolist()))
+            assert cur.fetchone()[0] == len(rows), f"{group}/{kind}"
+
+
+def test_labels_are_reproducible(small: Path, region: str) -> None:
+    from loc2vec.labels import make_labels
+
+    for task in ("transport", "venue"):
+        pd.testing.assert_frame_equal(make_labels(region, task), make_labels(region, task))
+
+
+def test_blocked_folds_keep_test_points_a_tile_away_from_train_points(small: Path, region: str) -> None:
+    from loc2vec.db import require_import
+    from loc2vec.evaluate import evaluate_config, spatial_folds
+    from loc2vec.labels import make_labels
+
+    cfg = evaluate_config().split_cfg
+    radius = load_params().render.radius_m
+    assert cfg.buffer() == 2 * radius, "default buffer: train and test tiles never overlap"
+    for task in ("transport", "venue"):
+        labels = make_labels(region, task)
+        folds = spatial_folds(labels, cfg, require_import(region).bbox)
+        assert len(folds) == cfg.folds
+        tested = np.concatenate([f.test for f in folds])
+        assert sorted(tested.tolist()) == list(range(len(labels))), "each label is tested exactly once"
+        lat, lon = labels["lat"].to_numpy(), labels["lon"].to_numpy()
+        for fold in folds:
+            assert not set(fold.train) & set(fold.test)
+            d = _great_circle_m(lat[fold.test], lon[fold.test], lat[fold.train], lon[fold.train])
+            assert d.min() >= cfg.buffer() > radius, "no test point within a tile of a train point"
+            assert len(fold.train) > len(labels) / 3
+
+
+def _tile_histogram(points: pd.DataFrame, mode: str, service: str) -> np.ndarray:
+    """The cell tile's channel fractions, computed from the tiles (what embed stores as `histogram`)."""
+    from loc2vec.cutter import cut_tiles
+    from loc2vec.evaluate import _cell_centres
+    from loc2vec.metatiles import ensure_metatiles
+
+    region = points["region"].iloc[0]
+    lats, lons = _cell_centres(points["h3_cell"].tolist())
+    index = ensure_metatiles(region, lats, lons, progress=False)
+    tiles = cut_tiles(index, lats, lons, np.zeros(len(lats)), np.zeros((len(lats), 2)), device="cpu")
+    return (tiles != 0).float().mean(dim=(2, 3)).numpy()
+
+
+def _check_shape(result: dict, featuresets: tuple[str, ...]) -> None:
+    assert set(result) == {"tasks", "meta"}
+    assert set(result["tasks"]) == {"transport", "venue"}
+    for task in result["tasks"].values():
+        assert list(task) == list(featuresets)
+        for per_classifier in task.values():
+            assert set(per_classifier) == {"logreg", "knn"}
+            for metrics in per_classifier.values():
+                assert set(metrics) == {"accuracy", "macro_f1"}
+                assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_evaluation_core_without_feast(small: Path, region: str, tmp_path: Path) -> None:
+    """Real labels, real split, the OSM/tile featuresets; Feast's two are injected from the tiles."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from loc2vec.evaluate import DEFAULT_FEATURESETS, Featurizer, evaluate, random_encoder_features
+    from loc2vec.tracking import tracking_uri
+
+    featurizer = Featurizer.default()
+    featurizer.base["histogram"] = _tile_histogram
+    featurizer.base["loc2vec"] = lambda p, m, s: random_encoder_features(p, m, seed=1)  # a stand-in encoder
+    out = tmp_path / "metrics.json"
+    result = evaluate(region, out=out, featurizer=featurizer)
+    assert json.loads(out.read_text()) == result
+    _check_shape(result, DEFAULT_FEATURESETS)
+    transport = result["tasks"]["transport"]
+    assert transport["tag_counts"]["logreg"]["macro_f1"] > 0.35, "way counts tell the mode (chance: 0.25)"
+    meta = result["meta"]["tasks"]
+    assert meta["transport"]["n_tested"] == 160 and meta["transport"]["folds"] == 3
+    assert all(v == 0.0 for v in meta["venue"]["online_vs_historical_max_abs_diff"].values())
+    boot = meta["venue"]["bootstrap"]  # block bootstrap: its macro-F1 is sklearn's, its intervals are ordered
+    for name in DEFAULT_FEATURESETS[1:]:
+        for kind in ("logreg", "knn"):
+            lead = boot["loc2vec_minus"][name][kind]
+            f1 = result["tasks"]["venue"]
+            assert lead["diff"] == pytest.approx(f1["loc2vec"][kind]["macro_f1"] - f1[name][kind]["macro_f1"])
+            assert lead["ci95"][0] <= lead["ci95"][1] and 0.0 <= lead["p_better"] <= 1.0
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("loc2vec-evaluate").experiment_id],
+                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    run = runs[0]
+    key = "venue.loc2vec_plus_histogram.knn.macro_f1"
+    assert run.data.metrics[key] == pytest.approx(result["tasks"]["venue"]["loc2vec+histogram"]["knn"]["macro_f1"])
+    assert run.data.metrics["eval_score"] == pytest.approx(result["meta"]["eval_score"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["metrics.json"]
+
+
+@pytest.fixture(scope="module")
+def published(small: Path, region: str) -> str:
+    """A real registered model version (seeded, untrained: the test is about the plumbing, not quality),
+    the test region embedded with it and published to Feast; returns the version."""
+    import torch
+    from mlflow import MlflowClient
+
+    from loc2vec.embed import embed_region
+    from loc2vec.model import Encoder
+    from loc2vec.publish import publish
+    from loc2vec.tracking import CHAMPION, setup_mlflow
+
+    mlflow = setup_mlflow("loc2vec-evaluate-test-model")
+    torch.manual_seed(5)
+    with mlflow.start_run():
+        example = np.zeros((2, 12, 128, 128), dtype=np.float32)  # as the trainer logs it (batch 2)
+        info = mlflow.pytorch.log_model(Encoder().eval(), name="model", input_example=example,
+                                        registered_model_name=TEST_MODEL, pip_requirements=["torch"])  # fmt: skip
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(TEST_MODEL, CHAMPION, version)
+    embed_region(region, progress=False)
+    publish([region])
+    return version
+
+
+def test_evaluation_through_feast(published: str, region: str, tmp_path: Path) -> None:
+    """Historical retrieval for training rows, the online store for test rows, all six featuresets."""
+    from mlflow import MlflowClient
+
+    from loc2vec.evaluate import DEFAULT_FEATURESETS, evaluate
+
+    out = tmp_path / "metrics.json"
+    result = evaluate(region, out=out)
+    _check_shape(result, DEFAULT_FEATURESETS)
+    meta = result["meta"]
+    assert meta["model"] == {"name": TEST_MODEL, "version": published}
+    for task in meta["tasks"].values():
+        assert task["n_tested"] > 0.9 * task["n_labels"], "label cells are on mapped land, so embedded"
+        skew = task["online_vs_historical_max_abs_diff"]
+        assert skew["loc2vec"] == 0.0 and skew["histogram"] == 0.0, "online serves what training read"
+    tags = MlflowClient().get_model_version(TEST_MODEL, published).tags
+    assert float(tags["eval_score"]) == pytest.approx(meta["eval_score"])
+    assert tags["eval_score_region"] == region
+
+
+def test_consumer_classifiers_train_historical_and_serve_online(published: str, region: str) -> None:
+    from loc2vec.errors import Loc2VecError
+    from loc2vec.evaluate import TransportModeClassifier, VenueClassifier
+    from loc2vec.features import LocationNotPublishedError
+    from loc2vec.labels import make_labels
+
+    labels = make_labels(region, "transport")
+    model = TransportModeClassifier(model="knn").fit_from_feast(labels)
+    pred = model.predict_online(labels["lat"].iloc[:20], labels["lon"].iloc[:20])
+    assert len(pred) == 20 and set(pred) <= set(model.classes_) == {"car", "rail", "cycle", "foot"}
+    with pytest.raises(LocationNotPublishedError):
+        model.predict_online([0.0], [0.0])
+
+    venues = make_labels(region, "venue")
+    both = VenueClassifier(featureset="loc2vec+histogram").fit_from_feast(venues)
+    assert len(both.predict_online(venues["lat"].iloc[:5], venues["lon"].iloc[:5])) == 5
+    # point-in-time: a label observed before the embeddings existed has no features to train on
+    with pytest.raises(Loc2VecError, match="no transport label has loc2vec features"):
+        TransportModeClassifier().fit_from_feast(labels.assign(event_timestamp=pd.Timestamp("2001-01-01", tz="UTC")))
