@@ -33,5 +33,7 @@ def run(name: str, *, region: str | None = None, n: int | None = None) -> dict[s
     result = module.run(region=region, n=n)
     result.setdefault("benchmark", name)
     result.setdefault("wall_s", round(time.perf_counter() - started, 2))
-    result.setdefault("machine", {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()})
+    result.setdefault(
+        "machine", {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    )
     return result

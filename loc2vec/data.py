@@ -91,7 +91,9 @@ class FastTiles:
     def pairs(self, rows: np.ndarray, n_pairs: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         lats, lons = np.repeat(self.lats[rows], n_pairs), np.repeat(self.lons[rows], n_pairs)
         zeros = np.zeros(len(rows))
-        anchors = self._cut(self.index, self.lats[rows], self.lons[rows], zeros, np.zeros((len(rows), 2)), device=self.device)
+        anchors = self._cut(
+            self.index, self.lats[rows], self.lons[rows], zeros, np.zeros((len(rows), 2)), device=self.device
+        )
         angles = rng.uniform(0.0, 360.0, len(lats))
         shifts = rng.uniform(-self.max_shift_m, self.max_shift_m, (len(lats), 2))
         positives = self._cut(self.index, lats, lons, angles, shifts, device=self.device)

@@ -77,11 +77,15 @@ def _render_block(job: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray
     for i, (lat, lon) in enumerate(zip(lats, lons, strict=True)):
         out[i, 0] = renderer.render(lat, lon)
         for j in range(k):
-            out[i, j + 1] = renderer.render(lat, lon, float(angles[i, j]), (float(shifts[i, j, 0]), float(shifts[i, j, 1])))
+            out[i, j + 1] = renderer.render(
+                lat, lon, float(angles[i, j]), (float(shifts[i, j, 0]), float(shifts[i, j, 1]))
+            )
     return start, out
 
 
-def render_direct_tiles(region: str, samples: pd.DataFrame, out: Path | None = None, cfg: ShardsConfig | None = None) -> Path:
+def render_direct_tiles(
+    region: str, samples: pd.DataFrame, out: Path | None = None, cfg: ShardsConfig | None = None
+) -> Path:
     """Render anchor + K positives for every sampled location into a zarr store (atomic)."""
     cfg = cfg or shards_config()
     render_cfg = load_params().render
@@ -102,7 +106,9 @@ def render_direct_tiles(region: str, samples: pd.DataFrame, out: Path | None = N
         attributes={"region": region, "k_positives": k, "radius_m": render_cfg.radius_m, "size": size,
                     "layout": "(location, 0=anchor|1..K=positives, channel, row, col)"},
     )  # fmt: skip
-    jobs = [(s, lats[s : s + per], lons[s : s + per], angles[s : s + per], shifts[s : s + per]) for s in range(0, n, per)]
+    jobs = [
+        (s, lats[s : s + per], lons[s : s + per], angles[s : s + per], shifts[s : s + per]) for s in range(0, n, per)
+    ]
     env = {key: os.environ[key] for key in ("LOC2VEC_PARAMS", "LOC2VEC_PG_DSN") if key in os.environ}
     processes = cfg.processes or os.cpu_count() or 1
     started = time.monotonic()

@@ -153,7 +153,9 @@ class MlflowTracker:
             current = client.get_model_version_by_alias(name, CHAMPION)
         except Exception:  # no champion yet
             current = None
-        better = current is None or champion_score(client, name, version) > champion_score(client, name, current.version)
+        better = current is None or champion_score(client, name, version) > champion_score(
+            client, name, current.version
+        )
         if better:
             client.set_registered_model_alias(name, CHAMPION, version)
             log.info("model %s version %s is the new %s", name, version, CHAMPION)

@@ -132,7 +132,9 @@ def build_source(samples: pd.DataFrame, cfg: TrainConfig, device: torch.device) 
 
             store = TileStore(default_store(str(region)))
             if len(store) != len(frame):
-                raise Loc2VecError(f"tile store of {region!r} is out of date: run `loc2vec render-tiles --region {region}`")
+                raise Loc2VecError(
+                    f"tile store of {region!r} is out of date: run `loc2vec render-tiles --region {region}`"
+                )
             parts.append((StoredTiles(store), len(frame)))
         else:
             from loc2vec.data import FastTiles
@@ -201,7 +203,9 @@ class Trainer:
         self.samples = load_samples(regions)
         # Settings that only decide when to stop or how to prefetch do not change the trajectory:
         # a run resumed with another value continues the same run.
-        trajectory = {k: v for k, v in asdict(self.cfg).items() if k not in ("max_minutes", "prefetch", "checkpoint_every")}
+        trajectory = {
+            k: v for k, v in asdict(self.cfg).items() if k not in ("max_minutes", "prefetch", "checkpoint_every")
+        }
         self.signature = run_signature(
             regions,
             self.samples,

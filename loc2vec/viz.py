@@ -142,6 +142,11 @@ def activation_maximization(
             top3 = np.argsort(-np.abs(img).mean(axis=(1, 2)))[:3]
             rgb = np.stack([_equalize(img[c]) for c in top3], axis=-1)
             cells.append((rgb, f"conv{convs.index(idx) + 1} #{i}"))
-        sheet = _grid(cells, cols=8, cell=96, title=f"activation maximisation, {label} conv layer {convs.index(idx) + 1} ({n} filters)")
+        sheet = _grid(
+            cells,
+            cols=8,
+            cell=96,
+            title=f"activation maximisation, {label} conv layer {convs.index(idx) + 1} ({n} filters)",
+        )
         paths.append(_save(sheet, out_dir / f"activation_max_{label}.png"))
     return paths

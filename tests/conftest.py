@@ -65,7 +65,18 @@ def small_pbf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("osm") / "vaduz_schaan.osm.pbf"
     bbox = ",".join(str(v) for v in TEST_BBOX)
     subprocess.run(
-        ["osmium", "extract", "-b", bbox, "--set-bounds", "-s", "complete_ways", "-o", str(out), str(_shared_pbf("liechtenstein"))],
+        [
+            "osmium",
+            "extract",
+            "-b",
+            bbox,
+            "--set-bounds",
+            "-s",
+            "complete_ways",
+            "-o",
+            str(out),
+            str(_shared_pbf("liechtenstein")),
+        ],
         check=True,
         capture_output=True,
     )

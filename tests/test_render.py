@@ -74,8 +74,10 @@ def test_the_railway_through_schaan_is_rail(region: str) -> None:
 def test_forest_is_green_and_building_is_building(region: str) -> None:
     lat, lon = _lookup(
         region,
-        _point("ST_PointOnSurface(way)") + " FROM {schema}.planet_osm_polygon WHERE landuse = 'forest'"
-        + INSIDE + " ORDER BY way_area DESC LIMIT 1) q",
+        _point("ST_PointOnSurface(way)")
+        + " FROM {schema}.planet_osm_polygon WHERE landuse = 'forest'"
+        + INSIDE
+        + " ORDER BY way_area DESC LIMIT 1) q",
         *INNER_BBOX,
     )
     assert render_tile(region, lat, lon)[channel_index("green"), 64, 64] == 255
@@ -161,7 +163,12 @@ def test_cli_render_writes_tile_and_preview(region: str, tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     "lat,lon,message",
-    [("nan", "9.52", "latitude"), ("47.1", "200", "longitude"), ("0", "0", "outside region"), ("abc", "9.5", "latitude")],
+    [
+        ("nan", "9.52", "latitude"),
+        ("47.1", "200", "longitude"),
+        ("0", "0", "outside region"),
+        ("abc", "9.5", "latitude"),
+    ],
 )
 def test_cli_bad_coordinates_exit_nonzero_and_write_nothing(
     region: str, tmp_path: Path, lat: str, lon: str, message: str
