@@ -187,12 +187,8 @@ def _historical(points: pd.DataFrame, service: str) -> pd.DataFrame:
     )
     key = service + ":" + str(pd.util.hash_pandas_object(entity, index=False).sum())
     if key not in _HISTORICAL:
-        # one row per (cell, time): Feast's file offline store returns features for only one of
-        # several identical entity rows (the others came back NaN), so join unique rows, then map back
-        unique = entity.drop_duplicates().reset_index(drop=True)
-        got = features.historical_features(unique, service)
         _HISTORICAL.clear()
-        _HISTORICAL[key] = entity.merge(got, on=["h3_cell", "event_timestamp"], how="left", validate="many_to_one")
+        _HISTORICAL[key] = features.historical_features(entity, service)  # row-aligned, duplicates included
     return _HISTORICAL[key]
 
 

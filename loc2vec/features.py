@@ -241,8 +241,8 @@ def historical_features(entity_df: pd.DataFrame, service_name: str, *, online_st
         raise FeatureStoreError(
             f"entity_df.event_timestamp must be timezone-aware (e.g. pd.to_datetime(..., utc=True)), got {ts.dtype}"
         )
-    if "_row" in entity_df.columns:
-        raise FeatureStoreError("entity_df must not have a column named _row (used to keep the row order)")
+    if {"_row", "_key"} & set(entity_df.columns):
+        raise FeatureStoreError("entity_df must not have columns named _row or _key (used to keep the row order)")
     store = feature_store(online_store)
     try:
         service = store.get_feature_service(service_name)
@@ -250,11 +250,16 @@ def historical_features(entity_df: pd.DataFrame, service_name: str, *, online_st
         names = sorted(s.name for s in store.list_feature_services())
         raise FeatureStoreError(f"unknown feature service {service_name!r}; published: {names}") from exc
     frame = entity_df.assign(_row=np.arange(len(entity_df)), event_timestamp=ts.dt.tz_convert("UTC"))
-    out = store.get_historical_features(entity_df=frame, features=service).to_df()
-    # Feast may reorder rows (and the file store drops rows outside a ttl window): restore 1:1.
-    feature_cols = [c for c in out.columns if c not in frame.columns]
-    out = frame.merge(out[["_row", *feature_cols]], on="_row", how="left", validate="one_to_one")
-    return out.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    # Ask Feast once per distinct (cell, time): its file offline store fills only one of several
+    # identical entity rows and leaves the others NaN. Map the answers back to every row.
+    keys = frame[["h3_cell", "event_timestamp"]].drop_duplicates().reset_index(drop=True)
+    keys["_key"] = np.arange(len(keys))
+    frame = frame.merge(keys, on=["h3_cell", "event_timestamp"], how="left", validate="many_to_one")
+    got = store.get_historical_features(entity_df=keys, features=service).to_df()
+    # Feast may reorder rows (and the file store drops rows outside a ttl window): join on _key.
+    feature_cols = [c for c in got.columns if c not in keys.columns]
+    out = frame.merge(got[["_key", *feature_cols]], on="_key", how="left", validate="many_to_one")
+    return out.sort_values("_row").drop(columns=["_row", "_key"]).reset_index(drop=True)
 
 
 def describe(kind: str | None = None) -> dict[str, Any]:

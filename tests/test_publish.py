@@ -189,6 +189,13 @@ def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, pr
     np.testing.assert_array_equal(np.float32(list(by_label.loc[2, "embedding"])), v2.loc[cell, "embedding"])
     assert len(by_label.loc[2, "histogram"]) == 12 and len(by_label.loc[2, "tag_counts"]) > 0
 
+    # identical (cell, time) rows, e.g. two labels at one place and moment, all get their features
+    twice = pd.concat([entity, entity], ignore_index=True).assign(label=range(6))
+    both = historical_features(twice, "transport_mode_v1", online_store="sqlite")
+    assert list(both["label"]) == list(range(6))
+    assert list(both["model_version"].iloc[3:]) == list(both["model_version"].iloc[:3])
+    assert both["model_version"].notna().sum() == 4, "the 2 rows before t1 have nothing; the 4 others all join"
+
 
 def test_postgres_online_store(setup: dict, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from loc2vec.db import cursor
