@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ import torch
 from psycopg2 import sql
 from tqdm import tqdm
 
+from loc2vec.atomic import atomic_path, write_text
 from loc2vec.channels import N_CHANNELS, NOT_POI_AMENITY
 from loc2vec.config import ConfigError, load_params, section_config
 from loc2vec.db import ImportRecord, cursor, require_import
@@ -343,20 +343,9 @@ SCHEMA = pa.schema(
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Temp file + os.replace: readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    """Readers see the old file or the new one, never half of one (loc2vec.atomic)."""
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 class EmbedResult(type(Path())):  # type: ignore[misc]
@@ -470,7 +459,7 @@ def embed_region(region: str, *, model: ModelRef | None = None, progress: bool =
         **{k: round(v, 2) for k, v in timings.items()},
         "config": asdict(cfg),
     }
-    _write_json_atomic(path.with_suffix(".json"), stats)
+    write_text(path.with_suffix(".json"), json.dumps(stats, indent=1, default=str))
     log.info(
         "%s: embedded %d cells with %s v%s in %.1f s (%.0f cells/s encoding, %.0f cells/s end to end) → %s",
         region, n, ref.name, ref.version, total, stats["cells_per_s"], stats["cells_per_s_end_to_end"], path,

@@ -34,7 +34,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -47,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from loc2vec.atomic import write_text
 from loc2vec.config import load_params
 from loc2vec.embed import SCHEMA, embeddings_path, read_embeddings, write_parquet_atomic
 from loc2vec.errors import Loc2VecError
@@ -232,10 +232,7 @@ def _read_state(kind: str) -> dict[str, Any]:
 
 
 def _write_state(kind: str, state: dict[str, Any]) -> None:
-    path = _state_path(kind)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text(_state_path(kind), json.dumps(state, indent=1, sort_keys=True))
 
 
 def _check_single_batch(store) -> None:
