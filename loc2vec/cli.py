@@ -293,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=None, help="number of tiles/items")
     s.add_argument("--json", action="store_true", help="compact JSON on one line")
     s.set_defaults(func=cmd_bench)
+
+    # Commands that live beside their concern (each module's `register` adds its sub-commands).
+    from loc2vec import cli_explore, cli_ops
+
+    cli_explore.register(sub)
+    cli_ops.register(sub)
     return p
 
 
