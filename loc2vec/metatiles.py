@@ -178,7 +178,14 @@ class Metatile:
 
 
 def metatile_dir(region: str) -> Path:
-    return load_params().root / "data" / "metatiles" / check_region_name(region)
+    """data/metatiles/<region> for the pipeline's regions (a DVC output, and the train stage's input);
+    data/scratch/metatiles/<region> for any other region (evaluated or explored ad hoc), so that
+    rendering it never changes what DVC tracks."""
+    params = load_params()
+    name = check_region_name(region)
+    pipeline = params.section("pipeline").get("regions") or [params.regions.default]
+    base = params.root / "data" if name in pipeline else params.root / "data" / "scratch"
+    return base / "metatiles" / name
 
 
 def _channels_digest() -> str:
