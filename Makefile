@@ -4,10 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 L2V := $(VENV)/bin/loc2vec
 PYTHON ?= python3
-REGIONS ?= liechtenstein
+REGIONS ?=
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# A fresh PREFECT_HOME's first ephemeral server start can take over a minute on 2 cores.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
+# DVC runs stage commands through the shell: the venv's bin must be on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup system venv db db-stop test run repro lint bench clean-venv
+.PHONY: setup system venv db db-stop test run repro lint bench ui-mlflow ui-prefect clean-venv
 
 setup: system venv db
 
@@ -38,12 +42,20 @@ lint: venv
 bench: setup
 	$(L2V) bench render --region liechtenstein --json
 
-# DVC runs stage commands through the shell: the venv's bin must be on PATH.
+# The DVC pipeline directly (`dvc repro`); `make run` runs the same stages as a Prefect flow.
 repro: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	$(VENV)/bin/dvc repro
 
-# Until the Prefect pipeline flow lands, `make run` reproduces the DVC pipeline.
-run: repro
+# Set-up, then the Prefect `pipeline` flow (every DVC stage, one task each) on params.yaml's
+# pipeline.regions, or on REGIONS=a,b (written to params.yaml); it ends with an online feature lookup.
+run: setup
+	$(PY) -m flows.pipeline $(if $(REGIONS),--regions $(REGIONS),)
+
+ui-mlflow: venv
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+ui-prefect: venv
+	$(VENV)/bin/prefect server start --port 4200
 
 clean-venv:
 	rm -rf $(VENV)

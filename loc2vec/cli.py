@@ -150,10 +150,18 @@ def cmd_render_tiles(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from loc2vec import distributed
+
+    nproc = args.nproc or distributed.configured_nproc()
+    if nproc > 1 and not distributed.under_launcher():  # re-run this command as nproc DDP processes
+        return distributed.launch_train(
+            nproc, regions=args.regions, resume=not args.no_resume, track=not args.no_mlflow, verbose=args.verbose
+        )
     from loc2vec.train import train
 
     summary = train(_regions(args.regions), resume=not args.no_resume, track=not args.no_mlflow)
-    print(json.dumps(summary, indent=1))
+    if "rank" not in summary:  # DDP ranks other than 0 print nothing
+        print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -173,7 +181,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
         result = materialize_incremental_only(online_store=args.online_store)
     else:
         result = publish(_regions(args.regions), online_store=args.online_store, force=args.force)
-    print(json.dumps(result, indent=1, default=str))
+    text = json.dumps(result, indent=1, default=str)
+    if args.record:
+        from loc2vec.atomic import write_text
+
+        write_text(Path(args.record), text + "\n")
+    print(text)
     return 0
 
 
@@ -262,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--regions", help="comma-separated regions (default: params)")
     s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     s.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
+    s.add_argument("--nproc", type=int, help="DDP processes via torchrun (default: params train.nproc)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("embed", help="embed every H3 cell on the region's mapped land with the champion model")
@@ -273,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--online-store", choices=["sqlite", "postgres"], help="default: params/LOC2VEC_ONLINE_STORE")
     s.add_argument("--incremental", action="store_true", help="materialize-incremental only (scheduled runs)")
     s.add_argument("--force", action="store_true", help="publish even if nothing changed")
+    s.add_argument("--record", help="also write the result as JSON (the DVC stage's output)")
     s.set_defaults(func=cmd_publish)
 
     s = sub.add_parser("features", help="online feature lookup for one location (JSON)")

@@ -127,8 +127,8 @@ def registered_model_name() -> str:
     return str(name)
 
 
-def resolve_champion(name: str | None = None) -> ModelRef:
-    """The version the `champion` alias points at now (resolved once: the alias may move later)."""
+def resolve_champion(name: str | None = None, alias: str | None = None) -> ModelRef:
+    """The version the `champion` alias (or `alias`) points at now (resolved once: the alias may move later)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -136,12 +136,13 @@ def resolve_champion(name: str | None = None) -> ModelRef:
     from loc2vec.tracking import CHAMPION, tracking_uri
 
     name = name or registered_model_name()
+    alias = alias or CHAMPION
     mlflow.set_tracking_uri(tracking_uri())
     try:
-        mv = MlflowClient().get_model_version_by_alias(name, CHAMPION)
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         raise EmbedError(
-            f"no '{CHAMPION}' version of registered model {name!r} in {tracking_uri()}: run `loc2vec train` first"
+            f"no '{alias}' version of registered model {name!r} in {tracking_uri()}: run `loc2vec train` first"
         ) from exc
     created = datetime.fromtimestamp(int(mv.creation_timestamp) / 1000.0, tz=UTC)
     return ModelRef(name=name, version=str(mv.version), created=created, run_id=mv.run_id)
@@ -383,6 +384,7 @@ def embed_region(region: str, *, model: ModelRef | None = None, progress: bool =
     Writes data/embeddings/<region>.parquet atomically (and <region>.json with the run's stats) and
     returns the Parquet path, whose `.stats` holds cells and cells/s.
     """
+    from loc2vec.fanout import encode_cells, runner_kind
     from loc2vec.metatiles import ensure_metatiles
 
     check_region_name(region)
@@ -411,7 +413,8 @@ def embed_region(region: str, *, model: ModelRef | None = None, progress: bool =
     # Encode in metatile order (memory-mapped pages are read once), output in cell order.
     order = np.lexsort((np.arange(len(cells)), np.asarray(index.keys_for(lats, lons))))
     t0 = time.perf_counter()
-    emb_o, hist_o = encode(encoder, index, lats[order], lons[order], cfg.batch_size, progress)
+    runner = runner_kind()  # chunks of whole batches on the configured task runner (loc2vec/fanout.py)
+    emb_o, hist_o = encode_cells(encoder, index, lats[order], lons[order], cfg.batch_size, progress, runner)
     encode_s = timings["encode_s"] = time.perf_counter() - t0
     emb, hist = np.empty_like(emb_o), np.empty_like(hist_o)
     emb[order], hist[order] = emb_o, hist_o
@@ -456,6 +459,7 @@ def embed_region(region: str, *, model: ModelRef | None = None, progress: bool =
         "cells_per_s_end_to_end": round(n / total, 1),
         "seconds": round(total, 1),
         "torch_threads": torch.get_num_threads(),
+        "task_runner": runner,
         **{k: round(v, 2) for k, v in timings.items()},
         "config": asdict(cfg),
     }

@@ -42,7 +42,8 @@ resampled, ``bootstrap`` times) of every macro-F1 and of loc2vec's lead over eac
 Output: JSON ``{"tasks": {task: {featureset: {classifier: {"accuracy", "macro_f1"}}}}, "meta": …}``
 written atomically, logged to MLflow (experiment ``evaluate.experiment``) with flattened metrics,
 and ``eval_score`` = mean macro-F1 of loc2vec/logreg over the tasks, set as a tag of the evaluated
-model version (the one that made the embeddings; see tracking.champion_score). A transfer run tags
+model version (the one that made the embeddings; the champion gate, loc2vec/promote.py, tags
+``gate_score`` computed the same way before publishing). A transfer run tags
 ``eval_score_transfer`` instead, so champions are compared on in-region scores only.
 """
 
@@ -252,19 +253,33 @@ def random_encoder_features(points: pd.DataFrame, mode: Mode, seed: int = 0, bat
     """The untrained, seeded Encoder on each point's cell tile (cut at the cell centre, no rotation/shift)."""
     import torch
 
-    from loc2vec.cutter import cut_tiles
-    from loc2vec.metatiles import ensure_metatiles
-    from loc2vec.model import Encoder, ModelConfig, to_input
+    from loc2vec.model import Encoder, ModelConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = Encoder(ModelConfig.from_params()).eval()
-    out = np.full((len(points), encoder.cfg.embedding_dim), np.nan)
+    return encoder_features(points, encoder, batch_size)
+
+
+def encoder_features(points: pd.DataFrame, encoder, batch_size: int = 64) -> np.ndarray:
+    """`encoder` (eval mode) on each point's cell tile, cut at the cell centre from the region's metatiles.
+
+    The tile embed.py encodes for the cell: a trained model scored this way scores as its published
+    embeddings would (the champion gate, loc2vec/promote.py, compares models before publishing).
+    """
+    import torch
+
+    from loc2vec.cutter import cut_tiles
+    from loc2vec.metatiles import ensure_metatiles
+    from loc2vec.model import to_input
+
+    dim = encoder.cfg.embedding_dim
+    out = np.full((len(points), dim), np.nan)
     for region, group in points.groupby("region", sort=True):
         cells, inverse = np.unique(group["h3_cell"].to_numpy(dtype=str), return_inverse=True)
         lats, lons = _cell_centres(cells)
         index = ensure_metatiles(str(region), lats, lons, progress=False)
-        emb = np.empty((len(cells), encoder.cfg.embedding_dim))
+        emb = np.empty((len(cells), dim))
         for i in range(0, len(cells), batch_size):
             sl = slice(i, i + batch_size)
             n = len(lats[sl])

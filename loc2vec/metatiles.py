@@ -43,6 +43,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -236,6 +237,10 @@ class MetatileIndex:
             self._arrays[key] = arr
         return arr
 
+    def __getstate__(self) -> dict:
+        """Pickled (sent to a Dask worker) without its memory maps: the worker re-opens the files it reads."""
+        return {**self.__dict__, "_arrays": {}}
+
     def to_json(self) -> dict:
         return {
             "version": INDEX_VERSION,
@@ -338,16 +343,18 @@ class MetatileRenderer:
         return out
 
 
-_RENDERERS: dict[tuple[str, MetatileGrid, ConnInfo], MetatileRenderer] = {}
+_RENDERERS: dict[tuple[str, MetatileGrid, ConnInfo, int], MetatileRenderer] = {}
 
 
 def _render_one(task: tuple[str, MetatileGrid, str]) -> Metatile:
-    """Render and store one metatile (in a pool worker or in-process); the maps are built once per process."""
+    """Render and store one metatile (in a pool worker or in-process); the maps are built once per process
+    and thread (a renderer's maps and image are not shared between threads: Dask workers may run several)."""
     region, grid, key = task
     info = conninfo()
-    renderer = _RENDERERS.get((region, grid, info))
+    slot = (region, grid, info, threading.get_ident())
+    renderer = _RENDERERS.get(slot)
     if renderer is None:
-        renderer = _RENDERERS[(region, grid, info)] = MetatileRenderer(region, grid, info)
+        renderer = _RENDERERS[slot] = MetatileRenderer(region, grid, info)
     row, col = (int(v) for v in key[1:].split("_c"))
     meta = grid.metatile(row, col)
     save_npy(metatile_dir(region) / f"{key}.npy", renderer.render(meta))
@@ -418,15 +425,26 @@ def ensure_metatiles(
         needed = sorted(set(index.keys_for(lats, lons)))
         missing = [k for k in needed if k not in index.entries]
         if missing:
+            from loc2vec.fanout import render_missing, runner_kind
+
             started = time.perf_counter()
-            tasks = [(region, index.grid, key) for key in missing]
-            workers = min(tiles_config().render_processes or os.cpu_count() or 1, len(missing))
-            bar = tqdm(total=len(missing), desc=f"metatiles {region}", unit="mt", disable=not progress)
-            with bar, _pool(workers) as pool:
-                for meta in pool.imap_unordered(_render_one, tasks) if pool else map(_render_one, tasks):
-                    index.entries[meta.key] = meta
-                    index.save()  # after each one: an interrupted run keeps what it finished
-                    bar.update()
+            kind = runner_kind()
+            bar = tqdm(total=len(missing), desc=f"metatiles {region} ({kind})", unit="mt", disable=not progress)
+
+            def done(meta: Metatile) -> None:
+                index.entries[meta.key] = meta
+                index.save()  # after each one: an interrupted run keeps what it finished
+                bar.update()
+
+            with bar:
+                if kind == "inline":
+                    tasks = [(region, index.grid, key) for key in missing]
+                    workers = min(tiles_config().render_processes or os.cpu_count() or 1, len(missing))
+                    with _pool(workers) as pool:
+                        for meta in pool.imap_unordered(_render_one, tasks) if pool else map(_render_one, tasks):
+                            done(meta)
+                else:  # one Prefect task per metatile, on the configured task runner
+                    render_missing(index, missing, done, kind=kind)
             index.rendered = tuple(missing)
             index.render_seconds = time.perf_counter() - started
             log.info("rendered %d metatiles of %s in %.1f s", len(missing), region, index.render_seconds)

@@ -1,10 +1,9 @@
 """MLflow tracking for training: params, per-step metrics, pictures, the model and its registry alias.
 
 The store is local by default (sqlite:///<project>/mlflow.db, artifacts in <project>/mlruns);
-MLFLOW_TRACKING_URI selects a server instead. One experiment per region set. The registered
-model's `champion` alias moves only when a new version beats the current champion: on the
-downstream evaluation score once `loc2vec evaluate` has logged one (`eval_score`), on
-validation triplet accuracy until then.
+MLFLOW_TRACKING_URI selects a server instead. One experiment per region set. Each trained version
+is registered with the alias `candidate`; the `champion` alias (what embed publishes) is set on the
+first version and afterwards moved only by the downstream gate (loc2vec/promote.py).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from loc2vec.config import load_params
 log = logging.getLogger(__name__)
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
+CANDIDATE = "candidate"  # the newest trained version, waiting for the downstream gate
 
 
 def tracking_uri() -> str:
@@ -140,36 +140,29 @@ class MlflowTracker:
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "loc2vec"],
         )
         version = info.registered_model_version
-        self.promote_if_better(trainer.cfg.registered_model, str(version), summary["best_val_triplet_accuracy"])
+        register_candidate(trainer.cfg.registered_model, str(version), summary["best_val_triplet_accuracy"])
         mlflow.end_run()
 
-    def promote_if_better(self, name: str, version: str, val_accuracy: float) -> bool:
-        """Move the champion alias to `version` if it beats the current champion."""
-        from mlflow import MlflowClient
 
-        client = MlflowClient()
-        client.set_model_version_tag(name, version, "val_triplet_accuracy", str(val_accuracy))
-        try:
-            current = client.get_model_version_by_alias(name, CHAMPION)
-        except Exception:  # no champion yet
-            current = None
-        better = current is None or champion_score(client, name, version) > champion_score(
-            client, name, current.version
-        )
-        if better:
-            client.set_registered_model_alias(name, CHAMPION, version)
-            log.info("model %s version %s is the new %s", name, version, CHAMPION)
-        else:
-            log.info("model %s version %s does not beat %s v%s", name, version, CHAMPION, current.version)
-        return better
+def register_candidate(name: str, version: str, val_accuracy: float) -> bool:
+    """Point `candidate` at a freshly trained version (and `champion` when there is none yet).
 
+    Training does not crown champions: the downstream gate does (loc2vec/promote.py). Returns
+    whether the version became champion because none existed.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-def champion_score(client, name: str, version: str) -> tuple[int, float]:
-    """Downstream `eval_score` when evaluated (ranked above any unevaluated model), else val accuracy."""
-    tags = client.get_model_version(name, version).tags
-    if "eval_score" in tags:
-        return (1, float(tags["eval_score"]))
-    return (0, float(tags.get("val_triplet_accuracy", "-1")))
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "val_triplet_accuracy", str(val_accuracy))
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    try:
+        client.get_model_version_by_alias(name, CHAMPION)
+        return False
+    except MlflowException:  # no champion yet: the first model serves until a better one passes the gate
+        client.set_registered_model_alias(name, CHAMPION, version)
+        log.info("model %s version %s is the first %s", name, version, CHAMPION)
+        return True
 
 
 def summary_json(path: Path) -> dict[str, Any]:

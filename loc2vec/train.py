@@ -12,6 +12,12 @@
   the cosine schedule completes; a wall-clock cap (max_minutes) is optional, because on a shared
   machine it would cut the schedule short.
 * Everything is tracked in MLflow (see loc2vec/tracking.py).
+* DDP under torchrun (`loc2vec train --nproc N`, or `torchrun --nproc-per-node=N -m loc2vec.cli
+  train`): gloo on CPU, nccl on CUDA (one GPU per LOCAL_RANK). Each rank trains on its slice of the
+  locations of the same global batch k, so batch size and composition do not depend on the world
+  size; rank 0 alone validates, checkpoints, writes outputs and logs to MLflow, and broadcasts the
+  decision to stop. Design notes in loc2vec/distributed.py. A single process never initialises
+  torch.distributed and runs exactly as before.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,6 +39,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from loc2vec import distributed as ddp
 from loc2vec.atomic import atomic_path, swap_dir
 from loc2vec.config import load_params, section_config
 from loc2vec.data import StoredTiles, TileSource, TripletBatch, TripletBatches, TripletConfig, triplet_config
@@ -66,12 +74,20 @@ class TrainConfig:
     prefetch: int = 2  # batches prepared ahead in a background thread
     experiment_prefix: str = "loc2vec"
     registered_model: str = "loc2vec-encoder"
+    # DDP: processes `loc2vec train` starts through torchrun (1 = one plain process); inside
+    # torchrun its WORLD_SIZE decides. backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl.
+    nproc: int = 1
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.source not in ("metatiles", "tiles"):
             raise ValueError(f"train.source must be 'metatiles' or 'tiles', got {self.source!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"train.nproc must be an integer >= 1, got {self.nproc!r}")
+        if self.backend not in ddp.BACKENDS:
+            raise ValueError(f"train.backend must be one of {', '.join(ddp.BACKENDS)}, got {self.backend!r}")
 
 
 def train_config() -> TrainConfig:
@@ -199,12 +215,15 @@ class Trainer:
         self.triplet_cfg: TripletConfig = triplet_config()
         self.out_dir = out_dir or params.root / "data" / "model"
         self.checkpoint_path = (checkpoint_dir or params.root / "data" / "checkpoints") / "train.pt"
-        self.device = resolve_device(self.cfg.device)
+        self.device = ddp.rank_device(resolve_device(self.cfg.device), ddp.env_context())
         self.samples = load_samples(regions)
-        # Settings that only decide when to stop or how to prefetch do not change the trajectory:
-        # a run resumed with another value continues the same run.
+        # Settings that only decide when to stop, how to prefetch or how many processes share each
+        # batch do not change the optimisation problem: a run resumed with another value continues
+        # the same run (bit-identical only with the same world size).
         trajectory = {
-            k: v for k, v in asdict(self.cfg).items() if k not in ("max_minutes", "prefetch", "checkpoint_every")
+            k: v
+            for k, v in asdict(self.cfg).items()
+            if k not in ("max_minutes", "prefetch", "checkpoint_every", "nproc", "backend")
         }
         self.signature = run_signature(
             regions,
@@ -222,6 +241,14 @@ class Trainer:
         return rows, weights
 
     def fit(self, resume: bool = True, tracker=None) -> dict[str, Any]:
+        """Train (resuming a matching checkpoint); under torchrun as one rank of a DDP job.
+
+        Returns the training summary; ranks other than 0 return only their rank and weights digest.
+        """
+        with ddp.process_group(self.cfg.backend, self.device) as ctx:
+            return self._fit(ctx, resume, tracker if ctx.is_main else None)
+
+    def _fit(self, ctx: ddp.DistContext, resume: bool, tracker) -> dict[str, Any]:
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)
         if device.type == "cpu":
@@ -229,12 +256,13 @@ class Trainer:
         model = Encoder(self.model_cfg).to(device)
         channels_last = True  # faster on CUDA and on CPU (oneDNN) alike
         model = model.to(memory_format=torch.channels_last)
-        step_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         loss_fn = self.loss_cfg.build()
         state = TrainState(history=[])
         best_weights = copy.deepcopy(model.state_dict())
+        if ctx.enabled:  # same initial weights on every rank (seeded above), own dropout masks from here on
+            torch.manual_seed(ddp.rank_seed(cfg.seed, ctx.rank))
 
         if resume and self.checkpoint_path.is_file():
             ckpt = torch.load(self.checkpoint_path, map_location=device, weights_only=False)
@@ -242,11 +270,17 @@ class Trainer:
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
                 scheduler.load_state_dict(ckpt["scheduler"])
-                torch.set_rng_state(ckpt["torch_rng"])
+                self._restore_rng(ckpt, ctx)
                 state, best_weights = ckpt["state"], ckpt["best_weights"]
                 log.info("resuming from %s at step %d", self.checkpoint_path, state.step)
             else:
                 log.info("ignoring checkpoint %s (other inputs, or a finished run)", self.checkpoint_path)
+        if ctx.enabled and len(set(ddp.all_gather(state.step, ctx))) > 1:
+            raise Loc2VecError(
+                f"DDP ranks would start at different steps: every rank must see {self.checkpoint_path} "
+                "(use a filesystem shared by all nodes, or --no-resume)"
+            )
+        step_model = self._step_model(model, ctx)
 
         source = build_source(self.samples, cfg, device)
         train_rows, train_w = self._split_rows("train")
@@ -256,25 +290,29 @@ class Trainer:
         # positives are rotated and shifted re-renders with all channels.
         val_cfg = replace(self.triplet_cfg, channel_drop_p=0.0)
         val_stream = TripletBatches(source, val_rows, val_cfg, seed=cfg.seed + 7919)
+        draw, loss_scale = self._batch_draw(train_stream, len(train_rows), ctx)
         if tracker is not None:
             state.mlflow_run_id = tracker.start(self, model, state.mlflow_run_id)
+            if ctx.enabled:
+                tracker.mlflow.set_tags({"ddp.world_size": ctx.world_size, "ddp.backend": ctx.backend})
             if state.step == 0:
                 tracker.log_triplet_grid(train_stream.batch(0))
 
         started = time.monotonic()
         pool = ThreadPoolExecutor(max_workers=1)
-        pending = {k: pool.submit(train_stream.batch, k) for k in range(state.step, state.step + cfg.prefetch + 1)}
-        bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step")
+        pending = {k: pool.submit(draw, k) for k in range(state.step, state.step + cfg.prefetch + 1)}
+        bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", disable=not ctx.is_main)
         try:
             while state.step < cfg.max_steps:
                 k = state.step
                 batch = pending.pop(k).result()
-                pending[k + cfg.prefetch + 1] = pool.submit(train_stream.batch, k + cfg.prefetch + 1)
+                pending[k + cfg.prefetch + 1] = pool.submit(draw, k + cfg.prefetch + 1)
                 model.train()
                 a, p, n = embed_triplets(step_model, batch, device, channels_last)
                 loss = loss_fn(a, p, n)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # under DDP, each rank's mean weighted by its share of the global batch (1.0 when even)
+                (loss if loss_scale == 1.0 else loss * loss_scale).backward()
                 optimizer.step()
                 scheduler.step()
                 state.step += 1
@@ -287,7 +325,10 @@ class Trainer:
                     "triplet_accuracy": float(triplet_accuracy(a.detach(), p.detach(), n.detach())),
                     "lr": scheduler.get_last_lr()[0],
                 }
-                if state.step % cfg.val_every == 0 or state.step == cfg.max_steps:
+                if ctx.enabled:  # log the global batch's metrics, as a single process would
+                    keys = ("loss", "d_pos", "d_neg", "triplet_accuracy")
+                    record.update(ddp.weighted_mean({k: record[k] for k in keys}, len(batch.anchor), ctx, device))
+                if ctx.is_main and (state.step % cfg.val_every == 0 or state.step == cfg.max_steps):
                     record.update(self._validate(model, val_stream, loss_fn, channels_last))
                     if record["val_triplet_accuracy"] > state.best_val_accuracy + cfg.min_delta:
                         state.best_val_accuracy, state.best_step = record["val_triplet_accuracy"], state.step
@@ -309,20 +350,40 @@ class Trainer:
                     state.stopped_reason = state.stopped_reason or f"time budget of {cfg.max_minutes} min"
                 if state.step == cfg.max_steps:
                     state.stopped_reason = state.stopped_reason or "max_steps"
+                if ctx.enabled:  # rank 0 alone validates and owns the clock: every rank follows its decision
+                    stop = ddp.broadcast_flag(bool(state.stopped_reason), ctx, device)
+                    if not ctx.is_main:
+                        state.stopped_reason = "stopped with rank 0" if stop else ""
                 if state.step % cfg.checkpoint_every == 0 or state.stopped_reason:
-                    self._checkpoint(model, optimizer, scheduler, state, best_weights)
+                    self._checkpoint(model, optimizer, scheduler, state, best_weights, ctx)
                 if state.stopped_reason:
                     break
         finally:
             bar.close()
             pool.shutdown(wait=False, cancel_futures=True)
 
+        extra: dict[str, Any] = {}
+        if ctx.enabled:
+            digests = ddp.all_gather(ddp.parameters_digest(model), ctx)
+            if not ctx.is_main:
+                return {
+                    "rank": ctx.rank,
+                    "world_size": ctx.world_size,
+                    "steps": state.step,
+                    "weights_sha256": digests[ctx.rank],
+                }
+            in_sync = len(set(digests)) == 1
+            if not in_sync:
+                log.error("DDP ranks ended with different weights: %s", digests)
+            extra["distributed"] = {"world_size": ctx.world_size, "backend": ctx.backend, "ranks_in_sync": in_sync,
+                                    "rank_weights_sha256": digests}  # fmt: skip
+
         if state.best_step < 0:  # never validated (tiny runs): validate the final weights
             state.history[-1].update(self._validate(model, val_stream, loss_fn, channels_last))
             state.best_val_accuracy, state.best_step = state.history[-1]["val_triplet_accuracy"], state.step
             best_weights = copy.deepcopy(model.state_dict())
         model.load_state_dict(best_weights)
-        summary = self._write_outputs(model, state, time.monotonic() - started)
+        summary = self._write_outputs(model, state, time.monotonic() - started, extra)
         if tracker is not None:
             tracker.finish(self, model.cpu().eval(), summary, self.out_dir)
         return summary
@@ -337,16 +398,74 @@ class Trainer:
             losses.append(float(loss_fn(a, p, n)))
         return {"val_triplet_accuracy": float(np.mean(accs)), "val_loss": float(np.mean(losses))}
 
-    def _checkpoint(self, model, optimizer, scheduler, state: TrainState, best_weights) -> None:
+    def _step_model(self, model: Encoder, ctx: ddp.DistContext) -> torch.nn.Module:
+        """What the training step calls: the model, DDP-wrapped across ranks, compiled on CUDA if asked.
+
+        Validation, checkpoints and outputs use the bare model (rank 0 alone runs them, and
+        DDP's forward is a collective).
+        """
+        wrapped: torch.nn.Module = model
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # DDP's default syncs buffers from rank 0 before each forward: every rank's BatchNorm
+            # running statistics are rank 0's, which are what checkpoints and outputs hold.
+            wrapped = DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(wrapped) if self.cfg.compile and self.device.type == "cuda" else wrapped
+
+    def _batch_draw(
+        self, stream: TripletBatches, n_rows: int, ctx: ddp.DistContext
+    ) -> tuple[Callable[[int], TripletBatch], float]:
+        """Batch k for this rank, and its loss scale: the whole batch alone, a slice of its locations under DDP."""
+        if not ctx.enabled:
+            return stream.batch, 1.0
+        n_loc, n_pairs = min(self.triplet_cfg.locations_per_batch, n_rows), self.triplet_cfg.pairs_per_location
+        lo, hi = ddp.shard_bounds(n_loc, ctx)
+
+        def draw(k: int) -> TripletBatch:
+            b = stream.batch(k)  # locations are contiguous runs of P pairs
+            rows = slice(lo * n_pairs, hi * n_pairs)
+            return TripletBatch(b.anchor[rows], b.positive[rows], b.negative[rows], b.location[rows])
+
+        return draw, ddp.shard_loss_scale(n_loc, ctx)
+
+    def _restore_rng(self, ckpt: dict[str, Any], ctx: ddp.DistContext) -> None:
+        """The checkpointed torch RNG state of this rank (exact resume needs the same world size)."""
+        written_by = ckpt.get("world_size", 1)
+        if written_by != ctx.world_size:
+            log.warning(
+                "checkpoint written by %d process(es), resumed by %d: training continues, not bit-identically",
+                written_by,
+                ctx.world_size,
+            )
+        if not ctx.enabled:
+            torch.set_rng_state(ckpt["torch_rng"])  # rank 0's, when a DDP run wrote it
+            return
+        states = ckpt.get("rank_rng")
+        if states is not None and len(states) == ctx.world_size:
+            torch.set_rng_state(states[ctx.rank])
+        else:
+            torch.manual_seed(ddp.rank_seed(self.cfg.seed, ctx.rank) + ckpt["state"].step)
+
+    def _checkpoint(self, model, optimizer, scheduler, state: TrainState, best_weights, ctx: ddp.DistContext) -> None:
+        extra: dict[str, Any] = {}
+        if ctx.enabled:  # every rank's dropout RNG, so that a resumed DDP run continues exactly
+            rank_rng = ddp.all_gather(torch.get_rng_state(), ctx)
+            if not ctx.is_main:
+                return
+            extra = {"world_size": ctx.world_size, "rank_rng": rank_rng}
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(
                 {"signature": self.signature, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
-                 "best_weights": best_weights},
+                 "best_weights": best_weights, **extra},
                 tmp,
             )  # fmt: skip
 
-    def _write_outputs(self, model: Encoder, state: TrainState, seconds: float) -> dict[str, Any]:
+    def _write_outputs(
+        self, model: Encoder, state: TrainState, seconds: float, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """model.pt + config, training summary (DVC metric) and curve (DVC plot), atomically."""
         from loc2vec.viz import training_curves
 
@@ -375,6 +494,7 @@ class Trainer:
             "n_val_locations": int((self.samples["split"] == "val").sum()),
             "signature": self.signature,
             "mlflow_run_id": state.mlflow_run_id,
+            **(extra or {}),
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         swap_dir(tmp, out)
@@ -394,10 +514,10 @@ def load_encoder(model_dir: Path | None = None, device: str = "cpu") -> Encoder:
 
 
 def train(regions: list[str], *, resume: bool = True, track: bool = True) -> dict[str, Any]:
-    """Train on the regions' samples; returns the training summary."""
+    """Train on the regions' samples; returns the training summary (under DDP: rank 0's; see `Trainer.fit`)."""
     trainer = Trainer(regions)
     tracker = None
-    if track:
+    if track and ddp.env_context().is_main:
         from loc2vec.tracking import MlflowTracker
 
         tracker = MlflowTracker()

@@ -168,22 +168,57 @@ def test_training_is_tracked_in_mlflow_and_registered(tiny: Path, region: str) -
     assert out.shape == (2, 16)
 
 
-def test_champion_moves_only_for_a_better_model(tiny: Path, tmp_path: Path) -> None:
+def test_champion_gate_moves_champion_only_for_a_downstream_improvement(tiny: Path, region: str) -> None:
+    """Training registers a candidate; the gate promotes it only if it beats the champion downstream."""
+    import json
+
+    import mlflow
     from mlflow import MlflowClient
 
-    from loc2vec.tracking import CHAMPION, MlflowTracker, setup_mlflow
+    from loc2vec.model import Encoder
+    from loc2vec.promote import promote, promotion_path
+    from loc2vec.tracking import CANDIDATE, CHAMPION, setup_mlflow
+    from loc2vec.train import train
 
-    mlflow = setup_mlflow("loc2vec-champion-test")
-    client = MlflowClient()
-    name = "champion-test"
-    client.create_registered_model(name)
-    with mlflow.start_run() as run:
-        mlflow.log_text("placeholder", "model/README.txt")
-    source = f"runs:/{run.info.run_id}/model"
-    versions = [client.create_model_version(name, source=source, run_id=run.info.run_id).version for _ in range(3)]
-    tracker = MlflowTracker()
-    assert tracker.promote_if_better(name, versions[0], 0.80)
-    assert not tracker.promote_if_better(name, versions[1], 0.75)
-    assert client.get_model_version_by_alias(name, CHAMPION).version == versions[0]
-    assert tracker.promote_if_better(name, versions[2], 0.90)
-    assert client.get_model_version_by_alias(name, CHAMPION).version == versions[2]
+    path = tiny / "params.yaml"
+    saved = path.read_text()
+    params = yaml.safe_load(saved)
+    params["evaluate"] = {
+        "labels": {"transport_per_class": 40, "venue_per_class": 30, "min_per_class": 10, "seed": 3},
+        "split": {"block_m": 600.0, "folds": 3, "seed": 1},
+    }
+    params["train"]["registered_model"] = name = "gate-test"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        train([region], resume=False)
+        client = MlflowClient()
+        trained = client.get_model_version_by_alias(name, CANDIDATE)
+        version = str(trained.version)
+        assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version, "the first is champion"
+
+        # a champion that maps every tile to the same point: any trained candidate must beat it
+        mlflow_ = setup_mlflow("gate-test")
+        constant = Encoder()
+        with torch.no_grad():
+            for p in constant.parameters():
+                p.zero_()
+        with mlflow_.start_run():
+            info = mlflow.pytorch.log_model(
+                constant, name="model", input_example=np.zeros((2, 12, 128, 128), "f4"), registered_model_name=name
+            )
+        client.set_registered_model_alias(name, CHAMPION, str(info.registered_model_version))
+        result = promote([region])
+        assert result["promoted"] and result["champion_version"] == version
+        assert result["candidate_score"] > result["champion_score"]
+        assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version
+        assert json.loads(promotion_path().read_text())["champion_version"] == version
+        assert float(client.get_model_version(name, version).tags["gate_score"]) == result["candidate_score"]
+
+        # the same weights again as candidate: no lead, so the champion stays
+        again = client.create_model_version(name, source=trained.source, run_id=trained.run_id).version
+        client.set_registered_model_alias(name, CANDIDATE, again)
+        result = promote([region])
+        assert not result["promoted"] and result["candidate_lead"] == 0.0
+        assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version
+    finally:
+        path.write_text(saved)

@@ -1,0 +1,197 @@
+"""DVC from the flows: the stage graph, one stage at a time, and failures classified for retries.
+
+The flows drive DVC through its command line, as a person would: `dvc dag --dot` gives the stages
+(foreach stages expanded for params.yaml's pipeline.regions) and their edges, and each stage runs as
+`dvc repro --single-item <stage>`: DVC decides whether it is stale, runs it, and records it in dvc.lock.
+Serially: DVC holds a repo lock, so concurrent repros in one repository fail.
+
+A stage runs in a subprocess, so its failure arrives as an exit status and output: the output's tail
+decides whether it is transient (loc2vec.fanout.is_transient_text: the database refused or dropped a
+connection, another DVC process held the repo lock) and worth a retry, or deterministic and final.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loc2vec.errors import Loc2VecError
+from loc2vec.fanout import is_transient_text
+
+log = logging.getLogger(__name__)
+TAIL_LINES = 60  # output lines kept for the error message and the classification
+_NODE_RE = re.compile(r'^\s*"(?P<a>[^"]+)"(?:\s*->\s*"(?P<b>[^"]+)")?\s*;?\s*$')
+
+
+class StageFailed(Loc2VecError, RuntimeError):
+    """A DVC stage (or dvc command) failed; `transient` says whether a retry may succeed."""
+
+    def __init__(self, what: str, returncode: int, tail: str, transient: bool):
+        self.what, self.returncode, self.tail, self.transient = what, returncode, tail, transient
+        kind = "transient failure" if transient else "failed"
+        super().__init__(f"{what} {kind} (exit {returncode}):\n{tail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with its fields (Prefect stores the exception)
+        return (type(self), (self.what, self.returncode, self.tail, self.transient))
+
+
+def stage_env(api_url: str | None = None) -> dict[str, str]:
+    """The environment of stage commands: this interpreter's bin first on PATH (DVC runs `loc2vec …` through
+    the shell) and, when known, the Prefect API of the calling flow, so the fan-out inside a stage reports to
+    the same server instead of starting an ephemeral one per stage (loc2vec/fanout.py, runner `auto`)."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    if api_url and not env.get("PREFECT_API_URL"):
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def dvc_exe() -> str:
+    """The dvc next to this interpreter (the venv's), else the one on PATH."""
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
+
+
+def run_dvc(
+    args: Sequence[str], root: Path, env: dict[str, str] | None = None, *, what: str | None = None, echo: bool = True
+) -> str:
+    """Run `dvc ARGS` in root, echoing its output to the log line by line (a stage can run for many minutes);
+    returns the output, or raises StageFailed with its tail."""
+    cmd = [dvc_exe(), *args]
+    what = what or "dvc " + " ".join(args)
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1)  # fmt: skip
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip("\n").split("\r")[-1].rstrip()  # a progress bar's last state only
+        if not line:
+            continue
+        lines.append(line)
+        tail.append(line)
+        if echo:
+            _logger().info("%s", line)
+    code = proc.wait()
+    if code != 0:
+        text = "\n".join(tail)
+        raise StageFailed(what, code, text, is_transient_text(text))
+    return "\n".join(lines)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task run (shown in the UI), else this module's."""
+    try:
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+
+        try:
+            return get_run_logger()
+        except MissingContextError:
+            return log
+    except ImportError:  # pragma: no cover
+        return log
+
+
+# ---------------------------------------------------------------- the stage graph
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    """Stages in dvc.yaml order (foreach items in params order) and, for each, the stages it depends on."""
+
+    stages: tuple[str, ...]
+    deps: dict[str, frozenset[str]]
+
+    @classmethod
+    def from_dot(cls, dot: str) -> StageGraph:
+        order: list[str] = []
+        deps: dict[str, set[str]] = {}
+        for line in dot.splitlines():
+            m = _NODE_RE.match(line)
+            if not m:
+                continue
+            for name in (m["a"], m["b"]):
+                if name and name not in deps:
+                    order.append(name)
+                    deps[name] = set()
+            if m["b"]:  # "a" -> "b": b depends on a
+                deps[m["b"]].add(m["a"])
+        return cls(tuple(order), {k: frozenset(v) for k, v in deps.items()})
+
+    def topological(self) -> list[str]:
+        """Every stage after the stages it depends on; ties in dvc.yaml order (stable, readable)."""
+        rank = {s: i for i, s in enumerate(self.stages)}
+        waiting = {s: set(d) for s, d in self.deps.items()}
+        done: list[str] = []
+        while waiting:
+            ready = sorted((s for s, d in waiting.items() if not d), key=rank.__getitem__)
+            if not ready:
+                raise Loc2VecError(f"dvc.yaml has a dependency cycle among {sorted(waiting)}")
+            done.append(ready[0])
+            del waiting[ready[0]]
+            for d in waiting.values():
+                d.discard(ready[0])
+        return done
+
+    def descendants(self, names: Iterable[str]) -> set[str]:
+        """The stages and every stage that depends on them, directly or not."""
+        out = set(names)
+        changed = True
+        while changed:
+            changed = False
+            for s, d in self.deps.items():
+                if s not in out and d & out:
+                    out.add(s)
+                    changed = True
+        return out
+
+    def resolve(self, name: str) -> set[str]:
+        """A stage name ("embed@liechtenstein") or a base name ("embed": every embed@<region>)."""
+        if name in self.deps:
+            return {name}
+        hits = {s for s in self.stages if s.split("@", 1)[0] == name}
+        if not hits:
+            raise Loc2VecError(f"no DVC stage {name!r}; stages: {', '.join(self.stages)}")
+        return hits
+
+    def select(self, stages: Sequence[str] | None = None, from_stage: str | None = None) -> list[str]:
+        """The stages to run, in dependency order: `stages` (names or base names) and/or `from_stage` and
+        everything downstream of it (like `dvc repro --downstream`); all when neither is given."""
+        chosen = set(self.stages)
+        if from_stage:
+            chosen &= self.descendants(self.resolve(from_stage))
+        if stages:
+            chosen &= set().union(*(self.resolve(s) for s in stages))
+        return [s for s in self.topological() if s in chosen]
+
+
+def stage_graph(root: Path, env: dict[str, str] | None = None) -> StageGraph:
+    """The pipeline's stages now (after any params change: foreach expands pipeline.regions)."""
+    graph = StageGraph.from_dot(run_dvc(["dag", "--dot"], root, env, echo=False))
+    if not graph.stages:
+        raise Loc2VecError(f"`dvc dag` found no stages in {root}")
+    return graph
+
+
+# ---------------------------------------------------------------- one stage
+
+
+def repro_stage(stage: str, root: Path, env: dict[str, str], *, force: bool = False) -> dict[str, Any]:
+    """`dvc repro --single-item STAGE` (DVC skips it when nothing it depends on changed)."""
+    started = time.perf_counter()
+    args = ["repro", "--single-item", stage] + (["--force"] if force else [])
+    out = run_dvc(args, root, env, what=f"stage {stage}")
+    ran = bool(re.search(r"^Running stage ", out, re.MULTILINE))
+    return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - started, 1)}

@@ -1,0 +1,484 @@
+"""Prefect flows (flows/) against real DVC, PostgreSQL and a Prefect test server.
+
+The pipeline runs in a temporary git + DVC repository whose dvc.yaml mirrors the project's ingest stage
+(`loc2vec fetch` + `loc2vec ingest`, foreach pipeline.regions) plus a report stage that writes metrics
+like `loc2vec evaluate` and a training summary like `loc2vec train`. The database is reached through a
+TCP proxy that drops its first connection — a real `server closed the connection unexpectedly` from
+libpq — so the first attempt of the first stage fails transiently, and the retry goes through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, TEST_BBOX
+from .prefect_harness import prefect_harness  # noqa: F401  (the session's Prefect test server)
+
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+DVC_YAML = """\
+stages:
+  ingest:
+    foreach: ${pipeline.regions}
+    do:
+      cmd:
+        - loc2vec fetch --region ${item} --out data/osm/${item}.osm.pbf
+        - loc2vec ingest --region ${item} --pbf data/osm/${item}.osm.pbf --record data/ingest/${item}.json
+      params:
+        - regions.registry.${item}
+      outs:
+        - data/osm/${item}.osm.pbf
+        - data/ingest/${item}.json:
+            cache: false
+  report:
+    cmd: python report.py
+    deps:
+      - data/ingest
+      - report.py
+    outs:
+      - data/evaluate:
+          cache: false
+      - data/model/summary.json:
+          cache: false
+"""
+
+REPORT_PY = f"""\
+import json, pathlib
+for record in sorted(pathlib.Path("data/ingest").glob("*.json")):
+    region = json.loads(record.read_text())["region"]
+    metrics = {{"logreg": {{"accuracy": 0.61, "macro_f1": 0.55}}, "knn": {{"accuracy": 0.52, "macro_f1": 0.47}}}}
+    out = pathlib.Path("data/evaluate") / (region + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({{"tasks": {{"transport": {{"loc2vec": metrics}}}}, "meta": {{}}}}))
+# A fan-out inside a stage, as `loc2vec embed` does: under the pipeline flow it must find the flow's API.
+from loc2vec.fanout import map_tasks, runner_kind
+squares = {{}}
+map_tasks(lambda x: x * x, [{{"x": i}} for i in range(3)], squares.__setitem__, flow_name="loc2vec-probe",
+          run_name="probe", task_name="square", task_run_name="square-{{x}}")
+pathlib.Path("data/model").mkdir(parents=True, exist_ok=True)
+pathlib.Path("data/model/summary.json").write_text(json.dumps(
+    {{"best_val_triplet_accuracy": 0.9, "best_step": 5, "steps": 10, "stopped": "max_steps", "mlflow_run_id": "{RUN_ID}",
+      "runner": runner_kind(), "squares": [squares[i] for i in range(3)]}}))
+"""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+class DropFirstProxy:
+    """A TCP proxy to PostgreSQL that closes its first `drop` connections at once (as a server that went
+    away does) and forwards every later one."""
+
+    def __init__(self, target: tuple[str, int], drop: int = 1):
+        self.target, self.drop = target, drop
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.connections <= self.drop:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def refresh_pbf(tmp_path_factory: pytest.TempPathFactory, small_pbf: Path) -> Path:
+    """A smaller cut (Vaduz centre) of the test extract: a second, different extract."""
+    west, south, east, north = TEST_BBOX
+    out = tmp_path_factory.mktemp("osm-refresh") / "vaduz.osm.pbf"
+    bbox = f"{west + 0.02},{south},{east - 0.01},{south + 0.02}"
+    subprocess.run(["osmium", "extract", "-b", bbox, "--set-bounds", "-s", "complete_ways", "-o", str(out),
+                    str(small_pbf)], check=True, capture_output=True)  # fmt: skip
+    return out
+
+
+@pytest.fixture()
+def dvc_repo(
+    tmp_path: Path, project: Path, region: str, small_pbf: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """A git + DVC repository with the test project's params (plus the test region and a fast retry policy)
+    and a local DVC remote; LOC2VEC_PARAMS points at it for the flows and the stages they run."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["regions"]["registry"]["test_li"] = {"source": str(small_pbf), "sha256": _sha256(small_pbf)}
+    params["regions"]["registry"]["test_bad"] = {"source": str(small_pbf), "sha256": "0" * 64}
+    params["pipeline"]["regions"] = ["liechtenstein"]  # the flow's `regions` replaces it
+    params["orchestrate"].update({"retries": 2, "retry_backoff_s": 1.0, "retry_jitter_factor": 0.0,
+                                  "lock_timeout_s": 0})  # fmt: skip
+    text = "# test pipeline params\n" + yaml.safe_dump(params, sort_keys=False)
+    (root / "params.yaml").write_text(text.replace("pipeline:\n", "pipeline:\n  # the regions DVC runs\n"))
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "report.py").write_text(REPORT_PY)
+    (root / "loc2vec").mkdir()
+    (root / ".gitignore").write_text("/data/.locks/\n/data/scratch/\n/mlflow.db\n")
+    with sqlite3.connect(root / "mlflow.db") as conn:  # the one MLflow table the run link reads
+        conn.execute("CREATE TABLE runs (run_uuid TEXT PRIMARY KEY, experiment_id INTEGER)")
+        conn.execute("INSERT INTO runs VALUES (?, 7)", (RUN_ID,))
+    _git(root, "init", "-q")
+    _git(root, "config", "user.email", "test@example.org")
+    _git(root, "config", "user.name", "test")
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "remote", "add", "-d", "local", str(tmp_path / "remote")],
+                   cwd=root, check=True)  # fmt: skip
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "init")
+    monkeypatch.setenv("LOC2VEC_PARAMS", str(root / "params.yaml"))
+    monkeypatch.delenv("LOC2VEC_TASK_RUNNER", raising=False)
+    yield root
+
+
+def _task_runs(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:  # sort and limit explicit: the sync client sends None otherwise
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)  # fmt: skip
+    return {r.name: r for r in runs}
+
+
+def _artifact(flow_run_id, key: str) -> dict:
+    """The artifact a flow run created under `key`. A raw request: Prefect 3.8.8's client sends null for the
+    filters it leaves out, which this server rejects (422), and an empty task-run filter would demand a task."""
+    from prefect.client.orchestration import get_client
+
+    body = {"artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [str(flow_run_id)]}},
+            "sort": "UPDATED_DESC", "limit": 1, "offset": 0}  # fmt: skip
+    with get_client(sync_client=True) as client:
+        found = client.request("POST", "/artifacts/filter", json=body).json()
+    assert found, f"no artifact {key!r} of flow run {flow_run_id}"
+    return found[0]
+
+
+def _flow_runs(name: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    body = {"flow_runs": {"name": {"any_": [name]}}, "sort": "ID_DESC", "limit": 10, "offset": 0}
+    with get_client(sync_client=True) as client:
+        return client.request("POST", "/flow_runs/filter", json=body).json()
+
+
+# ---------------------------------------------------------------- the pipeline flow
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_transient_failure_is_retried_and_the_pipeline_succeeds(
+    dvc_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.pipeline import ARTIFACT_KEY, pipeline
+
+    params_before = (dvc_repo / "params.yaml").read_text()
+    proxy = DropFirstProxy(("127.0.0.1", 5433))
+    dsn = os.environ["LOC2VEC_PG_DSN"].replace("port=5433", f"port={proxy.port}")
+    monkeypatch.setenv("LOC2VEC_PG_DSN", dsn)
+    monkeypatch.setenv("PGSSLMODE", "disable")  # one TCP connection per connect: the first one is the dropped one
+    started = time.monotonic()
+    try:
+        state = pipeline(regions=["test_li"], return_state=True)
+    finally:
+        proxy.close()
+    seconds = time.monotonic() - started
+    assert state.is_completed(), state.message
+    summary = state.result()
+
+    # The first attempt of ingest@test_li met the dropped connection; the retry went through the proxy.
+    assert [s["stage"] for s in summary["stages"]] == ["ingest@test_li", "report"], "regions → exactly these stages"
+    ingest, report = summary["stages"]
+    assert ingest["attempts"] == 2 and ingest["ran"] and report["attempts"] == 1 and report["ran"]
+    assert proxy.connections >= 2
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert runs["ingest@test_li"].run_count == 2 and runs["ingest@test_li"].state.is_completed()
+    assert seconds < 60, f"the flow took {seconds:.0f} s"
+
+    # regions: written to params.yaml in place (comments kept), so DVC ran exactly those regions.
+    params_after = (dvc_repo / "params.yaml").read_text()
+    assert "# the regions DVC runs" in params_after and "regions: [test_li]" in params_after
+    assert [a for a in params_before.splitlines() if a not in params_after.splitlines()] == [
+        "  regions:",
+        "  - liechtenstein",
+    ]
+    assert json.loads((dvc_repo / "data" / "ingest" / "test_li.json").read_text())["region"] == "test_li"
+    status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "-q"], cwd=dvc_repo)
+    assert status.returncode == 0, "dvc.lock records the run: the pipeline is up to date"
+
+    # The summary: metrics table, MLflow link, and the same as a Prefect artifact.
+    assert summary["mlflow"]["url"] == f"http://127.0.0.1:5000/#/experiments/7/runs/{RUN_ID}"
+    assert summary["metrics"]["test_li"]["transport"]["loc2vec"]["logreg"]["macro_f1"] == 0.55
+    assert "| test_li | transport | loc2vec | 0.550 | 0.610 | 0.470 | 0.520 |" in summary["markdown"]
+    artifact = _artifact(state.state_details.flow_run_id, ARTIFACT_KEY)
+    assert artifact["type"] == "markdown"
+    assert summary["mlflow"]["url"] in artifact["data"] and "| test_li | transport | loc2vec |" in artifact["data"]
+
+    # The report stage fanned out over Prefect threads, reporting to this flow's server (no server of its own).
+    assert summary["training"]["runner"] == "threads" and summary["training"]["squares"] == [0, 1, 4]
+    assert _flow_runs("probe"), "the stage's fan-out flow run is on the pipeline's Prefect server"
+
+    # Again: DVC finds nothing changed, every stage is skipped in one attempt.
+    again = pipeline()
+    assert [(s["ran"], s["attempts"]) for s in again["stages"]] == [(False, 1), (False, 1)]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_deterministic_failure_is_not_retried(dvc_repo: Path) -> None:
+    from flows.pipeline import pipeline
+
+    started = time.monotonic()
+    state = pipeline(regions=["test_bad"], stages=["ingest"], return_state=True)
+    assert state.is_failed()
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert runs["ingest@test_bad"].run_count == 1, "a checksum mismatch is not transient: no retry"
+    assert "checksum mismatch" in str(state.message) + str(runs["ingest@test_bad"].state.message)
+    assert time.monotonic() - started < 30
+
+    bad = pipeline(stages=["no_such_stage"], return_state=True)
+    assert bad.is_failed() and "no DVC stage 'no_such_stage'" in str(bad.message)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_two_runs_never_hold_the_lock_at_once(dvc_repo: Path) -> None:
+    from flows.lock import LockBusy, exclusive
+    from flows.pipeline import pipeline
+
+    code = ("import sys, time; from flows.lock import exclusive\n"
+            "with exclusive('pipeline', timeout_s=0):\n"
+            "    print('held', flush=True); time.sleep(float(sys.argv[1]))\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", code, "60"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockBusy, match=f"pid {holder.pid}"), exclusive("pipeline", timeout_s=0):
+            pass
+        state = pipeline(stages=["report"], return_state=True)  # orchestrate.lock_timeout_s: 0 → fails at once
+        assert state.is_failed() and "another run holds" in str(state.message)
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # A waiting run gets the lock as soon as the holder lets go; re-entering it in one call chain is free.
+    holder = subprocess.Popen([sys.executable, "-c", code, "1.5"], env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    with exclusive("pipeline", timeout_s=30), exclusive("pipeline", timeout_s=0):
+        waited = time.monotonic() - started
+    holder.wait()
+    assert 0.5 < waited < 20
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_refresh_osm_versions_the_extract_and_runs_the_pipeline_only_on_change(
+    dvc_repo: Path, refresh_pbf: Path
+) -> None:
+    from flows.refresh import locked_md5, refresh_osm
+    from loc2vec.db import cursor
+
+    sha = _sha256(refresh_pbf)
+    try:
+        first = refresh_osm(region="test_refresh", source=str(refresh_pbf), sha256=sha)
+        assert first["changed"] and first["md5_before"] is None and first["ingest"]["ran"]
+        params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
+        assert params["regions"]["registry"]["test_refresh"] == {"source": str(refresh_pbf), "sha256": sha}
+        assert "test_refresh" in params["pipeline"]["regions"]
+        md5 = locked_md5(dvc_repo, "data/osm/test_refresh.osm.pbf")
+        assert md5 and (dvc_repo / "data" / "osm" / "test_refresh.osm.pbf").read_bytes() == refresh_pbf.read_bytes()
+        remote = dvc_repo.parent / "remote" / "files" / "md5" / md5[:2] / md5[2:]
+        assert remote.is_file(), "dvc push put the extract in the remote"
+        stages = [s["stage"] for s in first["pipeline"]["stages"]]
+        assert stages == ["ingest@liechtenstein", "ingest@test_refresh", "report"][-len(stages) :]
+        assert "ingest@test_refresh" in stages and "report" in stages, "the pipeline ran after the change"
+
+        copy = refresh_pbf.parent / "same-data.osm.pbf"
+        shutil.copyfile(refresh_pbf, copy)
+        second = refresh_osm(region="test_refresh", source=str(copy), sha256=sha)
+        assert not second["changed"] and "pipeline" not in second, "same data from elsewhere: nothing to run"
+
+        with pytest.raises(Exception, match="checksum mismatch"):
+            refresh_osm(region="test_refresh", source=str(copy), sha256="f" * 64)
+        assert (
+            yaml.safe_load((dvc_repo / "params.yaml").read_text())["regions"]["registry"]["test_refresh"]["sha256"]
+            == sha
+        ), "a failed verification changes nothing"
+    finally:
+        with cursor() as cur:
+            cur.execute("DROP SCHEMA IF EXISTS test_refresh CASCADE")
+            cur.execute("DELETE FROM loc2vec_meta.imports WHERE region = 'test_refresh'")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_publish_flow_fails_fast_without_published_data(dvc_repo: Path) -> None:
+    from flows.publish import publish
+
+    state = publish(return_state=True)
+    assert state.is_failed() and "no offline data" in str(state.message)
+    assert _task_runs(state.state_details.flow_run_id)["materialize-incremental"].run_count == 1
+
+
+# ---------------------------------------------------------------- pieces, no server
+
+
+@pytest.mark.parametrize(
+    ("text", "transient"),
+    [
+        ('connection to server at "127.0.0.1", port 5433 failed: Connection refused', True),
+        ("server closed the connection unexpectedly\n\tThis probably means the server terminated abnormally", True),
+        ("psycopg2.OperationalError: terminating connection due to administrator command", True),
+        ("psycopg.OperationalError: the database system is starting up", True),
+        ("loc2vec ingest: error: cannot connect to PostgreSQL at postgresql://loc2vec@127.0.0.1:5433/loc2vec", True),
+        ("ERROR: Unable to acquire lock. Most likely another DVC process is running", True),
+        ("loc2vec ingest: error: checksum mismatch for region 'x'", False),
+        ("loc2vec train: error: params.yaml section 'train': unknown keys ['lrr']", False),
+        ("ConfigError: orchestrate.task_runner must be one of ...", False),
+        ("ValueError: cannot reshape array of size 3", False),
+    ],
+)
+def test_transient_classification(text: str, transient: bool) -> None:
+    from loc2vec.fanout import is_transient, is_transient_text
+
+    assert is_transient_text(text) is transient
+    assert is_transient(RuntimeError(text)) is transient
+
+
+def test_transient_exceptions() -> None:
+    import psycopg2
+
+    from loc2vec.config import ConfigError
+    from loc2vec.fanout import is_transient
+
+    try:
+        psycopg2.connect(host="127.0.0.1", port=1, dbname="x", user="x", connect_timeout=2)
+    except psycopg2.OperationalError as exc:
+        assert is_transient(exc)
+        try:
+            raise RuntimeError("import failed") from exc
+        except RuntimeError as wrapped:
+            assert is_transient(wrapped), "found in the exception chain"
+    assert is_transient(ConnectionResetError())
+    assert not is_transient(ConfigError("could not connect: bad port in params"))
+
+
+def test_stage_graph_order_and_selection() -> None:
+    from flows.dvc_stages import StageGraph
+
+    dot = """strict digraph {
+"ingest@a";
+"ingest@b";
+"sample@a";
+"sample@b";
+"train";
+"embed@a";
+"embed@b";
+"publish";
+"ingest@a" -> "sample@a";
+"ingest@b" -> "sample@b";
+"sample@a" -> "train";
+"sample@b" -> "train";
+"train" -> "embed@a";
+"train" -> "embed@b";
+"ingest@b" -> "embed@b";
+"embed@a" -> "publish";
+"embed@b" -> "publish";
+}"""
+    g = StageGraph.from_dot(dot)
+    order = g.select()
+    assert order == ["ingest@a", "ingest@b", "sample@a", "sample@b", "train", "embed@a", "embed@b", "publish"]
+    assert g.select(from_stage="train") == ["train", "embed@a", "embed@b", "publish"]
+    assert g.select(from_stage="sample@b") == ["sample@b", "train", "embed@a", "embed@b", "publish"]
+    assert g.select(stages=["embed", "publish"]) == ["embed@a", "embed@b", "publish"]
+    assert g.select(stages=["ingest@b"], from_stage="ingest") == ["ingest@b"]
+
+
+def test_params_edits_keep_comments_and_refuse_surprises(tmp_path: Path) -> None:
+    from flows.params_edit import ParamsEditError, edit, set_pipeline_regions, set_region_source
+
+    path = tmp_path / "params.yaml"
+    shutil.copyfile(REPO / "params.yaml", path)
+    original = path.read_text()
+    assert set_pipeline_regions(path, ["liechtenstein", "andorra"]) and not set_pipeline_regions(
+        path, ["liechtenstein", "andorra"]
+    )
+    assert set_region_source(path, "bremen", "https://example.org/bremen-latest.osm.pbf#x", "ab" * 32)
+    new = path.read_text()
+    changed = [line for line in new.splitlines() if line not in original.splitlines()]
+    assert changed[:3] == ["    bremen:", '      source: "https://example.org/bremen-latest.osm.pbf#x"',
+                           f"      sha256: {'ab' * 32}"]  # fmt: skip
+    assert len(changed) == 4 and changed[3].startswith("  regions: [liechtenstein, andorra]"), changed
+    assert [line for line in original.splitlines() if line not in new.splitlines()] == ["  regions: [liechtenstein]"]
+    params = yaml.safe_load(new)
+    assert params["pipeline"]["regions"] == ["liechtenstein", "andorra"]
+    assert params["regions"]["registry"]["bremen"]["sha256"] == "ab" * 32
+    with pytest.raises(ParamsEditError):
+        edit(path, {("db",): 1})
+    assert path.read_text() == new, "a refused edit leaves the file as it was"
+
+
+def test_deployment_schedules_are_declared() -> None:
+    from flows.deployments import deployments, schedules
+    from loc2vec.fanout import orchestrate_config
+
+    cfg = orchestrate_config()
+    deps = {d.name: d for d in deployments()}
+    assert set(deps) == {"weekly-refresh", "daily-publish", "on-demand"}
+    refresh, publish = deps["weekly-refresh"].schedules[0].schedule, deps["daily-publish"].schedules[0].schedule
+    assert (refresh.cron, refresh.timezone) == (cfg.refresh_cron, cfg.timezone)
+    assert (publish.cron, publish.timezone) == (cfg.publish_cron, cfg.timezone)
+    assert refresh.cron.split()[-1] != "*" and publish.cron.split()[2:] == ["*", "*", "*"], "weekly and daily"
+    assert not deps["on-demand"].schedules
+    assert all(d.concurrency_limit == 1 for d in deps.values()), "one active run per deployment"
+    assert deps["weekly-refresh"].entrypoint == "flows.refresh.refresh_osm"
+
+    # prefect.yaml (for a worker) declares the same deployments and schedules.
+    declared = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    by_name = {d["name"]: d for d in declared}
+    for name, spec in schedules(cfg).items():
+        d = by_name[name]
+        crons = [(s["cron"], s["timezone"]) for s in d.get("schedules") or []]
+        assert crons == ([(spec["cron"], spec["timezone"])] if spec["cron"] else []), name
+        module, fn = d["entrypoint"].split(":")
+        assert module == f"flows/{spec['flow'].fn.__module__.split('.')[-1]}.py" and fn == spec["flow"].fn.__name__
+        assert d["concurrency_limit"]["limit"] == 1
