@@ -8,6 +8,8 @@ REGIONS ?=
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 # A fresh PREFECT_HOME's first ephemeral server start can take over a minute on 2 cores.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
+# No outbound telemetry (these machines are offline: each attempt logs an ERROR).
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # DVC runs stage commands through the shell: the venv's bin must be on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
