@@ -151,7 +151,9 @@ def mlflow_link(root: Path, run_id: str | None, ui: str) -> dict[str, Any]:
     """
     if not run_id:
         return {}
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    from loc2vec.tracking import user_tracking_uri
+
+    uri = user_tracking_uri() or f"sqlite:///{root / 'mlflow.db'}"
     experiment = None
     try:
         if uri.startswith("sqlite:///"):

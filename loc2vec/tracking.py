@@ -26,9 +26,26 @@ CHAMPION = "champion"
 CANDIDATE = "candidate"  # the newest trained version, waiting for the downstream gate
 
 
-def tracking_uri() -> str:
+# Stores this process derived from a project root. `mlflow.set_tracking_uri` copies its argument into
+# MLFLOW_TRACKING_URI, so the variable alone cannot tell a user's choice from our own earlier call
+# (which would pin every later project root of the process to the first one's store).
+_DERIVED: set[str] = set()
+
+
+def user_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI when the user set it (a server, another store), else None."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    return env or f"sqlite:///{load_params().root / 'mlflow.db'}"
+    return env if env and env not in _DERIVED else None
+
+
+def tracking_uri() -> str:
+    """The user's MLFLOW_TRACKING_URI, else the project's sqlite:///<root>/mlflow.db."""
+    user = user_tracking_uri()
+    if user:
+        return user
+    uri = f"sqlite:///{load_params().root / 'mlflow.db'}"
+    _DERIVED.add(uri)
+    return uri
 
 
 def setup_mlflow(experiment: str):
@@ -37,7 +54,8 @@ def setup_mlflow(experiment: str):
 
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (load_params().root / "mlruns").as_uri()
+        # the project's own store keeps artifacts in <root>/mlruns (not in whatever the cwd is)
+        artifacts = None if user_tracking_uri() else (load_params().root / "mlruns").as_uri()
         mlflow.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment)
     return mlflow
