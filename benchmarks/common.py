@@ -1,6 +1,9 @@
-"""Shared helpers for benchmarks: deterministic locations where there is something to draw."""
+"""Shared helpers for benchmarks: deterministic locations where there is something to draw, latencies."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import numpy as np
 from psycopg2 import sql
@@ -28,3 +31,17 @@ def bench_locations(region: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.
     if len(rows) == 0:
         raise ValueError(f"region {region!r} has no buildings or roads to benchmark on")
     return rows[:, 0], rows[:, 1]
+
+
+def latencies(fn: Callable, requests: list, warmup: int) -> dict[str, float]:
+    """p50/p99 wall milliseconds of fn(r) over the requests, after `warmup` untimed calls."""
+    for r in requests[:warmup]:
+        fn(r)
+    times = []
+    for r in requests:
+        t0 = time.perf_counter()
+        fn(r)
+        times.append(time.perf_counter() - t0)
+    ms = np.asarray(times) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "n": len(ms)}  # fmt: skip

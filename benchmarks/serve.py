@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 
 from loc2vec.config import load_params
 
+from .common import latencies
+
 FEATURES = ["location_embedding:embedding", "location_embedding:model_name", "location_embedding:model_version"]
 BENCH_SCHEMA = "feast_bench"
 
@@ -59,19 +61,6 @@ def _throwaway_store(kind: str) -> Iterator[Any]:
                     cur.execute(f"DROP SCHEMA IF EXISTS {BENCH_SCHEMA} CASCADE")
 
 
-def _latencies(fn, requests: list, warmup: int = 20) -> dict[str, float]:
-    for r in requests[:warmup]:
-        fn(r)
-    times = []
-    for r in requests:
-        t0 = time.perf_counter()
-        fn(r)
-        times.append(time.perf_counter() - t0)
-    ms = np.asarray(times) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "n": len(ms)}  # fmt: skip
-
-
 def _bench_store(kind: str, full, table, n: int, rng: np.random.Generator) -> dict[str, Any]:
     """full: the whole offline data (what materialize reads); table: the rows whose cells are looked up."""
     from loc2vec.features import feast_dir
@@ -100,7 +89,7 @@ def _bench_store(kind: str, full, table, n: int, rng: np.random.Generator) -> di
 
         for size, count in ((1, n), (100, max(50, n // 5))):
             batches = [list(rng.choice(cells, size, replace=size > len(cells))) for _ in range(count)]
-            out[f"online_{size}"] = _latencies(lookup, batches)
+            out[f"online_{size}"] = latencies(lookup, batches, warmup=20)
 
     # End to end through loc2vec.features on the project's own store, when it is published there.
     if not (feast_dir() / f"published_{kind}.json").is_file():
@@ -115,8 +104,10 @@ def _bench_store(kind: str, full, table, n: int, rng: np.random.Generator) -> di
         lat, lon = np.array([h3.cell_to_latlng(c) for c in sample]).T
         get_location_embeddings(lat[:1], lon[:1], online_store=kind)
         reqs = [(lat[i : i + 1], lon[i : i + 1]) for i in rng.integers(0, len(lat), n)]
-        out["e2e_1"] = _latencies(lambda r: get_location_embeddings(r[0], r[1], online_store=kind), reqs)
-        out["e2e_100"] = _latencies(lambda _: get_location_embeddings(lat, lon, online_store=kind), [0] * (n // 5))
+        out["e2e_1"] = latencies(lambda r: get_location_embeddings(r[0], r[1], online_store=kind), reqs, warmup=20)
+        out["e2e_100"] = latencies(
+            lambda _: get_location_embeddings(lat, lon, online_store=kind), [0] * (n // 5), warmup=20
+        )
     except Exception as exc:  # not published to this store: the Feast numbers above still stand
         out["e2e"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
     return out

@@ -15,21 +15,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _latencies(fn, requests: list, warmup: int = 10) -> dict[str, float]:
-    for r in requests[:warmup]:
-        fn(r)
-    times = []
-    for r in requests:
-        t0 = time.perf_counter()
-        fn(r)
-        times.append(time.perf_counter() - t0)
-    ms = np.asarray(times) * 1000
-    return {
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-        "n": len(ms),
-    }
+from .common import latencies
 
 
 def _brute_force(vectors: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -84,8 +70,8 @@ def run(*, region: str | None = None, n: int | None = None) -> dict[str, Any]:
             "ef_search": cfg.ef_search,
         },
         "k": k,
-        "index_query": _latencies(lambda q: index.search(q[0], q[1], k), queries),
-        "brute_force": _latencies(scan, queries),
+        "index_query": latencies(lambda q: index.search(q[0], q[1], k), queries, warmup=10),
+        "brute_force": latencies(scan, queries, warmup=10),
     }
     result["speedup_p50"] = round(result["brute_force"]["p50_ms"] / max(result["index_query"]["p50_ms"], 1e-6), 1)
     recalls = []
@@ -102,7 +88,7 @@ def _end_to_end(picks, similar, index, n: int) -> dict[str, Any] | str:
     """`similar()` with its Feast online lookup of the query cell, on the project's own store."""
     try:
         lat, lon = picks["lat"].to_numpy()[:n], picks["lon"].to_numpy()[:n]
-        return _latencies(lambda i: similar(lat[i], lon[i], index=index), list(range(len(lat))), warmup=2)
+        return latencies(lambda i: similar(lat[i], lon[i], index=index), list(range(len(lat))), warmup=2)
     except Exception as exc:  # not published online: the index numbers above still stand
         return f"skipped: {type(exc).__name__}: {exc}"[:200]
 

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
+
+from .fixtures.trained import patched_params
 
 TINY = {
     "sample": {"n_locations": 160, "block_m": 400.0, "seed": 7},
@@ -34,17 +35,9 @@ def ddp_project(project: Path, region: str) -> Iterator[Path]:
     """The test project with tiny sampling/training params, sampled once for the module."""
     from loc2vec.sampling import write_samples
 
-    path = project / "params.yaml"
-    original = path.read_text()
-    params = yaml.safe_load(original)
-    params["pipeline"] = {"regions": [region]}
-    for section, values in TINY.items():
-        params.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    os.utime(path, None)
-    write_samples(region)
-    yield project
-    path.write_text(original)
+    with patched_params(project, {**TINY, "pipeline": {"regions": [region]}}):
+        write_samples(region)
+        yield project
 
 
 def _env() -> dict[str, str]:

@@ -8,34 +8,24 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from loc2vec.config import load_params
 
+from .fixtures.registry import register_encoder
 from .prefect_harness import prefect_harness  # noqa: F401  (the session's Prefect test server)
 
 MODEL = "loc2vec-encoder-fanout-test"
 
 
-def _register(seed: int) -> None:
+def _register(seed: int) -> str:
     """A tiny untrained Encoder, registered as `champion` of MODEL in the test project's MLflow store."""
-    from mlflow import MlflowClient
-
     from loc2vec.model import Encoder
-    from loc2vec.tracking import setup_mlflow
 
-    mlflow = setup_mlflow("loc2vec-fanout-test")
     torch.manual_seed(seed)
-    model = Encoder().eval()
-    with mlflow.start_run():
-        mlflow.log_params({f"model.{k}": str(v) for k, v in vars(model.cfg).items()})
-        info = mlflow.pytorch.log_model(
-            model, name="model", input_example=np.zeros((2, 12, 128, 128), np.float32), registered_model_name=MODEL
-        )
-    MlflowClient().set_registered_model_alias(MODEL, "champion", str(info.registered_model_version))
+    return register_encoder(Encoder().eval(), MODEL, "loc2vec-fanout-test")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import yaml
 from loc2vec.config import load_params
 
 from .conftest import VADUZ
+from .fixtures.registry import register_encoder
 
 MODEL = "loc2vec-encoder-publish-test"
 RESOLUTION = 9  # ~175 m edge: ~200 cells in the test region
@@ -29,22 +30,10 @@ RESOLUTION = 9  # ~175 m edge: ~200 cells in the test region
 
 def _register(seed: int) -> str:
     """A tiny untrained Encoder logged like training logs its model (pt2, batch-2 example); returns its version."""
-    from mlflow import MlflowClient
-
     from loc2vec.model import Encoder
-    from loc2vec.tracking import setup_mlflow
 
-    mlflow = setup_mlflow("loc2vec-publish-test")
     torch.manual_seed(seed)
-    model = Encoder().eval()
-    with mlflow.start_run():
-        mlflow.log_params({f"model.{k}": str(v) for k, v in vars(model.cfg).items()})
-        info = mlflow.pytorch.log_model(
-            model, name="model", input_example=np.zeros((2, 12, 128, 128), np.float32), registered_model_name=MODEL
-        )
-    version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(MODEL, "champion", version)
-    return version
+    return register_encoder(Encoder().eval(), MODEL, "loc2vec-publish-test")
 
 
 @pytest.fixture(scope="module")

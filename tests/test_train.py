@@ -17,6 +17,8 @@ import yaml
 
 from loc2vec.config import load_params
 
+from .fixtures.trained import patched_params
+
 TINY = {
     "sample": {"n_locations": 160, "block_m": 400.0, "seed": 7},
     "triplets": {"locations_per_batch": 4, "pairs_per_location": 2},
@@ -30,17 +32,9 @@ def tiny(project: Path, region: str) -> Iterator[Path]:
     """The test project with tiny sampling/training params, sampled once for the module."""
     from loc2vec.sampling import write_samples
 
-    path = project / "params.yaml"
-    original = path.read_text()
-    params = yaml.safe_load(original)
-    params["pipeline"] = {"regions": [region]}
-    for section, values in TINY.items():
-        params.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    os.utime(path, None)
-    write_samples(region)
-    yield project
-    path.write_text(original)
+    with patched_params(project, {**TINY, "pipeline": {"regions": [region]}}):
+        write_samples(region)
+        yield project
 
 
 def _checkpoint(project: Path) -> Path:
