@@ -47,7 +47,7 @@ from loc2vec.channels import N_CHANNELS, NOT_POI_AMENITY
 from loc2vec.config import ConfigError, load_params, section_config
 from loc2vec.db import ImportRecord, cursor, require_import
 from loc2vec.errors import Loc2VecError
-from loc2vec.model import Encoder, ModelConfig, to_input
+from loc2vec.model import Encoder, ModelConfig, channel_coverage, to_input
 from loc2vec.osm import check_region_name
 from loc2vec.sampling import LAND_WHERE, NETWORK_WHERE, inner_bbox, to_mercator
 
@@ -309,7 +309,7 @@ def encode(
             # Cut outside no_grad: the cutter's threads fill reused buffers in place.
             tiles = cut_tiles(index, lats[b0:b1], lons[b0:b1], zeros, np.zeros((b1 - b0, 2)), device="cpu")
             with torch.no_grad():
-                hist[b0:b1] = (tiles != 0).float().mean(dim=(2, 3)).numpy()
+                hist[b0:b1] = channel_coverage(tiles).numpy()
                 emb[b0:b1] = model(to_input(tiles)).float().numpy()
             bar.update(b1 - b0)
     if not np.isfinite(emb).all():

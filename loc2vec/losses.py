@@ -10,6 +10,15 @@ SoftPN (Balntas et al., 2016), the Loc2Vec loss:
     L  = d+² + (d- − 1)²                      (= 2·d+², since d- = 1 − d+)
 
 The choice of loss and its knobs live in params.yaml `loss:` (see `LossConfig`).
+
+Coverage read-out (``loss.coverage_weight`` > 0): a training-only linear head predicts each
+channel's √(fraction of drawn pixels) of a tile from its embedding, and its squared error is
+added to the triplet loss (anchors and negatives: tiles with all their channels). SoftPN alone
+only keeps what tells a location from the other locations of a batch, which the land cover
+mostly does: which kinds of way are in the tile (a cycleway, a footway, a road), a few pixels of
+one channel, is not needed for that and is lost, although consumers such as the transport-mode
+classifier depend on it. The read-out keeps it linearly decodable from the 16 dimensions; the
+head is not part of the encoder and is not published.
 """
 
 from __future__ import annotations
@@ -22,8 +31,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from loc2vec.config import section_config
+from loc2vec.model import channel_coverage
 
 Mining = Literal["semi-hard", "hard", "none"]
 MINING_CHOICES: tuple[str, ...] = ("semi-hard", "hard", "none")
@@ -166,6 +177,26 @@ def get_loss(name: str, **kwargs: object) -> LossFn:
     return partial(fn, **kwargs) if kwargs else fn
 
 
+class CoverageHead(nn.Module):
+    """Embedding (B, D) → predicted √coverage of each channel (B, C); used during training only."""
+
+    def __init__(self, embedding_dim: int, channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(embedding_dim, channels)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.linear(emb)
+
+
+def coverage_loss(predicted: torch.Tensor, tiles_uint8: torch.Tensor) -> torch.Tensor:
+    """Squared error of the predicted √coverage, summed over channels, mean over tiles.
+
+    The square root spreads the small coverages of thin line channels (a path is ~1% of a tile).
+    """
+    target = channel_coverage(tiles_uint8.to(predicted.device)).sqrt()
+    return (predicted.float() - target).pow(2).sum(dim=1).mean()
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """params.yaml `loss:`; `margin`/`mining` are used only by the losses that take them."""
@@ -173,8 +204,11 @@ class LossConfig:
     name: str = "softpn"
     margin: float = 0.2
     mining: Mining = "semi-hard"
+    coverage_weight: float = 0.0  # weight of the coverage read-out loss (0: the triplet loss alone)
 
     def __post_init__(self) -> None:
+        if not self.coverage_weight >= 0:
+            raise ValueError(f"loss.coverage_weight must be >= 0, got {self.coverage_weight}")
         if self.name not in LOSSES:
             raise ValueError(f"loss.name {self.name!r} is not one of {', '.join(sorted(LOSSES))}")
         if self.mining not in MINING_CHOICES:

@@ -114,6 +114,11 @@ def to_input(tiles_uint8: torch.Tensor) -> torch.Tensor:
     return tiles_uint8.to(torch.float32).div_(255.0)
 
 
+def channel_coverage(tiles_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, C) fraction of non-zero pixels per channel: the evaluation's ``histogram`` featureset."""
+    return (tiles_uint8 != 0).float().mean(dim=(2, 3))
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -44,8 +44,9 @@ from loc2vec.atomic import atomic_path, swap_dir
 from loc2vec.config import load_params, section_config
 from loc2vec.data import StoredTiles, TileSource, TripletBatch, TripletBatches, TripletConfig, triplet_config
 from loc2vec.errors import Loc2VecError
-from loc2vec.losses import LossConfig, softpn_terms, triplet_accuracy
+from loc2vec.losses import CoverageHead, LossConfig, coverage_loss, softpn_terms, triplet_accuracy
 from loc2vec.model import Encoder, ModelConfig, count_parameters, to_input
+from loc2vec.sampling import unit_xyz
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +177,42 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def embed_triplets(model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool):
-    """One forward pass over anchors, positives and negatives together (shared BN statistics)."""
+def forward_triplets(
+    model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """One forward pass over anchors, positives and negatives together (shared BN statistics).
+
+    Returns ((a, p, n) embeddings, the coverage read-out of all 3B tiles or None): a
+    `TrainingModel` with a coverage head returns both, a bare encoder the embeddings.
+    """
     x = torch.cat([batch.anchor, batch.positive, batch.negative]).to(device, non_blocking=True)
     x = to_input(x)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        emb = model(x)
-    return emb.float().split(len(batch.anchor))
+        out = model(x)
+    emb, coverage = out if isinstance(out, tuple) else (out, None)
+    return emb.float().split(len(batch.anchor)), coverage
+
+
+def embed_triplets(model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool):
+    """(a, p, n) embeddings of a batch (see `forward_triplets`)."""
+    return forward_triplets(model, batch, device, channels_last)[0]
+
+
+class TrainingModel(torch.nn.Module):
+    """What the optimizer trains: the encoder, plus the coverage read-out head when loss.coverage_weight > 0.
+
+    One module, so that DDP synchronises the head's gradients with the encoder's.
+    """
+
+    def __init__(self, encoder: Encoder, coverage_head: CoverageHead | None) -> None:
+        super().__init__()
+        self.encoder, self.coverage_head = encoder, coverage_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        emb = self.encoder(x)
+        return emb if self.coverage_head is None else (emb, self.coverage_head(emb))
 
 
 @dataclass
@@ -256,7 +284,11 @@ class Trainer:
         model = Encoder(self.model_cfg).to(device)
         channels_last = True  # faster on CUDA and on CPU (oneDNN) alike
         model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        head = None
+        if self.loss_cfg.coverage_weight > 0:
+            head = CoverageHead(self.model_cfg.embedding_dim, self.model_cfg.in_channels).to(device)
+        trainable = TrainingModel(model, head)
+        optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         loss_fn = self.loss_cfg.build()
         state = TrainState(history=[])
@@ -268,6 +300,8 @@ class Trainer:
             ckpt = torch.load(self.checkpoint_path, map_location=device, weights_only=False)
             if ckpt.get("signature") == self.signature and not ckpt["state"].stopped_reason:
                 model.load_state_dict(ckpt["model"])
+                if head is not None:
+                    head.load_state_dict(ckpt["coverage_head"])
                 optimizer.load_state_dict(ckpt["optimizer"])
                 scheduler.load_state_dict(ckpt["scheduler"])
                 self._restore_rng(ckpt, ctx)
@@ -280,16 +314,18 @@ class Trainer:
                 f"DDP ranks would start at different steps: every rank must see {self.checkpoint_path} "
                 "(use a filesystem shared by all nodes, or --no-resume)"
             )
-        step_model = self._step_model(model, ctx)
+        step_model = self._step_model(trainable, ctx)
 
         source = build_source(self.samples, cfg, device)
         train_rows, train_w = self._split_rows("train")
         val_rows, _ = self._split_rows("val")
-        train_stream = TripletBatches(source, train_rows, self.triplet_cfg, weights=train_w, seed=cfg.seed)
+        xyz = unit_xyz(self.samples["lat"].to_numpy(), self.samples["lon"].to_numpy())
+        train_stream = TripletBatches(source, train_rows, self.triplet_cfg, weights=train_w, seed=cfg.seed, xyz=xyz)
         # Channel drop is a training-time augmentation (the article: "during training"); val
-        # positives are rotated and shifted re-renders with all channels.
+        # positives are rotated and shifted re-renders with all channels. Val batches are composed
+        # like training's (neighbourhood batches included), so early stopping follows the same task.
         val_cfg = replace(self.triplet_cfg, channel_drop_p=0.0)
-        val_stream = TripletBatches(source, val_rows, val_cfg, seed=cfg.seed + 7919)
+        val_stream = TripletBatches(source, val_rows, val_cfg, seed=cfg.seed + 7919, xyz=xyz)
         draw, loss_scale = self._batch_draw(train_stream, len(train_rows), ctx)
         if tracker is not None:
             state.mlflow_run_id = tracker.start(self, model, state.mlflow_run_id)
@@ -307,9 +343,16 @@ class Trainer:
                 k = state.step
                 batch = pending.pop(k).result()
                 pending[k + cfg.prefetch + 1] = pool.submit(draw, k + cfg.prefetch + 1)
-                model.train()
-                a, p, n = embed_triplets(step_model, batch, device, channels_last)
-                loss = loss_fn(a, p, n)
+                trainable.train()
+                (a, p, n), coverage = forward_triplets(step_model, batch, device, channels_last)
+                loss = triplet_loss = loss_fn(a, p, n)
+                cov_loss = None
+                if coverage is not None:  # anchors and negatives: the tiles with all their channels
+                    b = len(batch.anchor)
+                    cov_loss = coverage_loss(
+                        torch.cat([coverage[:b], coverage[2 * b :]]), torch.cat([batch.anchor, batch.negative])
+                    )
+                    loss = triplet_loss + self.loss_cfg.coverage_weight * cov_loss
                 optimizer.zero_grad(set_to_none=True)
                 # under DDP, each rank's mean weighted by its share of the global batch (1.0 when even)
                 (loss if loss_scale == 1.0 else loss * loss_scale).backward()
@@ -320,6 +363,7 @@ class Trainer:
                 record = {
                     "step": state.step,
                     "loss": float(loss.detach()),
+                    **self._coverage_record(coverage, triplet_loss, cov_loss),
                     "d_pos": float(terms["d_pos"]),
                     "d_neg": float(terms["d_neg"]),
                     "triplet_accuracy": float(triplet_accuracy(a.detach(), p.detach(), n.detach())),
@@ -355,7 +399,7 @@ class Trainer:
                     if not ctx.is_main:
                         state.stopped_reason = "stopped with rank 0" if stop else ""
                 if state.step % cfg.checkpoint_every == 0 or state.stopped_reason:
-                    self._checkpoint(model, optimizer, scheduler, state, best_weights, ctx)
+                    self._checkpoint(model, head, optimizer, scheduler, state, best_weights, ctx)
                 if state.stopped_reason:
                     break
         finally:
@@ -388,6 +432,13 @@ class Trainer:
             tracker.finish(self, model.cpu().eval(), summary, self.out_dir)
         return summary
 
+    @staticmethod
+    def _coverage_record(coverage, triplet_loss: torch.Tensor, cov_loss) -> dict[str, float]:
+        """The two parts of the loss, logged when the coverage read-out is on."""
+        if coverage is None:
+            return {}
+        return {"triplet_loss": float(triplet_loss.detach()), "coverage_loss": float(cov_loss.detach())}
+
     @torch.no_grad()
     def _validate(self, model, stream: TripletBatches, loss_fn, channels_last: bool) -> dict[str, float]:
         model.eval()
@@ -398,7 +449,7 @@ class Trainer:
             losses.append(float(loss_fn(a, p, n)))
         return {"val_triplet_accuracy": float(np.mean(accs)), "val_loss": float(np.mean(losses))}
 
-    def _step_model(self, model: Encoder, ctx: ddp.DistContext) -> torch.nn.Module:
+    def _step_model(self, model: torch.nn.Module, ctx: ddp.DistContext) -> torch.nn.Module:
         """What the training step calls: the model, DDP-wrapped across ranks, compiled on CUDA if asked.
 
         Validation, checkpoints and outputs use the bare model (rank 0 alone runs them, and
@@ -448,7 +499,9 @@ class Trainer:
         else:
             torch.manual_seed(ddp.rank_seed(self.cfg.seed, ctx.rank) + ckpt["state"].step)
 
-    def _checkpoint(self, model, optimizer, scheduler, state: TrainState, best_weights, ctx: ddp.DistContext) -> None:
+    def _checkpoint(
+        self, model, head, optimizer, scheduler, state: TrainState, best_weights, ctx: ddp.DistContext
+    ) -> None:
         extra: dict[str, Any] = {}
         if ctx.enabled:  # every rank's dropout RNG, so that a resumed DDP run continues exactly
             rank_rng = ddp.all_gather(torch.get_rng_state(), ctx)
@@ -459,7 +512,8 @@ class Trainer:
             torch.save(
                 {"signature": self.signature, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
-                 "best_weights": best_weights, **extra},
+                 "best_weights": best_weights, **extra,
+                 **({} if head is None else {"coverage_head": head.state_dict()})},
                 tmp,
             )  # fmt: skip
 

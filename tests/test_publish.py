@@ -2,12 +2,17 @@
 
 Two tiny untrained Encoders are registered in the test project's own MLflow store (v1, then v2, under a
 model name of this module), so their registration times t1 < t2 are the embeddings' event timestamps.
+The last tests add v3 and v4 and a second region (the southern half of the test bbox, imported after v3)
+to check that a publish materializes only the window of the changed partitions, and the full range
+when it must.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -21,11 +26,13 @@ import yaml
 
 from loc2vec.config import load_params
 
-from .conftest import VADUZ
+from .conftest import TEST_BBOX, VADUZ
 from .fixtures.registry import register_encoder
 
 MODEL = "loc2vec-encoder-publish-test"
 RESOLUTION = 9  # ~175 m edge: ~200 cells in the test region
+SOUTH = "test_li_south"  # the second region: the southern half of the test region (Vaduz), overlapping it
+VIEWS = 3  # feature views: location_embedding, tile_histogram, tag_counts
 
 
 def _register(seed: int) -> str:
@@ -73,6 +80,45 @@ def _online_rows(project: Path) -> list[tuple]:
         ]
 
 
+@pytest.fixture(scope="module")
+def south_pbf(tmp_path_factory: pytest.TempPathFactory, small_pbf: Path) -> Path:
+    """The southern half of the test extract, cut with osmium like conftest's small_pbf."""
+    west, south, east, north = TEST_BBOX
+    out = tmp_path_factory.mktemp("osm-south") / "vaduz.osm.pbf"
+    bbox = ",".join(str(v) for v in (west, south, east, (south + north) / 2))
+    subprocess.run(["osmium", "extract", "-b", bbox, "--set-bounds", "-s", "complete_ways", "-o", str(out),
+                    str(small_pbf)], check=True, capture_output=True)  # fmt: skip
+    return out
+
+
+def _assert_online_serves_latest(project: Path) -> pd.DataFrame:
+    """Every offline cell is served online with its latest offline row (all features and the event
+    timestamp); returns those rows, indexed by cell."""
+    from loc2vec.features import feature_store
+
+    offline = pq.read_table(project / "data" / "feast" / "embeddings.parquet").to_pandas()
+    latest = offline.sort_values(["h3_cell", "event_timestamp"]).drop_duplicates("h3_cell", keep="last")
+    latest = latest.set_index("h3_cell")
+    online = (
+        feature_store("sqlite")
+        .get_online_features(
+            features=[
+                "location_embedding:embedding",
+                "location_embedding:model_version",
+                "tile_histogram:histogram",
+                "tag_counts:tag_counts",
+            ],
+            entity_rows={"h3_cell": list(latest.index)},
+        )
+        .to_dict(include_event_timestamps=True)
+    )
+    for col in ("embedding", "histogram", "tag_counts"):
+        np.testing.assert_array_equal(np.array(online[col], np.float32), np.stack(latest[col]), err_msg=col)
+        assert online[f"{col}__ts"] == [int(t.timestamp()) for t in latest["event_timestamp"]], col
+    assert online["model_version"] == list(latest["model_version"])
+    return latest
+
+
 def test_embed_is_deterministic_and_complete(setup: dict, project: Path) -> None:
     from loc2vec.embed import TAG_COUNT_NAMES, embed_region, resolve_champion
 
@@ -106,6 +152,7 @@ def test_publish_serves_embeddings_online(setup: dict, project: Path) -> None:
 
     report = publish(online_store="sqlite")
     assert report["applied"] and not report["skipped"] and report["materialized"]["cells"] == report["cells"]
+    assert report["materialized"]["mode"] == "full" and report["materialized"]["changed_partitions"] == 1
 
     out = get_location_embeddings([VADUZ[0]], [VADUZ[1]], online_store="sqlite")
     row = out.iloc[0]
@@ -136,6 +183,7 @@ def test_republish_writes_nothing(setup: dict, project: Path) -> None:
 
     forced = publish(online_store="sqlite", force=True)  # re-materializes the same data
     assert forced["applied"] and not forced["offline_rewritten"]
+    assert forced["materialized"]["mode"] == "full" and forced["materialized"]["changed_partitions"] == 0
     assert files[0].stat().st_mtime_ns == before[0][0], "unchanged offline content is not rewritten"
     assert _online_rows(project) == rows, "same values, event and created timestamps"
 
@@ -153,7 +201,9 @@ def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, pr
     t1, t2 = v1["event_timestamp"].iloc[0], v2["event_timestamp"].iloc[0]
     assert t1 < t2 and (v2["model_version"] == v2_version).all()
 
-    publish(online_store="sqlite")
+    report = publish(online_store="sqlite")
+    assert report["materialized"]["mode"] == "window", report["reason"]
+    assert report["materialized"]["rows_written"] == len(v2) * VIEWS, "the window [t2, now]: v2's cells"
     offline = pq.read_table(project / "data" / "feast" / "embeddings.parquet").to_pandas()
     assert sorted(offline["model_version"].unique()) == sorted([setup["v1"], v2_version]), "both versions kept"
     assert len(offline) == len(v1) + len(v2)
@@ -212,3 +262,90 @@ def test_postgres_online_store(setup: dict, project: Path, monkeypatch: pytest.M
     assert get_location_embeddings([VADUZ[0]], [VADUZ[1]]).iloc[0]["embedding"] == pg["embedding"]
     assert load_params().root == project
     assert pd.Timestamp.now(tz=UTC) > pd.Timestamp(report["materialized"]["start"])
+
+
+def test_new_region_materializes_only_its_partition(setup: dict, project: Path, south_pbf: Path) -> None:
+    from loc2vec.embed import embed_region, embeddings_path, resolve_champion
+    from loc2vec.osm import ingest
+    from loc2vec.publish import publish
+
+    v2 = resolve_champion()
+    setup["v3"] = _register(3)  # the champion from now on; registered before the south import (next test)
+    ingest(SOUTH, south_pbf, force=True)  # imported now: the latest partition, on every run
+    south = pd.read_parquet(embed_region(SOUTH, model=v2, progress=False))
+    li = pd.read_parquet(embeddings_path(setup["region"]))
+    assert south["event_timestamp"].iloc[0] > li["event_timestamp"].iloc[0]
+    both, li_only = set(li["h3_cell"]) & set(south["h3_cell"]), set(li["h3_cell"]) - set(south["h3_cell"])
+    assert both and li_only, "the regions overlap in part"
+
+    report = publish(online_store="sqlite")
+    done = report["materialized"]
+    assert done["mode"] == "window" and done["changed_partitions"] == 1, report["reason"]
+    assert done["cells"] == len(south) and done["rows_written"] == len(south) * VIEWS, "only the new partition"
+    assert pd.Timestamp(done["start"]) == south["event_timestamp"].iloc[0]
+    assert report["cells"] == len(set(li["h3_cell"]) | set(south["h3_cell"]))
+
+    latest = _assert_online_serves_latest(project)
+    assert (latest.loc[sorted(both), "region"] == SOUTH).all(), "the newer import wins where they overlap"
+    assert (latest.loc[sorted(li_only), "region"] == setup["region"]).all(), "the first region is left as it was"
+    assert (latest.loc[sorted(li_only), "model_version"] == v2.version).all()
+    assert publish(online_store="sqlite")["skipped"]
+
+
+def test_older_partition_never_overwrites_a_newer_row(setup: dict, project: Path) -> None:
+    from loc2vec.embed import embed_region, embeddings_path
+    from loc2vec.publish import publish
+
+    li = pd.read_parquet(embed_region(setup["region"], progress=False))  # v3, registered before the south import
+    south = pd.read_parquet(embeddings_path(SOUTH))
+    assert (li["model_version"] == setup["v3"]).all()
+    assert li["event_timestamp"].iloc[0] < south["event_timestamp"].iloc[0], "older than the published south rows"
+    both, li_only = set(li["h3_cell"]) & set(south["h3_cell"]), set(li["h3_cell"]) - set(south["h3_cell"])
+
+    report = publish(online_store="sqlite")
+    done = report["materialized"]
+    assert done["mode"] == "window" and done["changed_partitions"] == 1, report["reason"]
+    assert pd.Timestamp(done["start"]) == li["event_timestamp"].iloc[0]
+    cells = set(li["h3_cell"]) | set(south["h3_cell"])  # the window holds the newer south partition too
+    assert done["cells"] == len(cells) and done["rows_written"] == len(cells) * VIEWS
+
+    latest = _assert_online_serves_latest(project)
+    assert (latest.loc[sorted(both), "region"] == SOUTH).all(), "the newer south rows stay online"
+    assert (latest.loc[sorted(both), "model_version"] != setup["v3"]).all()
+    assert (latest.loc[sorted(li_only), "model_version"] == setup["v3"]).all()
+
+
+def test_changed_definitions_or_damaged_online_store_materialize_everything(setup: dict, project: Path) -> None:
+    from loc2vec.embed import embed_region
+    from loc2vec.publish import definitions_digest, publish
+
+    feast = project / "data" / "feast"
+    state_path = feast / "published_sqlite.json"
+    state = json.loads(state_path.read_text())
+    assert publish(online_store="sqlite")["skipped"]
+    state["definitions_digest"] = "0" * 64  # as if last published with other feature_repo/ definitions
+    state_path.write_text(json.dumps(state))
+    report = publish(online_store="sqlite")
+    done = report["materialized"]
+    assert report["reason"] == "changed: definitions" and done["mode"] == "full"
+    assert done["changed_partitions"] == 0 and done["rows_written"] == report["cells"] * VIEWS
+    assert json.loads(state_path.read_text())["definitions_digest"] == definitions_digest()
+    _assert_online_serves_latest(project)
+
+    def wipe_online() -> None:
+        with sqlite3.connect(feast / "online.db") as conn:
+            for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+                conn.execute(f'DELETE FROM "{table}"')
+
+    wipe_online()  # unchanged data, damaged online store
+    report = publish(online_store="sqlite")
+    assert report["materialized"]["mode"] == "full" and "unchanged, but" in report["reason"], report["reason"]
+    _assert_online_serves_latest(project)
+
+    wipe_online()  # a new partition, and the cells outside its window lost: not a window
+    _register(4)
+    embed_region(SOUTH, progress=False)
+    report = publish(online_store="sqlite")
+    assert report["materialized"]["mode"] == "full" and "outside their window" in report["reason"]
+    assert report["materialized"]["changed_partitions"] == 1
+    _assert_online_serves_latest(project)
