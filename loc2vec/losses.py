@@ -17,8 +17,9 @@ added to the triplet loss (anchors and negatives: tiles with all their channels)
 only keeps what tells a location from the other locations of a batch, which the land cover
 mostly does: which kinds of way are in the tile (a cycleway, a footway, a road), a few pixels of
 one channel, is not needed for that and is lost, although consumers such as the transport-mode
-classifier depend on it. The read-out keeps it linearly decodable from the 16 dimensions; the
-head is not part of the encoder and is not published.
+classifier depend on it. The read-out asks for it to stay linearly decodable from the 16
+dimensions; the head is not part of the encoder and is not published. Measured, it made the
+transport classifier worse (README, Evaluation), so it is off by default.
 """
 
 from __future__ import annotations
