@@ -6,6 +6,7 @@ Every output of the pipeline goes through here: write to a temporary sibling, th
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -55,3 +56,18 @@ def swap_dir(tmp: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on path (created with its directory) for the block; waits for the holder.
+
+    For writers of one shared directory in several processes (publish, metatiles, similar indexes).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

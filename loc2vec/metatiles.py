@@ -34,7 +34,6 @@ metatiles are deleted and re-rendered on demand.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -53,7 +52,7 @@ import mapnik
 import numpy as np
 from tqdm import tqdm
 
-from loc2vec.atomic import save_npy, write_text
+from loc2vec.atomic import file_lock, save_npy, write_text
 from loc2vec.channels import CHANNELS, N_CHANNELS
 from loc2vec.config import ConfigError, load_params, section_config
 from loc2vec.db import ConnInfo, ImportRecord, conninfo, require_import
@@ -377,14 +376,8 @@ def _locked(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
     # The lock lives outside data/metatiles: that directory is a DVC output (and a dependency of
     # training), whose content must change only when metatiles do.
-    lock = load_params().root / "data" / ".locks" / f"metatiles-{directory.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(load_params().root / "data" / ".locks" / f"metatiles-{directory.name}.lock"):
+        yield
 
 
 def check_locations(

@@ -47,14 +47,13 @@ each view at its old or new state and the recorded digests unchanged, so the nex
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -65,7 +64,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from loc2vec.atomic import write_text
+from loc2vec.atomic import file_lock, write_text
 from loc2vec.config import load_params
 from loc2vec.embed import SCHEMA, embeddings_path, read_embeddings, write_parquet_atomic
 from loc2vec.errors import Loc2VecError
@@ -94,16 +93,8 @@ def offline_path() -> Path:
     return feast_dir() / "embeddings.parquet"
 
 
-@contextlib.contextmanager
-def publish_lock() -> Iterator[None]:
-    directory = feast_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".publish.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def publish_lock() -> contextlib.AbstractContextManager[None]:
+    return file_lock(feast_dir() / ".publish.lock")
 
 
 # ---------------------------------------------------------------- offline data

@@ -31,7 +31,6 @@ rebuilt into a temporary directory and renamed into place (atomic), under a lock
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from loc2vec.atomic import file_lock
 from loc2vec.config import ConfigError, _build, load_params
 from loc2vec.errors import Loc2VecError
 
@@ -194,15 +194,8 @@ def build_group(cells: pd.DataFrame, cfg: SimilarConfig) -> tuple[Any, pd.DataFr
     return _new_index(distinct, cfg), ordered, offsets
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".similar.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    return file_lock(root / ".similar.lock")
 
 
 def _write_group(directory: Path, i: int, index: Any, cells: pd.DataFrame, offsets: np.ndarray) -> None:

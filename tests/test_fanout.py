@@ -4,17 +4,16 @@ LocalCluster (two worker processes) are byte-identical to the inline path, on th
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from loc2vec.config import load_params
 
 from .fixtures.registry import register_encoder
+from .fixtures.trained import patched_params
 from .prefect_harness import prefect_harness  # noqa: F401  (the session's Prefect test server)
 
 MODEL = "loc2vec-encoder-fanout-test"
@@ -31,18 +30,14 @@ def _register(seed: int) -> str:
 @pytest.fixture(scope="module")
 def fanout_params(project: Path, region: str) -> Iterator[str]:
     """Coarse H3 cells in small batches, two batches per embedding task: several tasks on the test region."""
-    path = project / "params.yaml"
-    original = path.read_text()
-    params = yaml.safe_load(original)
-    params["embed"].update({"h3_resolution": 9, "batch_size": 32})
-    params["train"]["registered_model"] = MODEL
-    params.setdefault("orchestrate", {}).update({"embed_chunk_batches": 2, "max_workers": 2, "retries": 1,
-                                                 "retry_backoff_s": 0.1})  # fmt: skip
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    os.utime(path, None)
-    _register(seed=3)
-    yield region
-    path.write_text(original)
+    overrides = {
+        "embed": {"h3_resolution": 9, "batch_size": 32},
+        "train": {"registered_model": MODEL},
+        "orchestrate": {"embed_chunk_batches": 2, "max_workers": 2, "retries": 1, "retry_backoff_s": 0.1},
+    }
+    with patched_params(project, overrides):
+        _register(seed=3)
+        yield region
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ when it must.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -22,12 +21,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from loc2vec.config import load_params
 
 from .conftest import TEST_BBOX, VADUZ
 from .fixtures.registry import register_encoder
+from .fixtures.trained import patched_params
 
 MODEL = "loc2vec-encoder-publish-test"
 RESOLUTION = 9  # ~175 m edge: ~200 cells in the test region
@@ -51,21 +50,15 @@ def setup(project: Path, region: str) -> Iterator[dict]:
     from loc2vec.db import cursor
     from loc2vec.features import forget_stores
 
-    path = project / "params.yaml"
-    original = path.read_text()
-    params = yaml.safe_load(original)
-    params.setdefault("embed", {}).update({"h3_resolution": RESOLUTION, "batch_size": 64})
-    params.setdefault("train", {})["registered_model"] = MODEL
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    os.utime(path, None)
-    shutil.rmtree(project / "data" / "feast", ignore_errors=True)
-    shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
-    with cursor() as cur:
-        cur.execute("DROP SCHEMA IF EXISTS feast CASCADE")  # the test database's
-    forget_stores()
-    yield {"v1": _register(1), "region": region}
-    forget_stores()
-    path.write_text(original)
+    overrides = {"embed": {"h3_resolution": RESOLUTION, "batch_size": 64}, "train": {"registered_model": MODEL}}
+    with patched_params(project, overrides):
+        shutil.rmtree(project / "data" / "feast", ignore_errors=True)
+        shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
+        with cursor() as cur:
+            cur.execute("DROP SCHEMA IF EXISTS feast CASCADE")  # the test database's
+        forget_stores()
+        yield {"v1": _register(1), "region": region}
+        forget_stores()
 
 
 def _online_rows(project: Path) -> list[tuple]:
