@@ -40,6 +40,8 @@ test: setup
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy loc2vec/core loc2vec/serving loc2vec/evaluation
 
 bench: setup
 	$(L2V) bench render --region liechtenstein --json
@@ -51,7 +53,7 @@ repro: setup
 # Set-up, then the Prefect `pipeline` flow (every DVC stage, one task each) on params.yaml's
 # pipeline.regions, or on REGIONS=a,b (written to params.yaml); it ends with an online feature lookup.
 run: setup
-	$(PY) -m flows.pipeline $(if $(REGIONS),--regions $(REGIONS),)
+	$(L2V) flow pipeline $(if $(REGIONS),--regions $(REGIONS),)
 
 ui-mlflow: venv
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000

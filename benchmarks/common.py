@@ -8,13 +8,19 @@ from collections.abc import Callable
 import numpy as np
 from psycopg2 import sql
 
-from loc2vec.db import cursor
-from loc2vec.osm import check_region_name
+from loc2vec.cli.project import Project
+from loc2vec.core.names import check_region_name
+from loc2vec.osm.db import cursor
 
 
-def bench_locations(region: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def bench_region(project: Project, region: str | None) -> str:
+    """The region to benchmark: the one given (validated), else params regions.default."""
+    return check_region_name(region or project.params.regions.default, project.params.reserved_schemas)
+
+
+def bench_locations(project: Project, region: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n (lat, lon) points on buildings and roads of the region, the same for the same seed."""
-    check_region_name(region)
+    check_region_name(region, project.params.reserved_schemas)
     query = sql.SQL(
         """SELECT ST_Y(p), ST_X(p) FROM (
              SELECT ST_Transform(ST_PointOnSurface(way), 4326) AS p, md5(osm_id::text || %s) AS h
@@ -25,7 +31,7 @@ def bench_locations(region: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.
                FROM {schema}.planet_osm_line WHERE highway IS NOT NULL AND ST_GeometryType(way) = 'ST_LineString'
            ) q ORDER BY h LIMIT %s"""
     ).format(schema=sql.Identifier(region))
-    with cursor() as cur:
+    with cursor(project.info) as cur:
         cur.execute(query, (str(seed), str(seed), n))
         rows = np.asarray(cur.fetchall(), dtype=np.float64)
     if len(rows) == 0:
@@ -43,5 +49,8 @@ def latencies(fn: Callable, requests: list, warmup: int) -> dict[str, float]:
         fn(r)
         times.append(time.perf_counter() - t0)
     ms = np.asarray(times) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "n": len(ms)}  # fmt: skip
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "n": len(ms),
+    }

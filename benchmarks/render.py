@@ -6,20 +6,20 @@ import time
 
 import numpy as np
 
-from loc2vec.config import load_params
-from loc2vec.render import get_renderer
+from loc2vec.cli.project import Project
+from loc2vec.raster.render import get_renderer
 
-from .common import bench_locations
+from .common import bench_locations, bench_region
 
 
-def run(*, region: str | None = None, n: int | None = None) -> dict:
-    region = region or load_params().regions.default
+def run(project: Project, *, region: str | None = None, n: int | None = None) -> dict:
+    region = bench_region(project, region)
     n = n or 500
-    lats, lons = bench_locations(region, n)
+    lats, lons = bench_locations(project, region, n)
     rng = np.random.default_rng(0)
     angles = rng.uniform(0, 360, len(lats))
-    shifts = rng.uniform(0, 80, (len(lats), 2))
-    renderer = get_renderer(region)
+    shifts = rng.uniform(0, project.params.augment.max_shift_m, (len(lats), 2))
+    renderer = get_renderer(region, project.params.render, project.info)
     for i in range(min(10, len(lats))):  # warm-up: connections, caches
         renderer.render(lats[i], lons[i])
     started = time.perf_counter()

@@ -1,13 +1,13 @@
 """Feast serving: materialization rows/s and online retrieval latency (1 and 100 entities), SQLite and PostgreSQL.
 
-Works on the published offline data (data/feast/embeddings.parquet, see loc2vec/publish.py) but
+Works on the published offline data (data/feast/embeddings.parquet, see loc2vec/serving/publish.py) but
 materializes it into a *throwaway* store (a temporary registry + SQLite file; a `feast_bench` schema on
 PostgreSQL, dropped afterwards), so the project's online stores are never touched. PostgreSQL is
 measured when LOC2VEC_ONLINE_STORE=postgres or `postgres=True`.
 
 Latency is in-process `FeatureStore.get_online_features` for the location_embedding view (embedding,
 model_name, model_version), random published cells, after a warm-up; `e2e` adds what
-`loc2vec.features.get_location_embeddings` adds (lat/lon → H3, checks, DataFrame) on the same store.
+`loc2vec.serving.lookup.get_location_embeddings` adds (lat/lon → H3, checks, DataFrame) on the same store.
 """
 
 from __future__ import annotations
@@ -19,57 +19,67 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from loc2vec.config import load_params
-
 from .common import latencies
+
+if TYPE_CHECKING:
+    from loc2vec.cli.project import Project
+    from loc2vec.serving.store import StoreSettings
 
 FEATURES = ["location_embedding:embedding", "location_embedding:model_name", "location_embedding:model_version"]
 BENCH_SCHEMA = "feast_bench"
 
 
+def _settings(project: Project, kind: str) -> StoreSettings:
+    """The project's store of this kind (params publish/embed, its paths and database)."""
+    from loc2vec.serving.store import StoreSettings
+
+    params = project.params
+    return StoreSettings.from_config(params.publish, params.embed, project.paths, project.info, kind)
+
+
 @contextmanager
-def _throwaway_store(kind: str) -> Iterator[Any]:
+def _throwaway_store(settings: StoreSettings) -> Iterator[Any]:
     """A FeatureStore like the project's, with its own registry and online storage."""
     import yaml
     from feast import FeatureStore
     from feast.repo_config import RepoConfig
 
-    from loc2vec.db import cursor
-    from loc2vec.features import store_yaml
+    from loc2vec.osm.db import cursor
+    from loc2vec.serving.store import store_yaml
 
-    raw = yaml.safe_load(store_yaml(kind))
+    raw = yaml.safe_load(store_yaml(settings))
     with tempfile.TemporaryDirectory(prefix="loc2vec-bench-") as tmp:
         raw["registry"] = str(Path(tmp) / "registry.db")
-        if kind == "sqlite":
+        if settings.kind == "sqlite":
             raw["online_store"]["path"] = str(Path(tmp) / "online.db")
         else:
             raw["online_store"]["db_schema"] = BENCH_SCHEMA
         config = RepoConfig(**raw)
-        config.repo_path = load_params().root / "feature_repo"  # the offline source path resolves against it
+        config.repo_path = settings.paths.feature_repo  # the offline source path resolves against it
         store = FeatureStore(repo_path=str(config.repo_path), config=config)
         try:
             yield store
         finally:
-            if kind == "postgres":
-                with cursor() as cur:
+            if settings.kind == "postgres":
+                with cursor(settings.info) as cur:
                     cur.execute(f"DROP SCHEMA IF EXISTS {BENCH_SCHEMA} CASCADE")
 
 
-def _bench_store(kind: str, full, table, n: int, rng: np.random.Generator) -> dict[str, Any]:
+def _bench_store(settings: StoreSettings, full, table, n: int, rng: np.random.Generator) -> dict[str, Any]:
     """full: the whole offline data (what materialize reads); table: the rows whose cells are looked up."""
-    from loc2vec.features import feast_dir
-    from loc2vec.publish import load_definitions
+    from loc2vec.serving.publish import load_definitions
 
+    kind = settings.kind
     cells = np.asarray(sorted(set(table.column("h3_cell").to_pylist())))
     ts = full.column("event_timestamp")
     out: dict[str, Any] = {}
-    with _throwaway_store(kind) as store:
+    with _throwaway_store(settings) as store:
         t0 = time.perf_counter()
         store.apply(load_definitions())
         out["apply_s"] = round(time.perf_counter() - t0, 2)
@@ -80,8 +90,12 @@ def _bench_store(kind: str, full, table, n: int, rng: np.random.Generator) -> di
         seconds = time.perf_counter() - t0
         n_cells = len(set(full.column("h3_cell").to_pylist()))
         rows = n_cells * len(store.list_feature_views())
-        out["materialize"] = {"cells": n_cells, "rows": rows, "seconds": round(seconds, 2),
-                              "rows_per_s": round(rows / seconds, 1)}  # fmt: skip
+        out["materialize"] = {
+            "cells": n_cells,
+            "rows": rows,
+            "seconds": round(seconds, 2),
+            "rows_per_s": round(rows / seconds, 1),
+        }
 
         def lookup(batch: list[str]) -> None:
             res = store.get_online_features(features=FEATURES, entity_rows={"h3_cell": batch}).to_dict()
@@ -91,32 +105,32 @@ def _bench_store(kind: str, full, table, n: int, rng: np.random.Generator) -> di
             batches = [list(rng.choice(cells, size, replace=size > len(cells))) for _ in range(count)]
             out[f"online_{size}"] = latencies(lookup, batches, warmup=20)
 
-    # End to end through loc2vec.features on the project's own store, when it is published there.
-    if not (feast_dir() / f"published_{kind}.json").is_file():
+    # End to end through loc2vec.serving.lookup on the project's own store, when it is published there.
+    if not settings.paths.publish_state(kind).is_file():
         out["e2e"] = f"skipped: the project is not published to {kind} (`loc2vec publish`)"
         return out
     try:
         import h3
 
-        from loc2vec.features import get_location_embeddings
+        from loc2vec.serving.lookup import get_location_embeddings
 
         sample = rng.choice(cells, 100, replace=len(cells) < 100)
         lat, lon = np.array([h3.cell_to_latlng(c) for c in sample]).T
-        get_location_embeddings(lat[:1], lon[:1], online_store=kind)
+        get_location_embeddings(lat[:1], lon[:1], settings)
         reqs = [(lat[i : i + 1], lon[i : i + 1]) for i in rng.integers(0, len(lat), n)]
-        out["e2e_1"] = latencies(lambda r: get_location_embeddings(r[0], r[1], online_store=kind), reqs, warmup=20)
-        out["e2e_100"] = latencies(
-            lambda _: get_location_embeddings(lat, lon, online_store=kind), [0] * (n // 5), warmup=20
-        )
+        out["e2e_1"] = latencies(lambda r: get_location_embeddings(r[0], r[1], settings), reqs, warmup=20)
+        out["e2e_100"] = latencies(lambda _: get_location_embeddings(lat, lon, settings), [0] * (n // 5), warmup=20)
     except Exception as exc:  # not published to this store: the Feast numbers above still stand
         out["e2e"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
     return out
 
 
-def run(*, region: str | None = None, n: int | None = None, postgres: bool | None = None) -> dict:
-    from loc2vec.publish import PublishError, offline_path
+def run(project: Project, *, region: str | None = None, n: int | None = None, postgres: bool | None = None) -> dict:
+    """Materialization and online latency of the project's published data (`postgres`: also on PostgreSQL;
+    default: when LOC2VEC_ONLINE_STORE=postgres)."""
+    from loc2vec.serving.publish import PublishError
 
-    path = offline_path()
+    path = project.paths.offline_store
     if not path.is_file():
         raise PublishError(f"no published offline data at {path}: run `loc2vec embed` and `loc2vec publish` first")
     full = table = pq.read_table(path)
@@ -134,11 +148,13 @@ def run(*, region: str | None = None, n: int | None = None, postgres: bool | Non
         "model_versions": sorted(set(table.column("model_version").to_pylist())),
     }
     for kind in ("sqlite", "postgres") if postgres else ("sqlite",):
-        result[kind] = _bench_store(kind, full, table, n, rng)
+        result[kind] = _bench_store(_settings(project, kind), full, table, n, rng)
     return result
 
 
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(run(), indent=1))
+    from loc2vec.cli.project import Project as _Project
+
+    print(json.dumps(run(_Project.load()), indent=1))

@@ -5,17 +5,20 @@ groups of every published region (or of `region`), k = explore.similar.k, nothin
 is `SimilarIndex.search` (FAISS HNSW over distinct vectors by default, plus expanding vectors to cells);
 `brute_force` is numpy over every published cell's vector (squared L2, argpartition, sort): what the
 index replaces. `recall_at_k` counts index results no farther than the true k-th distance. `e2e` adds the
-Feast online lookup of the query cell (`loc2vec.similar.similar`), when the project is published.
+Feast online lookup of the query cell (`loc2vec.serving.similar.similar`), when the project is published.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .common import latencies
+
+if TYPE_CHECKING:
+    from loc2vec.cli.project import Project
 
 
 def _brute_force(vectors: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -25,16 +28,17 @@ def _brute_force(vectors: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     return np.sqrt(np.sort(d[top]))
 
 
-def run(*, region: str | None = None, n: int | None = None) -> dict[str, Any]:
-    from loc2vec.similar import ensure_index, published_cells, similar
+def run(project: Project, *, region: str | None = None, n: int | None = None) -> dict[str, Any]:
+    """Index query vs brute-force latency and recall on the project's published cells (`region`: only its)."""
+    from loc2vec.serving.similar_index import ensure_index, published_cells
 
     n = n or 300
     t0 = time.perf_counter()
-    index = ensure_index(progress=False)
+    index = ensure_index(project.params.explore.similar, project.paths, progress=False)
     ready_s = time.perf_counter() - t0
     cfg = index.cfg
     k = cfg.k
-    cells = published_cells()
+    cells = published_cells(project.paths.offline_store)
     regions = [region] if region else None
     index.check_regions(regions)
     pool = cells if region is None else cells[cells["region"] == region]
@@ -80,15 +84,20 @@ def run(*, region: str | None = None, n: int | None = None) -> dict[str, Any]:
         kth = scan(q)[-1]
         recalls.append(float(np.mean(got <= kth * (1 + 1e-5) + 1e-6)) if len(got) else 0.0)
     result["recall_at_k"] = round(float(np.mean(recalls)), 4)
-    result["e2e"] = _end_to_end(picks, similar, index, max(10, n // 10))
+    result["e2e"] = _end_to_end(project, picks, index, max(10, n // 10))
     return result
 
 
-def _end_to_end(picks, similar, index, n: int) -> dict[str, Any] | str:
+def _end_to_end(project: Project, picks, index, n: int) -> dict[str, Any] | str:
     """`similar()` with its Feast online lookup of the query cell, on the project's own store."""
+    from loc2vec.serving.similar import similar
+    from loc2vec.serving.store import StoreSettings
+
+    params = project.params
     try:
+        store = StoreSettings.from_config(params.publish, params.embed, project.paths, project.info)
         lat, lon = picks["lat"].to_numpy()[:n], picks["lon"].to_numpy()[:n]
-        return latencies(lambda i: similar(lat[i], lon[i], index=index), list(range(len(lat))), warmup=2)
+        return latencies(lambda i: similar(lat[i], lon[i], index, store), list(range(len(lat))), warmup=2)
     except Exception as exc:  # not published online: the index numbers above still stand
         return f"skipped: {type(exc).__name__}: {exc}"[:200]
 
@@ -96,4 +105,6 @@ def _end_to_end(picks, similar, index, n: int) -> dict[str, Any] | str:
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(run(), indent=1))
+    from loc2vec.cli.project import Project as _Project
+
+    print(json.dumps(run(_Project.load()), indent=1))

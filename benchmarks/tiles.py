@@ -17,56 +17,59 @@ import time
 import numpy as np
 import torch
 
-from loc2vec.config import load_params
-from loc2vec.cutter import cut_tiles
-from loc2vec.db import require_import
-from loc2vec.metatiles import MetatileRenderer, ensure_metatiles
+from loc2vec.cli.project import Project
+from loc2vec.core.config import RenderConfig
+from loc2vec.osm.db import ConnInfo, require_import
+from loc2vec.raster.cutter import cut_tiles
+from loc2vec.raster.metatiles import MetatileRenderer, MetatileSpec, ensure_metatiles
 
-from .common import bench_locations
+from .common import bench_locations, bench_region
 
 SEED = 0
 BATCH = 100  # tiles per cut_tiles call: a training batch (triplets.locations_per_batch × pairs_per_location)
 
 
-def _bench_locations(region: str, n: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+def _bench_locations(project: Project, region: str, n: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
     """The region's sampled training locations (`loc2vec sample`) when there are, else points on
     buildings/roads inside the region's extent."""
-    samples = load_params().root / "data" / "samples" / f"{region}.parquet"
+    samples = project.paths.samples(region)
     if samples.is_file():
         import pandas as pd
 
         frame = pd.read_parquet(samples).sample(frac=1.0, random_state=seed).head(n)
         return frame["lat"].to_numpy(), frame["lon"].to_numpy()
-    west, south, east, north = require_import(region).bbox
-    lats, lons = bench_locations(region, 2 * n + 50, seed)
+    west, south, east, north = require_import(region, project.info).bbox
+    lats, lons = bench_locations(project, region, 2 * n + 50, seed)
     inside = (lats >= south) & (lats <= north) & (lons >= west) & (lons <= east)
     return lats[inside][:n], lons[inside][:n]
 
 
-def _worker_init(region: str, lat: float, lon: float) -> None:
-    from loc2vec.render import get_renderer
+def _worker_init(region: str, render: RenderConfig, info: ConnInfo, lat: float, lon: float) -> None:
+    from loc2vec.raster.render import get_renderer
 
-    renderer = get_renderer(region)
+    renderer = get_renderer(region, render, info)
     for angle in (0.0, 45.0):  # warm-up: map parsing, DB connections, PROJ
         renderer.render(lat, lon, angle, (10.0, 10.0))
 
 
-def _worker_render(args: tuple[str, np.ndarray]) -> int:
-    from loc2vec.render import get_renderer
+def _worker_render(args: tuple[str, RenderConfig, ConnInfo, np.ndarray]) -> int:
+    from loc2vec.raster.render import get_renderer
 
-    region, rows = args
-    renderer = get_renderer(region)
+    region, render, info, rows = args
+    renderer = get_renderer(region, render, info)
     total = 0
     for lat, lon, angle, dx, dy in rows:
         total += int(renderer.render(lat, lon, angle, (dx, dy)).sum(dtype=np.int64) & 0xFFFF)
     return total
 
 
-def _direct(region: str, lats, lons, angles, shifts, cores: int) -> float:
+def _direct(project: Project, region: str, lats, lons, angles, shifts, cores: int) -> float:
+    render, info = project.params.render, project.info
     rows = np.column_stack([lats, lons, angles, shifts])
-    chunks = [(region, c) for c in np.array_split(rows, cores * 8) if len(c)]
-    with mp.get_context("spawn").Pool(cores, initializer=_worker_init, initargs=(region, lats[0], lons[0])) as pool:
-        pool.map(_worker_render, [(region, rows[:2])] * cores)  # every worker started and warm
+    chunks = [(region, render, info, c) for c in np.array_split(rows, cores * 8) if len(c)]
+    init = (region, render, info, lats[0], lons[0])
+    with mp.get_context("spawn").Pool(cores, initializer=_worker_init, initargs=init) as pool:
+        pool.map(_worker_render, [(region, render, info, rows[:2])] * cores)  # every worker started and warm
         started = time.perf_counter()
         pool.map(_worker_render, chunks, chunksize=1)
         return time.perf_counter() - started
@@ -89,35 +92,45 @@ def _fast(index, lats, lons, angles, shifts, device: str, repeats: int = 5) -> f
     return statistics.median(once() for _ in range(repeats))
 
 
-def _one_metatile_s(index, lat: float, lon: float) -> float:
+def _one_metatile_s(index, info: ConnInfo, lat: float, lon: float) -> float:
     """Seconds to render one metatile (in memory, not stored): the cold cost per metatile, even when
     this run found every metatile already on disk."""
-    renderer = MetatileRenderer(index.region, index.grid)
+    renderer = MetatileRenderer(index.region, index.grid, info, index.spec.buffer_px)
     meta = index.entries[index.keys_for([lat], [lon])[0]]
     started = time.perf_counter()
     renderer.render(meta)
     return time.perf_counter() - started
 
 
-def run(*, region: str | None = None, n: int | None = None) -> dict:
-    region = region or load_params().regions.default
+def run(project: Project, *, region: str | None = None, n: int | None = None) -> dict:
+    params, paths = project.params, project.paths
+    region = bench_region(project, region)
     n = n or 400
     cores = os.cpu_count() or 1
-    lats, lons = _bench_locations(region, n)
+    lats, lons = _bench_locations(project, region, n)
     n = len(lats)
     rng = np.random.default_rng(SEED)
-    max_shift = load_params().augment.max_shift_m
+    max_shift = params.augment.max_shift_m
     angles = rng.uniform(0.0, 360.0, n)
     shifts = rng.uniform(-max_shift, max_shift, (n, 2))
 
-    direct_s = _direct(region, lats, lons, angles, shifts, cores)
+    direct_s = _direct(project, region, lats, lons, angles, shifts, cores)
 
     started = time.perf_counter()
-    index = ensure_metatiles(region, lats, lons, progress=False)
+    index = ensure_metatiles(
+        region,
+        lats,
+        lons,
+        spec=MetatileSpec.from_config(params.render, params.augment, params.tiles),
+        paths=paths,
+        info=project.info,
+        orchestrate=params.orchestrate,
+        progress=False,
+    )
     metatile_s = time.perf_counter() - started
     used = len(set(index.keys_for(lats, lons)))
 
-    each_s = _one_metatile_s(index, lats[0], lons[0])
+    each_s = _one_metatile_s(index, project.info, lats[0], lons[0])
     torch.set_num_threads(cores)
     fast_s = _fast(index, lats, lons, angles, shifts, "cpu")
     out = {

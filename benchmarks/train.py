@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from loc2vec.config import load_params
-from loc2vec.losses import LossConfig
-from loc2vec.model import Encoder, ModelConfig, count_parameters, to_input
+from loc2vec.cli.project import Project
+from loc2vec.core.config import LossConfig, ModelConfig
+from loc2vec.training.losses import build_loss
+from loc2vec.training.model import Encoder, count_parameters, to_input
 
 WARMUP_STEPS = 2
 
@@ -37,7 +38,7 @@ def _measure(device: torch.device, steps: int, batch: int, cfg: ModelConfig, los
         tiles = torch.randint(0, 256, (3 * batch, cfg.in_channels, cfg.input_size, cfg.input_size), dtype=torch.uint8)
         tiles = tiles.to(device).contiguous(memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = loss_cfg.build()
+    loss_fn = build_loss(loss_cfg)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -70,13 +71,13 @@ def _measure(device: torch.device, steps: int, batch: int, cfg: ModelConfig, los
     }
 
 
-def run(*, region: str | None = None, n: int | None = None) -> dict:
+def run(project: Project, *, region: str | None = None, n: int | None = None) -> dict:
     """`n` timed steps (default 5) after 2 warm-up steps; `region` is unused (tiles are synthetic)."""
     steps = n or 5
-    shape = load_params().section("triplets")  # read raw: the batch shape is all this needs
-    batch = int(shape.get("locations_per_batch", 20)) * int(shape.get("pairs_per_location", 5))
-    cfg = ModelConfig.from_params()
-    loss_cfg = LossConfig.from_params()
+    shape = project.params.triplets
+    batch = shape.locations_per_batch * shape.pairs_per_location
+    cfg = project.params.model
+    loss_cfg = project.params.loss
     result: dict = {
         "device": "cpu",
         "batch_triplets": batch,

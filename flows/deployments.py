@@ -1,13 +1,15 @@
-"""Deployments: weekly refresh_osm, daily publish, an unscheduled pipeline — served from this process.
+"""Deployments: weekly refresh_osm, daily publish, an unscheduled pipeline — served from one process.
 
     prefect server start                                   # one terminal (schedules need a real server)
-    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.deployments
+    PREFECT_API_URL=http://127.0.0.1:4200/api loc2vec flow serve
 
-`prefect.serve` registers the deployments and runs their scheduled runs in subprocesses of this process
-(no work pool needed). The same deployments are declared in prefect.yaml for a worker instead
-(`prefect deploy --all`, `prefect worker start --pool loc2vec`); tests/test_flows.py checks that both
-declare the same schedules. Schedules come from params.yaml `orchestrate:` (refresh_cron, publish_cron,
-timezone).
+`loc2vec flow serve` (loc2vec/cli/flows.py; it replaces `python -m flows.deployments`) calls
+`serve_deployments`: `prefect.serve` registers the deployments and runs their scheduled runs in
+subprocesses of that process (no work pool needed); each run imports its flow as a module
+(flows.refresh:refresh_osm) from the checkout. The same deployments are declared in prefect.yaml for a
+worker instead (`prefect deploy --all`, `prefect worker start --pool loc2vec`); tests/test_flows.py checks
+that both declare the same schedules. Schedules come from params.yaml `orchestrate:` (refresh_cron, publish_cron,
+timezone), read by the caller (the command line) and passed in.
 
 Concurrency: each deployment allows one active run (later ones are enqueued), the stage tasks carry the
 tag `loc2vec-dvc`, whose tag concurrency limit (1) `serve` creates, and every flow holds its file lock
@@ -16,7 +18,6 @@ tag `loc2vec-dvc`, whose tag concurrency limit (1) `serve` creates, and every fl
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -27,8 +28,7 @@ from prefect.types.entrypoint import EntrypointType
 from flows.pipeline import pipeline
 from flows.publish import publish
 from flows.refresh import refresh_osm
-from loc2vec.config import load_params
-from loc2vec.fanout import OrchestrateConfig, orchestrate_config
+from loc2vec.core.config import Params
 
 STAGE_TAG = "loc2vec-dvc"  # flows.pipeline.stage_task's tag: one DVC stage at a time across all runs
 TAGS = ["loc2vec"]
@@ -39,26 +39,25 @@ def one_at_a_time() -> ConcurrencyLimitConfig:
     return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 
 
-def schedules(cfg: OrchestrateConfig | None = None) -> dict[str, dict[str, Any]]:
+def schedules(params: Params) -> dict[str, dict[str, Any]]:
     """Deployment name → its flow, cron, timezone and default parameters (the single declaration)."""
-    cfg = cfg or orchestrate_config()
-    region = load_params().regions.default
+    cfg, region = params.orchestrate, params.regions.default
     return {
         "weekly-refresh": {
             "flow": refresh_osm,
             "cron": cfg.refresh_cron,
             "timezone": cfg.timezone,
             "parameters": {"region": region},
-        },  # fmt: skip
+        },
         "daily-publish": {"flow": publish, "cron": cfg.publish_cron, "timezone": cfg.timezone, "parameters": {}},
         "on-demand": {"flow": pipeline, "cron": None, "timezone": cfg.timezone, "parameters": {}},
     }
 
 
-def deployments(cfg: OrchestrateConfig | None = None) -> list[RunnerDeployment]:
+def deployments(params: Params) -> list[RunnerDeployment]:
     """The deployments, built locally (no API call until they are served)."""
     out = []
-    for name, spec in schedules(cfg).items():
+    for name, spec in schedules(params).items():
         crons = [Cron(spec["cron"], timezone=spec["timezone"])] if spec["cron"] else None
         out.append(
             spec["flow"].to_deployment(
@@ -84,13 +83,9 @@ def ensure_tag_limit(tag: str = STAGE_TAG, limit: int = 1) -> None:
         client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
 
 
-def main() -> int:
+def serve_deployments(params: Params) -> None:
+    """Register the deployments with the Prefect API (PREFECT_API_URL) and run their schedules until stopped."""
     from prefect import serve
 
     ensure_tag_limit()
-    serve(*deployments())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    serve(*deployments(params))

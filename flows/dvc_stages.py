@@ -1,13 +1,15 @@
 """DVC from the flows: the stage graph, one stage at a time, and failures classified for retries.
 
 The flows drive DVC through its command line, as a person would: `dvc dag --dot` gives the stages
-(foreach stages expanded for params.yaml's pipeline.regions) and their edges, and each stage runs as
+(foreach stages expanded for params.yaml's pipeline.regions) and their edges, read into a networkx
+DiGraph (with pydot, as DVC writes it; both come with DVC), and each stage runs as
 `dvc repro --single-item <stage>`: DVC decides whether it is stale, runs it, and records it in dvc.lock.
 Serially: DVC holds a repo lock, so concurrent repros in one repository fail.
 
 A stage runs in a subprocess, so its failure arrives as an exit status and output: the output's tail
-decides whether it is transient (loc2vec.fanout.is_transient_text: the database refused or dropped a
-connection, another DVC process held the repo lock) and worth a retry, or deterministic and final.
+decides whether it is transient (loc2vec.orchestration.transient.is_transient_text: the database refused
+or dropped a connection, another DVC process held the repo lock) and worth a retry, or deterministic and
+final.
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loc2vec.errors import Loc2VecError
-from loc2vec.fanout import is_transient_text
+import networkx as nx
+
+from loc2vec.core.errors import Loc2VecError
+from loc2vec.orchestration.transient import is_transient_text
 
 log = logging.getLogger(__name__)
 TAIL_LINES = 60  # output lines kept for the error message and the classification
-_NODE_RE = re.compile(r'^\s*"(?P<a>[^"]+)"(?:\s*->\s*"(?P<b>[^"]+)")?\s*;?\s*$')
 
 
 class StageFailed(Loc2VecError, RuntimeError):
@@ -48,7 +51,7 @@ class StageFailed(Loc2VecError, RuntimeError):
 def stage_env(api_url: str | None = None) -> dict[str, str]:
     """The environment of stage commands: this interpreter's bin first on PATH (DVC runs `loc2vec …` through
     the shell) and, when known, the Prefect API of the calling flow, so the fan-out inside a stage reports to
-    the same server instead of starting an ephemeral one per stage (loc2vec/fanout.py, runner `auto`)."""
+    the same server instead of starting an ephemeral one per stage (loc2vec.orchestration.runners, `auto`)."""
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
@@ -72,8 +75,9 @@ def run_dvc(
     what = what or "dvc " + " ".join(args)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     lines: list[str] = []
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
+    )
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.rstrip("\n").split("\r")[-1].rstrip()  # a progress bar's last state only
@@ -107,59 +111,52 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 # ---------------------------------------------------------------- the stage graph
 
 
-@dataclass(frozen=True)
 class StageGraph:
-    """Stages in dvc.yaml order (foreach items in params order) and, for each, the stages it depends on."""
+    """The DVC stages (nodes, in dvc.yaml order: foreach items in params order) and their dependencies
+    (an edge a → b: b depends on a), as `dvc dag --dot` writes them."""
 
-    stages: tuple[str, ...]
-    deps: dict[str, frozenset[str]]
+    def __init__(self, graph: nx.DiGraph):
+        self.graph = graph
 
     @classmethod
     def from_dot(cls, dot: str) -> StageGraph:
-        order: list[str] = []
-        deps: dict[str, set[str]] = {}
-        for line in dot.splitlines():
-            m = _NODE_RE.match(line)
-            if not m:
-                continue
-            for name in (m["a"], m["b"]):
-                if name and name not in deps:
-                    order.append(name)
-                    deps[name] = set()
-            if m["b"]:  # "a" -> "b": b depends on a
-                deps[m["b"]].add(m["a"])
-        return cls(tuple(order), {k: frozenset(v) for k, v in deps.items()})
+        import pydot
+
+        with warnings.catch_warnings():  # pydot's grammar uses pyparsing names pyparsing now calls deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            parsed = pydot.graph_from_dot_data(dot) if dot.strip() else None
+        if not parsed:
+            raise Loc2VecError(f"`dvc dag --dot` gave no readable graph:\n{dot[:500]}")
+        return cls(nx.DiGraph(nx.nx_pydot.from_pydot(parsed[0])))  # nodes in the order the dot lists them
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self.graph)
+
+    def deps(self, stage: str) -> set[str]:
+        """The stages `stage` depends on directly."""
+        return set(self.graph.predecessors(stage))
 
     def topological(self) -> list[str]:
         """Every stage after the stages it depends on; ties in dvc.yaml order (stable, readable)."""
-        rank = {s: i for i, s in enumerate(self.stages)}
-        waiting = {s: set(d) for s, d in self.deps.items()}
-        done: list[str] = []
-        while waiting:
-            ready = sorted((s for s, d in waiting.items() if not d), key=rank.__getitem__)
-            if not ready:
-                raise Loc2VecError(f"dvc.yaml has a dependency cycle among {sorted(waiting)}")
-            done.append(ready[0])
-            del waiting[ready[0]]
-            for d in waiting.values():
-                d.discard(ready[0])
-        return done
+        rank = {s: i for i, s in enumerate(self.graph)}
+        try:
+            return list(nx.lexicographical_topological_sort(self.graph, key=rank.__getitem__))
+        except nx.NetworkXUnfeasible:
+            edges = nx.find_cycle(self.graph)
+            cycle = " → ".join([a for a, _ in edges] + [edges[0][0]])
+            raise Loc2VecError(f"the DVC stages depend on each other in a cycle: {cycle}") from None
 
     def descendants(self, names: Iterable[str]) -> set[str]:
         """The stages and every stage that depends on them, directly or not."""
         out = set(names)
-        changed = True
-        while changed:
-            changed = False
-            for s, d in self.deps.items():
-                if s not in out and d & out:
-                    out.add(s)
-                    changed = True
+        for name in list(out):
+            out |= nx.descendants(self.graph, name)
         return out
 
     def resolve(self, name: str) -> set[str]:
         """A stage name ("embed@liechtenstein") or a base name ("embed": every embed@<region>)."""
-        if name in self.deps:
+        if name in self.graph:
             return {name}
         hits = {s for s in self.stages if s.split("@", 1)[0] == name}
         if not hits:

@@ -3,12 +3,15 @@
 Two runs that write the same outputs (two pipelines, a refresh and a pipeline, two publishes) must never
 overlap, whoever started them: a schedule, `make run`, or someone at a terminal. Prefect's deployment
 concurrency limits only see runs of one deployment through one server, so the guard is an `fcntl.flock`
-on data/.locks/<name>.lock: the kernel drops it when the holder exits, however it dies (no stale locks),
-and it works for any process on the machine. The lock file holds who has it (pid, flow run, since), so a
+on the project's data/.locks/<name>.lock (`paths.lock(name)`, loc2vec.core.paths): the kernel drops it
+when the holder exits, however it dies (no stale locks), and it works for any process on the machine. The lock file holds who has it (pid, flow run, since), so a
 waiting or refused run can say so.
 
-Re-entrant within one call chain (a ContextVar, so a subflow inherits it): refresh_osm holds "pipeline"
-and runs the pipeline flow as a subflow, which takes "pipeline" again without deadlocking on itself.
+Re-entrant within one call chain (a ContextVar, so a subflow inherits it): refresh_osm holds the pipeline
+lock and runs the pipeline flow as a subflow, which takes it again without deadlocking on itself.
+
+(loc2vec.core.atomic.file_lock is the library's lock for writers of one directory: it waits as long as it
+takes and says nothing; a flow's lock needs a bounded wait and the holder's name in its error.)
 """
 
 from __future__ import annotations
@@ -26,22 +29,15 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loc2vec.config import load_params, validate_region_name
-from loc2vec.errors import Loc2VecError
+from loc2vec.core.errors import Loc2VecError
 
 log = logging.getLogger(__name__)
-_HELD: ContextVar[frozenset[str]] = ContextVar("loc2vec_flow_locks", default=frozenset())
+_HELD: ContextVar[frozenset[Path]] = ContextVar("loc2vec_flow_locks", default=frozenset())
 POLL_S = 1.0
 
 
 class LockBusy(Loc2VecError, RuntimeError):
     """Another run holds the lock (and the wait, if any, ran out)."""
-
-
-def lock_path(name: str, root: Path | None = None) -> Path:
-    """data/.locks/<name>.lock of the project (git-ignored, DVC-ignored: not data)."""
-    root = root or load_params().root
-    return root / "data" / ".locks" / f"{validate_region_name(name)}.lock"
 
 
 def holder(path: Path) -> str:
@@ -66,15 +62,15 @@ def _flow_run_label() -> str | None:
 
 
 @contextlib.contextmanager
-def exclusive(name: str, *, timeout_s: float | None = None, root: Path | None = None) -> Iterator[Path]:
-    """Hold data/.locks/<name>.lock for the block.
+def exclusive(lock: Path, *, timeout_s: float | None = None) -> Iterator[Path]:
+    """Hold the lock file `lock` (a project's `paths.lock(name)`) for the block.
 
     timeout_s: None or < 0 waits as long as it takes; 0 fails at once if the lock is busy; > 0 waits
     that long, then fails. A failure is a LockBusy naming the holder.
     """
     held = _HELD.get()
-    path = lock_path(name, root)
-    if name in held:  # this call chain holds it already (a subflow of the holder)
+    path = Path(lock).resolve()
+    if path in held:  # this call chain holds it already (a subflow of the holder)
         yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,11 +94,15 @@ def exclusive(name: str, *, timeout_s: float | None = None, root: Path | None = 
                 log.warning("waiting for %s, held by %s", path, holder(path))
                 announced = True
             time.sleep(POLL_S if deadline is None else max(0.05, min(POLL_S, deadline - time.monotonic())))
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "flow_run": _flow_run_label(),
-                "since": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "flow_run": _flow_run_label(),
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        token = _HELD.set(held | {name})
+        token = _HELD.set(held | {path})
         try:
             yield path
         finally:

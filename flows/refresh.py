@@ -1,7 +1,10 @@
 """The `refresh_osm` flow: fetch a new extract, verify it, version it with DVC, and run the pipeline if
 the data changed.
 
-    python -m flows.refresh --region liechtenstein [--source URL|PATH] [--sha256 HEX] [--no-pipeline]
+    loc2vec flow refresh --region liechtenstein [--source URL|PATH] [--sha256 HEX] [--no-pipeline]
+
+(the weekly-refresh deployment runs the same flow). Like the pipeline flow, it loads params.yaml when it
+starts (and again after editing it) and takes every location from the project's paths.
 
 How the extract is versioned, and why not `dvc add`: data/osm/<region>.osm.pbf is an output of the
 `ingest@<region>` stage (its command, `loc2vec fetch`, copies the registered source there, verified),
@@ -10,7 +13,8 @@ definition and the stage does the versioning:
 
 1. Fetch the source (URL or path) and verify its sha256 — before anything is touched, so a failed
    download or a wrong checksum leaves params.yaml, dvc.lock and the database as they were. Downloads
-   go to the regions.download_dir cache (data/scratch/osm when that is the DVC output directory).
+   go to the regions.download_dir cache (data/scratch/osm when that is where the ingest stage puts its
+   output).
 2. Write source and sha256 to params.yaml regions.registry.<region> (in place, comments kept), and
    add the region to pipeline.regions if it is not there (only pipeline regions have stages).
 3. `dvc repro --single-item ingest@<region>`: the registry entry is a param of the stage, so a new
@@ -27,12 +31,8 @@ two files only).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +44,24 @@ from flows.dvc_stages import stage_env
 from flows.lock import exclusive
 from flows.params_edit import set_pipeline_regions, set_region_source
 from flows.pipeline import pipeline, prefect_api_url, push_task, stage_task
-from loc2vec.config import ConfigError, RegionSpec, load_params, params_path
-from loc2vec.fanout import orchestrate_config, retry_options
-from loc2vec.osm import check_region_name, fetch_extract, sha256_file
+from loc2vec.cli.project import Project
+from loc2vec.core.config import RegionSpec, params_path
+from loc2vec.core.errors import ConfigError
+from loc2vec.core.names import check_region_name
+from loc2vec.core.paths import ProjectPaths
+from loc2vec.orchestration.transient import retry_options
+from loc2vec.osm.extracts import fetch_extract, sha256_file
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def extract_out(region: str) -> str:
-    """The extract's path as the ingest stage outputs it (relative to the repository)."""
-    return f"data/osm/{region}.osm.pbf"
+def extract_out(paths: ProjectPaths, region: str) -> str:
+    """The extract's path as the ingest stage outputs it (relative to the repository, as dvc.lock names it)."""
+    return paths.extract(region).relative_to(paths.root).as_posix()
 
 
-def locked_md5(root: Path, out: str) -> str | None:
-    """The md5 dvc.lock records for an output (None: never produced by a stage)."""
-    lock = root / "dvc.lock"
+def locked_md5(lock: Path, out: str) -> str | None:
+    """The md5 a dvc.lock records for an output (None: never produced by a stage)."""
     if not lock.is_file():
         return None
     for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
@@ -78,16 +81,18 @@ def _source_as_registered(source: str, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
+def download_dir(paths: ProjectPaths, region: str) -> Path:
+    """Where a downloaded extract goes: regions.download_dir, unless that is the ingest stage's output
+    directory (DVC owns what is there): data/scratch/osm then."""
+    target = paths.download_dir.resolve()
+    return paths.scratch / "osm" if target == paths.extract(region).parent.resolve() else target
+
+
 @task(name="fetch-extract", cache_policy=NO_CACHE, persist_result=False)
-def fetch_task(region: str, source: str, sha256: str) -> str:
+def fetch_task(region: str, source: str, sha256: str, root: str, downloads: str) -> str:
     """Download (or find) the extract and verify its sha256; returns the verified local path."""
-    params = load_params()
     spec = RegionSpec(name=region, source=source, sha256=sha256)
-    download_dir = (params.root / params.regions.download_dir).resolve()
-    if download_dir == (params.root / "data" / "osm").resolve():  # never write into a DVC output
-        regions = dataclasses.replace(params.regions, download_dir="data/scratch/osm")
-        params = dataclasses.replace(params, regions=regions)
-    path = fetch_extract(spec, params)
+    path = fetch_extract(spec, Path(root), Path(downloads))
     if sha256_file(path) != sha256:  # fetch_extract verified it; a file changed under us is no version
         raise ConfigError(f"{path} changed while it was verified")
     return str(path)
@@ -107,9 +112,11 @@ def refresh_osm(
     sha256 is required for a new source; without one the registered checksum re-verifies the registered source.
     """
     logger = get_run_logger()
-    params = load_params()
-    root, cfg = params.root, orchestrate_config()
-    region = check_region_name(region or params.regions.default)
+    params_file = params_path()
+    project = Project.load(params_file)
+    params, paths = project.params, project.paths
+    root, cfg = paths.root, params.orchestrate
+    region = check_region_name(region or params.regions.default, params.reserved_schemas)
     registered = params.regions.registry.get(region)
     source = source or (registered.source if registered else None)
     if not source:
@@ -120,32 +127,42 @@ def refresh_osm(
     if not SHA256_RE.fullmatch(expected):
         raise ConfigError(f"refresh_osm {region}: a sha256 (64 hex digits) of the extract is required, got {sha256!r}")
 
-    with exclusive("pipeline", timeout_s=cfg.lock_timeout_s, root=root):
+    with exclusive(paths.lock("pipeline"), timeout_s=cfg.lock_timeout_s):
         options = retry_options(cfg)
-        local = fetch_task.with_options(**options)(region, source, expected)
+        local = fetch_task.with_options(**options)(
+            region, source, expected, str(root), str(download_dir(paths, region))
+        )
         logger.info("%s: %s verified (sha256 %s…)", region, local, expected[:12])
 
-        out = extract_out(region)
-        before = locked_md5(root, out)
-        registry_changed = set_region_source(params_path(), region, source, expected)
-        pipeline_regions = list(load_params().section("pipeline").get("regions") or [])
+        out = extract_out(paths, region)
+        before = locked_md5(paths.dvc_lock, out)
+        registry_changed = set_region_source(params_file, region, source, expected)
+        pipeline_regions = list(Project.load(params_file).params.pipeline.regions)
         if region not in pipeline_regions:
-            set_pipeline_regions(params_path(), [*pipeline_regions, region])
+            set_pipeline_regions(params_file, [*pipeline_regions, region])
             logger.info("%s added to pipeline.regions", region)
 
         api = prefect_api_url()
         stage = f"ingest@{region}"
         ingest = stage_task.with_options(**options)(stage=stage, root=str(root), api_url=api)
-        after = locked_md5(root, out)
+        after = locked_md5(paths.dvc_lock, out)
         if push:
             push_task.with_options(**options)(str(root), [stage], api)
         changed = after != before
-        result: dict[str, Any] = {"region": region, "source": source, "sha256": expected, "md5_before": before,
-                                  "md5_after": after, "registry_changed": registry_changed, "ingest": ingest,
-                                  "changed": changed, "pushed": push}  # fmt: skip
+        result: dict[str, Any] = {
+            "region": region,
+            "source": source,
+            "sha256": expected,
+            "md5_before": before,
+            "md5_after": after,
+            "registry_changed": registry_changed,
+            "ingest": ingest,
+            "changed": changed,
+            "pushed": push,
+        }
         if git_commit and (registry_changed or changed):
             message = f"refresh_osm: {region} extract sha256 {expected[:12]}"
-            run_git(root, ["commit", "-m", message, "--", "params.yaml", "dvc.lock"])
+            run_git(root, ["commit", "-m", message, "--", str(params_file), str(paths.dvc_lock)])
             result["git_commit"] = message
         if changed and run_pipeline:
             logger.info("%s: the extract changed (md5 %s → %s): running the pipeline", region, before, after)
@@ -160,22 +177,3 @@ def run_git(root: Path, args: list[str]) -> str:
     if proc.returncode != 0:
         raise ConfigError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.refresh", description=__doc__.splitlines()[0])
-    p.add_argument("--region", help="default: params.yaml regions.default")
-    p.add_argument("--source", help="URL or path of the new extract (default: the registered source)")
-    p.add_argument("--sha256", help="its sha256 (required for a new source)")
-    p.add_argument("--no-pipeline", action="store_true", help="do not run the pipeline even if the data changed")
-    p.add_argument("--no-push", action="store_true", help="do not dvc push the extract")
-    p.add_argument("--git-commit", action="store_true", help="commit params.yaml and dvc.lock when they changed")
-    args = p.parse_args(argv)
-    result = refresh_osm(region=args.region, source=args.source, sha256=args.sha256, run_pipeline=not args.no_pipeline,
-                         push=not args.no_push, git_commit=args.git_commit)  # fmt: skip
-    print(json.dumps({k: v for k, v in result.items() if k != "pipeline"}, indent=1, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_DB = "loc2vec_test"
+# Several suites can run side by side on one machine, each in its own database (e.g. LOC2VEC_TEST_DB=loc2vec_test2).
+TEST_DB = os.environ.get("LOC2VEC_TEST_DB", "loc2vec_test")
 # Vaduz centre, Schaan and its railway station, and the Rhine on the Swiss border.
 TEST_BBOX = (9.485, 47.125, 9.545, 47.180)  # west, south, east, north
 TEST_REGION = "test_li"
@@ -32,9 +33,13 @@ def _shared_pbf(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A temporary project root with its own params.yaml (absolute extract paths) and test database."""
-    from loc2vec import dbadmin
-    from loc2vec.config import load_params
+    """A temporary project root with its own params.yaml (absolute extract paths) and test database.
+
+    Like the command line, tests load the configuration at the edge: `load_project()` (after any
+    `patched_params`) gives the params, paths and database to pass to library code.
+    """
+    from loc2vec.core.config import load_params
+    from loc2vec.osm import cluster
 
     root = tmp_path_factory.mktemp("project")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -47,7 +52,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     old = {k: os.environ.get(k) for k in ("LOC2VEC_PARAMS", "LOC2VEC_PG_DSN")}
     os.environ["LOC2VEC_PARAMS"] = str(root / "params.yaml")
     db = load_params().db
-    dbadmin.setup_cluster(db, extra_databases=(TEST_DB,))
+    cluster.setup_cluster(db, extra_databases=(TEST_DB,))
     os.environ["LOC2VEC_PG_DSN"] = (
         f"host={db.host} port={db.port} dbname={TEST_DB} user={db.user} password={db.password}"
     )
@@ -86,10 +91,18 @@ def small_pbf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def region(project: Path, small_pbf: Path) -> str:
     """The test region, ingested into the test database (once per session)."""
-    from loc2vec.osm import ingest
+    from tests.fixtures.project import ingest_region
 
-    ingest(TEST_REGION, small_pbf)
+    ingest_region(TEST_REGION, small_pbf)
     return TEST_REGION
+
+
+@pytest.fixture()
+def proj(project: Path):
+    """The test project as the command line loads it: params, paths and database (fresh for each test)."""
+    from tests.fixtures.project import load_project
+
+    return load_project()
 
 
 @pytest.fixture()

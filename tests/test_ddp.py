@@ -17,15 +17,26 @@ import pandas as pd
 import pytest
 import torch
 
+from .fixtures.project import load_project
 from .fixtures.trained import patched_params
 
 TINY = {
     "sample": {"n_locations": 160, "block_m": 400.0, "seed": 7},
     "triplets": {"locations_per_batch": 4, "pairs_per_location": 2},
     # rank 0 reaches the (trivial) target at its first validation: every rank must stop there with it
-    "train": {"max_steps": 20, "checkpoint_every": 2, "val_every": 10, "val_batches": 1, "max_minutes": 0.0,
-              "target_val_accuracy": 0.0, "warmup_steps": 2, "prefetch": 1, "nproc": 1, "backend": "auto"},
-}  # fmt: skip
+    "train": {
+        "max_steps": 20,
+        "checkpoint_every": 2,
+        "val_every": 10,
+        "val_batches": 1,
+        "max_minutes": 0.0,
+        "target_val_accuracy": 0.0,
+        "warmup_steps": 2,
+        "prefetch": 1,
+        "nproc": 1,
+        "backend": "auto",
+    },
+}
 STEPS = TINY["train"]["val_every"]  # the early stop
 TIMEOUT_S = 150
 
@@ -33,7 +44,7 @@ TIMEOUT_S = 150
 @pytest.fixture(scope="module")
 def ddp_project(project: Path, region: str) -> Iterator[Path]:
     """The test project with tiny sampling/training params, sampled once for the module."""
-    from loc2vec.sampling import write_samples
+    from .fixtures.project import write_samples
 
     with patched_params(project, {**TINY, "pipeline": {"regions": [region]}}):
         write_samples(region)
@@ -49,10 +60,10 @@ def _checkpoint(project: Path) -> Path:
 
 
 def _digest(state_dict: dict[str, torch.Tensor]) -> str:
-    from loc2vec.distributed import parameters_digest
-    from loc2vec.model import Encoder, ModelConfig
+    from loc2vec.training.distributed import parameters_digest
+    from loc2vec.training.model import Encoder
 
-    model = Encoder(ModelConfig.from_params())
+    model = Encoder(load_project().params.model)
     model.load_state_dict(state_dict)
     return parameters_digest(model)
 
@@ -64,8 +75,13 @@ def reference(ddp_project: Path) -> dict:
     Without MLflow: its model logging would double this test's time; `test_rank0_alone_tracks` covers who tracks.
     """
     _checkpoint(ddp_project).unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "loc2vec.cli", "train", "--nproc", "2", "--no-resume", "--no-mlflow"],
-                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "loc2vec.cli", "train", "--nproc", "2", "--no-resume", "--no-mlflow"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"stdout": proc.stdout, "checkpoint": torch.load(_checkpoint(ddp_project), weights_only=False)}
 
@@ -85,7 +101,7 @@ def test_two_gloo_processes_train_in_sync_and_rank0_alone_writes(ddp_project: Pa
     assert not torch.equal(ckpt["rank_rng"][0], ckpt["rank_rng"][1]), "each rank draws its own dropout masks"
 
     # outputs: a loadable model and a finite loss curve with every step once
-    from loc2vec.train import load_encoder
+    from loc2vec.training.outputs import load_encoder
 
     assert load_encoder(out)(torch.zeros(2, 12, 128, 128)).shape == (2, 16)
     curve = pd.read_csv(out / "train_curve.csv")
@@ -94,26 +110,22 @@ def test_two_gloo_processes_train_in_sync_and_rank0_alone_writes(ddp_project: Pa
     assert 0 <= summary["best_val_triplet_accuracy"] <= 1
 
 
-def test_rank0_alone_tracks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rank0_alone_tracks(monkeypatch: pytest.MonkeyPatch, proj) -> None:
     """`train` gives an MLflow tracker to rank 0 only (ranks > 0 log nothing)."""
-    import loc2vec.train as train_module
-    from loc2vec.tracking import MlflowTracker
+    from loc2vec.training.tracking import MlflowTracker
+    from loc2vec.training.trainer import train
 
     seen: dict[int, object] = {}
 
-    class Recorder:
-        def __init__(self, regions: list[str]) -> None:
-            pass
-
+    class Recorder:  # stands in for the Trainer `train` fits
         def fit(self, resume: bool = True, tracker: object = None) -> dict:
             seen[int(os.environ["RANK"])] = tracker
             return {}
 
-    monkeypatch.setattr(train_module, "Trainer", Recorder)
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        train_module.train(["test_li"])
+        train(Recorder(), paths=proj.paths)  # type: ignore[arg-type]
     assert isinstance(seen[0], MlflowTracker) and seen[1] is None
 
 
@@ -123,10 +135,20 @@ def test_killed_ddp_run_resumes_exactly(ddp_project: Path, reference: dict) -> N
 
     ckpt_path = _checkpoint(ddp_project)
     ckpt_path.unlink()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                "-m", "loc2vec.cli", "train", "--no-mlflow"]  # fmt: skip
-    proc = subprocess.Popen([*torchrun, "--no-resume"], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "loc2vec.cli",
+        "train",
+        "--no-mlflow",
+    ]
+    proc = subprocess.Popen(
+        [*torchrun, "--no-resume"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline, killed_at = time.monotonic() + TIMEOUT_S, None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -163,9 +185,9 @@ def test_killed_ddp_run_resumes_exactly(ddp_project: Path, reference: dict) -> N
 
 def test_rank_slices_partition_the_global_batch() -> None:
     """Slices of locations cover the batch once, in order; scaled per-rank means average to the global mean."""
-    from loc2vec.distributed import DistContext, shard_bounds, shard_loss_scale
-    from loc2vec.errors import Loc2VecError
-    from loc2vec.losses import softpn_loss
+    from loc2vec.core.errors import Loc2VecError
+    from loc2vec.training.distributed import DistContext, shard_bounds, shard_loss_scale
+    from loc2vec.training.losses import softpn_loss
 
     n_loc, pairs, world = 5, 3, 2  # an uneven split: 2 and 3 locations
     ranks = [DistContext(rank=r, world_size=world) for r in range(world)]

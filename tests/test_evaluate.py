@@ -15,7 +15,7 @@ import pytest
 import yaml
 from psycopg2 import sql
 
-from loc2vec.config import load_params
+from .fixtures.project import embed, evaluation_context, load_project, publish
 
 SMALL = {
     "labels": {
@@ -61,17 +61,18 @@ def _great_circle_m(lat1, lon1, lat2, lon2) -> np.ndarray:
 
 
 def test_transport_labels_lie_on_ways_of_their_mode(small: Path, region: str) -> None:
-    from loc2vec.db import cursor
-    from loc2vec.labels import TRANSPORT_MODES, label_config, transport_labels
-    from loc2vec.sampling import to_mercator
+    from loc2vec.core.geo import to_mercator
+    from loc2vec.evaluation.labels import TRANSPORT_MODES, transport_labels
+    from loc2vec.osm.db import cursor
 
-    cfg = label_config()
-    labels = transport_labels(region)
+    p = load_project()
+    cfg = p.params.evaluate.labels
+    labels = transport_labels(region, cfg, evaluation_context(p).labels)
     counts = labels["label"].value_counts()
     assert set(counts.index) == {"car", "rail", "cycle", "foot"}, "Vaduz–Schaan has these four modes, no ferry"
     assert (counts == cfg.transport_per_class).all(), "balanced: N points per mode"
     assert str(labels["event_timestamp"].dt.tz) == "UTC" and (labels["event_timestamp"] == LABEL_TIME).all()
-    res = load_params().section("embed")["h3_resolution"]
+    res = p.params.embed.h3_resolution
     assert all(
         h3.latlng_to_cell(a, b, res) == c
         for a, b, c in zip(labels["lat"], labels["lon"], labels["h3_cell"], strict=True)
@@ -89,10 +90,19 @@ def test_transport_labels_lie_on_ways_of_their_mode(small: Path, region: str) ->
                FROM unnest(%s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::int8[], %s::float8[],
                            %s::float8[]) AS p(x0, y0, x, y, id, on_way, near)"""
         ).format(s=sql.Identifier(region), mode=sql.SQL(TRANSPORT_MODES[mode]))
-        with cursor() as cur:
-            cur.execute(query, (x0.tolist(), y0.tolist(), x.tolist(), y.tolist(), group["osm_id"].tolist(),
-                                _true_metres_to_mercator(lat, 0.05).tolist(),
-                                _true_metres_to_mercator(lat, 4 * math.sqrt(2) * cfg.jitter_m).tolist()))  # fmt: skip
+        with cursor(p.info) as cur:
+            cur.execute(
+                query,
+                (
+                    x0.tolist(),
+                    y0.tolist(),
+                    x.tolist(),
+                    y.tolist(),
+                    group["osm_id"].tolist(),
+                    _true_metres_to_mercator(lat, 0.05).tolist(),
+                    _true_metres_to_mercator(lat, 4 * math.sqrt(2) * cfg.jitter_m).tolist(),
+                ),
+            )
             on_way, near = cur.fetchone()
         assert on_way == len(group), f"{mode}: every un-jittered point lies on its own way of that mode"
         assert near == len(group), f"{mode}: every jittered point is within 4σ·√2 of a way of that mode"
@@ -105,13 +115,15 @@ def test_transport_labels_lie_on_ways_of_their_mode(small: Path, region: str) ->
 
 
 def test_venue_labels_are_pois_of_their_group(small: Path, region: str) -> None:
-    from loc2vec.db import cursor
-    from loc2vec.labels import VENUE_GROUPS, _margin_box, label_config, venue_candidates, venue_labels
-    from loc2vec.sampling import to_mercator
+    from loc2vec.core.geo import to_mercator
+    from loc2vec.evaluation.labels import VENUE_GROUPS, margin_box, venue_candidates, venue_labels
+    from loc2vec.osm.db import cursor
 
-    cfg = label_config()
-    labels = venue_labels(region)
-    available = venue_candidates(region, _margin_box(region, cfg)[1])["label"].value_counts()
+    p = load_project()
+    cfg = p.params.evaluate.labels
+    source = evaluation_context(p).labels
+    labels = venue_labels(region, cfg, source)
+    available = venue_candidates(region, margin_box(region, cfg, source)[1], p.info)["label"].value_counts()
     counts = labels["label"].value_counts()
     expected = {g for g, n in available.items() if n >= cfg.min_per_class}
     assert set(counts.index) == expected and len(expected) >= 6
@@ -128,31 +140,37 @@ def test_venue_labels_are_pois_of_their_group(small: Path, region: str) -> None:
             """SELECT count(*) FROM unnest(%s::int8[], %s::float8[], %s::float8[]) AS p(id, x, y)
                WHERE EXISTS (SELECT 1 FROM {s}.{t} o WHERE o.osm_id = p.id AND ({where})
                              AND ST_DWithin({geom}, ST_SetSRID(ST_MakePoint(p.x, p.y), 3857), 0.01))"""
-        ).format(s=sql.Identifier(region), t=sql.Identifier(table), where=sql.SQL(VENUE_GROUPS[group]),
-                 geom=sql.SQL(geom))  # fmt: skip
-        with cursor() as cur:
+        ).format(
+            s=sql.Identifier(region), t=sql.Identifier(table), where=sql.SQL(VENUE_GROUPS[group]), geom=sql.SQL(geom)
+        )
+        with cursor(p.info) as cur:
             cur.execute(query, (rows["osm_id"].tolist(), x.tolist(), y.tolist()))
             assert cur.fetchone()[0] == len(rows), f"{group}/{kind}"
 
 
 def test_labels_are_reproducible(small: Path, region: str) -> None:
-    from loc2vec.labels import make_labels
+    from loc2vec.evaluation.labels import make_labels
 
+    p = load_project()
+    cfg, source = p.params.evaluate.labels, evaluation_context(p).labels
     for task in ("transport", "venue"):
-        pd.testing.assert_frame_equal(make_labels(region, task), make_labels(region, task))
+        pd.testing.assert_frame_equal(make_labels(region, task, cfg, source), make_labels(region, task, cfg, source))
 
 
 def test_blocked_folds_keep_test_points_a_tile_away_from_train_points(small: Path, region: str) -> None:
-    from loc2vec.db import require_import
-    from loc2vec.evaluate import evaluate_config, spatial_folds
-    from loc2vec.labels import make_labels
+    from loc2vec.evaluation.cv import spatial_folds
+    from loc2vec.evaluation.labels import make_labels
+    from loc2vec.osm.db import require_import
 
-    cfg = evaluate_config().split_cfg
-    radius = load_params().render.radius_m
-    assert cfg.buffer() == 2 * radius, "default buffer: train and test tiles never overlap"
+    p = load_project()
+    cfg = p.params.evaluate.split
+    radius = p.params.render.radius_m
+    buffer = cfg.buffer(radius)
+    assert buffer == 2 * radius, "default buffer: train and test tiles never overlap"
+    source = evaluation_context(p).labels
     for task in ("transport", "venue"):
-        labels = make_labels(region, task)
-        folds = spatial_folds(labels, cfg, require_import(region).bbox)
+        labels = make_labels(region, task, p.params.evaluate.labels, source)
+        folds = spatial_folds(labels, cfg, require_import(region, p.info).bbox, radius)
         assert len(folds) == cfg.folds
         tested = np.concatenate([f.test for f in folds])
         assert sorted(tested.tolist()) == list(range(len(labels))), "each label is tested exactly once"
@@ -160,19 +178,20 @@ def test_blocked_folds_keep_test_points_a_tile_away_from_train_points(small: Pat
         for fold in folds:
             assert not set(fold.train) & set(fold.test)
             d = _great_circle_m(lat[fold.test], lon[fold.test], lat[fold.train], lon[fold.train])
-            assert d.min() >= cfg.buffer() > radius, "no test point within a tile of a train point"
+            assert d.min() >= buffer > radius, "no test point within a tile of a train point"
             assert len(fold.train) > len(labels) / 3
 
 
 def _tile_histogram(points: pd.DataFrame, mode: str, service: str) -> np.ndarray:
     """The cell tile's channel fractions, computed from the tiles (what embed stores as `histogram`)."""
-    from loc2vec.cutter import cut_tiles
-    from loc2vec.evaluate import _cell_centres
-    from loc2vec.metatiles import ensure_metatiles
+    from loc2vec.evaluation.featuresets import cell_centres
+    from loc2vec.raster.cutter import cut_tiles
+
+    from .fixtures.project import ensure_metatiles
 
     region = points["region"].iloc[0]
-    lats, lons = _cell_centres(points["h3_cell"].tolist())
-    index = ensure_metatiles(region, lats, lons, progress=False)
+    lats, lons = cell_centres(points["h3_cell"].tolist())
+    index = ensure_metatiles(region, lats, lons)
     tiles = cut_tiles(index, lats, lons, np.zeros(len(lats)), np.zeros((len(lats), 2)), device="cpu")
     return (tiles != 0).float().mean(dim=(2, 3)).numpy()
 
@@ -194,14 +213,18 @@ def test_evaluation_core_without_feast(small: Path, region: str, tmp_path: Path)
     import mlflow
     from mlflow import MlflowClient
 
-    from loc2vec.evaluate import DEFAULT_FEATURESETS, Featurizer, evaluate, random_encoder_features
-    from loc2vec.tracking import tracking_uri
+    from loc2vec.core.config import DEFAULT_FEATURESETS
+    from loc2vec.core.tracking import tracking_uri
+    from loc2vec.evaluation.featuresets import Featurizer, random_encoder_features
+    from loc2vec.evaluation.run import evaluate
 
-    featurizer = Featurizer.default()
+    proj = load_project()
+    cfg, ctx = proj.params.evaluate, evaluation_context(proj)
+    featurizer = Featurizer.default(cfg, ctx)
     featurizer.base["histogram"] = _tile_histogram
-    featurizer.base["loc2vec"] = lambda p, m, s: random_encoder_features(p, m, seed=1)  # a stand-in encoder
+    featurizer.base["loc2vec"] = lambda p, m, s: random_encoder_features(p, m, ctx, seed=1)  # a stand-in encoder
     out = tmp_path / "metrics.json"
-    result = evaluate(region, out=out, featurizer=featurizer)
+    result = evaluate(region, out, cfg, ctx, featurizer=featurizer, registered_model=proj.params.train.registered_model)
     assert json.loads(out.read_text()) == result
     _check_shape(result, DEFAULT_FEATURESETS)
     transport = result["tasks"]["transport"]
@@ -217,10 +240,13 @@ def test_evaluation_core_without_feast(small: Path, region: str, tmp_path: Path)
             assert lead["diff"] == pytest.approx(f1["loc2vec"][kind]["macro_f1"] - f1[name][kind]["macro_f1"])
             assert lead["ci95"][0] <= lead["ci95"][1] and 0.0 <= lead["p_better"] <= 1.0
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri(proj.paths))
     client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("loc2vec-evaluate").experiment_id],
-                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    runs = client.search_runs(
+        [client.get_experiment_by_name("loc2vec-evaluate").experiment_id],
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     run = runs[0]
     key = "venue.loc2vec_plus_histogram.knn.macro_f1"
     assert run.data.metrics[key] == pytest.approx(result["tasks"]["venue"]["loc2vec+histogram"]["knn"]["macro_f1"])
@@ -235,20 +261,24 @@ def published(small: Path, region: str) -> str:
     import torch
     from mlflow import MlflowClient
 
-    from loc2vec.embed import embed_region
-    from loc2vec.model import Encoder
-    from loc2vec.publish import publish
-    from loc2vec.tracking import CHAMPION, setup_mlflow
+    from loc2vec.core.tracking import setup_mlflow
+    from loc2vec.training.model import Encoder
+    from loc2vec.training.registry import CHAMPION
 
-    mlflow = setup_mlflow("loc2vec-evaluate-test-model")
+    mlflow = setup_mlflow("loc2vec-evaluate-test-model", load_project().paths)
     torch.manual_seed(5)
     with mlflow.start_run():
         example = np.zeros((2, 12, 128, 128), dtype=np.float32)  # as the trainer logs it (batch 2)
-        info = mlflow.pytorch.log_model(Encoder().eval(), name="model", input_example=example,
-                                        registered_model_name=TEST_MODEL, pip_requirements=["torch"])  # fmt: skip
+        info = mlflow.pytorch.log_model(
+            Encoder().eval(),
+            name="model",
+            input_example=example,
+            registered_model_name=TEST_MODEL,
+            pip_requirements=["torch"],
+        )
     version = str(info.registered_model_version)
     MlflowClient().set_registered_model_alias(TEST_MODEL, CHAMPION, version)
-    embed_region(region, progress=False)
+    embed(region)
     publish([region])
     return version
 
@@ -257,10 +287,14 @@ def test_evaluation_through_feast(published: str, region: str, tmp_path: Path) -
     """Historical retrieval for training rows, the online store for test rows, all six featuresets."""
     from mlflow import MlflowClient
 
-    from loc2vec.evaluate import DEFAULT_FEATURESETS, evaluate
+    from loc2vec.core.config import DEFAULT_FEATURESETS
+    from loc2vec.evaluation.run import evaluate
 
+    p = load_project()
     out = tmp_path / "metrics.json"
-    result = evaluate(region, out=out)
+    result = evaluate(
+        region, out, p.params.evaluate, evaluation_context(p), registered_model=p.params.train.registered_model
+    )
     _check_shape(result, DEFAULT_FEATURESETS)
     meta = result["meta"]
     assert meta["model"] == {"name": TEST_MODEL, "version": published}
@@ -274,21 +308,25 @@ def test_evaluation_through_feast(published: str, region: str, tmp_path: Path) -
 
 
 def test_consumer_classifiers_train_historical_and_serve_online(published: str, region: str) -> None:
-    from loc2vec.errors import Loc2VecError
-    from loc2vec.evaluate import TransportModeClassifier, VenueClassifier
-    from loc2vec.features import LocationNotPublishedError
-    from loc2vec.labels import make_labels
+    from loc2vec.core.errors import Loc2VecError
+    from loc2vec.evaluation.classifiers import TransportModeClassifier, VenueClassifier
+    from loc2vec.evaluation.labels import make_labels
+    from loc2vec.serving.lookup import LocationNotPublishedError
 
-    labels = make_labels(region, "transport")
-    model = TransportModeClassifier(model="knn").fit_from_feast(labels)
+    p = load_project()
+    cfg, ctx = p.params.evaluate, evaluation_context(p)
+    labels = make_labels(region, "transport", cfg.labels, ctx.labels)
+    model = TransportModeClassifier(cfg, ctx, model="knn").fit_from_feast(labels)
     pred = model.predict_online(labels["lat"].iloc[:20], labels["lon"].iloc[:20])
     assert len(pred) == 20 and set(pred) <= set(model.classes_) == {"car", "rail", "cycle", "foot"}
     with pytest.raises(LocationNotPublishedError):
         model.predict_online([0.0], [0.0])
 
-    venues = make_labels(region, "venue")
-    both = VenueClassifier(featureset="loc2vec+histogram").fit_from_feast(venues)
+    venues = make_labels(region, "venue", cfg.labels, ctx.labels)
+    both = VenueClassifier(cfg, ctx, featureset="loc2vec+histogram").fit_from_feast(venues)
     assert len(both.predict_online(venues["lat"].iloc[:5], venues["lon"].iloc[:5])) == 5
     # point-in-time: a label observed before the embeddings existed has no features to train on
     with pytest.raises(Loc2VecError, match="no transport label has loc2vec features"):
-        TransportModeClassifier().fit_from_feast(labels.assign(event_timestamp=pd.Timestamp("2001-01-01", tz="UTC")))
+        TransportModeClassifier(cfg, ctx).fit_from_feast(
+            labels.assign(event_timestamp=pd.Timestamp("2001-01-01", tz="UTC"))
+        )

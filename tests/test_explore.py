@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from .fixtures.project import load_project
 from .fixtures.trained import patched_params, trained_params
 
 SMALL = {
@@ -44,7 +45,7 @@ PNGS = [
 @pytest.fixture(scope="module")
 def report(project: Path, region: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
     """The test region embedded with the trained fixture, and its report (logged to MLflow)."""
-    from loc2vec.explore import build_report
+    from loc2vec.explore.report import ReportInputs, build_report
 
     from .fixtures.trained import embed_with_fixture
 
@@ -52,7 +53,15 @@ def report(project: Path, region: str, tmp_path_factory: pytest.TempPathFactory)
         shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
         embed_with_fixture(region)
         out = tmp_path_factory.mktemp("explore") / "report"
-        summary = build_report(region, out, track=True)
+        p = load_project()
+        inputs = ReportInputs(
+            embeddings=p.paths.embeddings(region),
+            render=p.params.render,
+            labels=p.params.evaluate.labels,
+            info=p.info,
+            paths=p.paths,
+        )
+        summary = build_report(region, out, p.params.explore, inputs, track=True)
         yield out, summary
 
 
@@ -86,9 +95,9 @@ def test_report_is_logged_to_mlflow(report: tuple[Path, dict]) -> None:
 
 def test_pca_colours_separate_built_up_from_forest(report: tuple[Path, dict]) -> None:
     """The map's point: town and forest cells get clearly different colours."""
-    from loc2vec.explore_space import load_space
+    from loc2vec.explore.space import load_space
 
-    space = load_space("test_li")
+    space = load_space("test_li", load_project().paths.embeddings("test_li"))
     forest = (space.hist[:, 7] >= 0.9) & (space.hist[:, 6] == 0)
     town = space.hist[:, 6] >= 0.25
     assert forest.sum() > 20 and town.sum() > 20
@@ -97,7 +106,7 @@ def test_pca_colours_separate_built_up_from_forest(report: tuple[Path, dict]) ->
 
 
 def test_report_loads_in_headless_chromium(report: tuple[Path, dict]) -> None:
-    from loc2vec.explore_browser import Browser
+    from loc2vec.explore.browser import Browser
 
     out, _ = report
     with Browser(width=1280) as browser:
@@ -128,7 +137,7 @@ def test_report_loads_in_headless_chromium(report: tuple[Path, dict]) -> None:
 
 
 def test_preview_png_of_the_whole_page(report: tuple[Path, dict], tmp_path: Path) -> None:
-    from loc2vec.explore import write_preview
+    from loc2vec.explore.report import write_preview
 
     out, _ = report
     result = write_preview(out, tmp_path / "explore.png")

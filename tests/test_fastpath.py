@@ -4,29 +4,34 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from psycopg2 import sql
 
-from loc2vec import cutter
-from loc2vec.channels import CHANNEL_NAMES
-from loc2vec.config import load_params
-from loc2vec.cutter import _check_inside, cut_tiles, tile_affines
-from loc2vec.db import cursor, require_import
-from loc2vec.metatiles import MetatileGrid, clear_metatiles, ensure_metatiles, load_index, metatile_dir
-from loc2vec.render import RenderError, lonlat_to_mercator, render_tile
+from loc2vec.cli.project import Project
+from loc2vec.core.geo import inner_bbox, lonlat_to_mercator
+from loc2vec.osm.db import ConnInfo, cursor, require_import
+from loc2vec.raster import cutter
+from loc2vec.raster.channels import CHANNEL_NAMES
+from loc2vec.raster.cutter import _check_inside, cut_tiles, tile_affines
+from loc2vec.raster.grid import MetatileGrid
+from loc2vec.raster.metatiles import clear_metatiles, load_index
+from loc2vec.raster.render import RenderError, render_tile
 
 from .conftest import TEST_BBOX, VADUZ
+from .fixtures.project import ensure_metatiles, metatile_spec
 
 N_SAMPLES = 200
 MAX_SHIFT_M = 80.0
 
 
-def _mapped_points(region: str, n: int, seed: float) -> tuple[np.ndarray, np.ndarray]:
-    """n random points on buildings and roads (so tiles are not empty), inside the region's extent."""
-    west, south, east, north = require_import(region).bbox
+def _mapped_points(region: str, n: int, seed: float, info: ConnInfo) -> tuple[np.ndarray, np.ndarray]:
+    """n random points on buildings and roads (so tiles are not empty), inside the region's extent shrunk by
+    the largest shift (render_tile refuses a shift that moves the tile centre out of the region)."""
+    west, south, east, north = inner_bbox(require_import(region, info).bbox, MAX_SHIFT_M + 1.0)
     query = sql.SQL(
         """SELECT ST_Y(p), ST_X(p) FROM (
              SELECT ST_Transform(ST_PointOnSurface(way), 4326) AS p FROM {s}.planet_osm_polygon
@@ -36,7 +41,7 @@ def _mapped_points(region: str, n: int, seed: float) -> tuple[np.ndarray, np.nda
               WHERE highway IS NOT NULL AND ST_GeometryType(way) = 'ST_LineString'
            ) q WHERE ST_X(p) BETWEEN %s AND %s AND ST_Y(p) BETWEEN %s AND %s ORDER BY random() LIMIT %s"""
     ).format(s=sql.Identifier(region))
-    with cursor() as cur:
+    with cursor(info) as cur:
         cur.execute("SELECT setseed(%s)", (seed,))
         cur.execute(query, (west, east, south, north, n))
         rows = np.asarray(cur.fetchall(), dtype=np.float64)
@@ -44,8 +49,8 @@ def _mapped_points(region: str, n: int, seed: float) -> tuple[np.ndarray, np.nda
     return rows[:, 0], rows[:, 1]
 
 
-def _samples(region: str) -> tuple[np.ndarray, ...]:
-    lats, lons = _mapped_points(region, N_SAMPLES, 0.42)
+def _samples(region: str, info: ConnInfo) -> tuple[np.ndarray, ...]:
+    lats, lons = _mapped_points(region, N_SAMPLES, 0.42, info)
     rng = np.random.default_rng(7)
     angles = rng.uniform(0.0, 360.0, N_SAMPLES)
     # |shift| in [0, 80] m per axis, in every direction
@@ -58,39 +63,41 @@ def _dilated(tiles: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.max_pool2d((tiles > 0).float(), 3, stride=1, padding=1) > 0
 
 
-def _files(region: str) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in metatile_dir(region).glob("*.npy")}
+def _files(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in directory.glob("*.npy")}
 
 
-def test_metatiles_are_rendered_only_where_needed(region: str) -> None:
-    clear_metatiles(region)
-    index = ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], progress=False)
+def test_metatiles_are_rendered_only_where_needed(region: str, proj: Project) -> None:
+    directory = proj.paths.metatiles(region)
+    clear_metatiles(directory)
+    index = ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], project=proj)
+    assert index.directory == directory
     assert len(index.rendered) == 1 and len(index) == 1
     key = index.rendered[0]
-    assert list(_files(region)) == [f"{key}.npy"]
-    before = _files(region)
-    again = ensure_metatiles(region, [VADUZ[0], VADUZ[0] + 0.001], [VADUZ[1], VADUZ[1]], progress=False)
+    assert list(_files(directory)) == [f"{key}.npy"]
+    before = _files(directory)
+    again = ensure_metatiles(region, [VADUZ[0], VADUZ[0] + 0.001], [VADUZ[1], VADUZ[1]], project=proj)
     assert again.rendered == () and len(again) == 1
-    assert _files(region) == before, "nothing is re-rendered or rewritten"
+    assert _files(directory) == before, "nothing is re-rendered or rewritten"
     array = again.array(key)
     side = again.grid.side_px
     assert isinstance(array, np.memmap) and array.shape == (side, side, 12) and array.dtype == np.uint8
-    saved = json.loads((metatile_dir(region) / "index.json").read_text())
+    saved = json.loads((directory / "index.json").read_text())
     meta = saved["metatiles"][key]
-    assert meta["mpp"] == pytest.approx(load_params().render.metres_per_pixel)
-    assert saved["signature"]["radius_m"] == load_params().render.radius_m
+    assert meta["mpp"] == pytest.approx(proj.params.render.metres_per_pixel)
+    assert saved["signature"]["radius_m"] == proj.params.render.radius_m
     assert meta["minx"] <= lonlat_to_mercator(VADUZ[1], VADUZ[0])[0] <= meta["maxx"]
 
 
-def test_cut_tiles_match_direct_renders(region: str, record_property) -> None:
-    lats, lons, angles, shifts = _samples(region)
-    index = ensure_metatiles(region, lats, lons, progress=False)
+def test_cut_tiles_match_direct_renders(region: str, proj: Project, record_property) -> None:
+    lats, lons, angles, shifts = _samples(region, proj.info)
+    index = ensure_metatiles(region, lats, lons, project=proj)
     assert len(index) <= 6, "the test region spans a few metatiles only"
     fast = cut_tiles(index, lats, lons, angles, shifts, device="cpu")
     direct = torch.from_numpy(
         np.stack(
             [
-                render_tile(region, lat, lon, angle_deg=a, shift_m=(dx, dy))
+                render_tile(region, lat, lon, render=proj.params.render, info=proj.info, angle_deg=a, shift_m=(dx, dy))
                 for lat, lon, a, (dx, dy) in zip(lats, lons, angles, shifts, strict=True)
             ]
         )
@@ -114,14 +121,19 @@ def test_cut_tiles_match_direct_renders(region: str, record_property) -> None:
     assert mean_iou >= 0.85
 
 
-def test_cutter_is_deterministic_and_batch_independent(region: str) -> None:
-    lats, lons, angles, shifts = (v[:24] for v in _samples(region))
-    index = ensure_metatiles(region, lats, lons, progress=False)
+def test_cutter_is_deterministic_and_batch_independent(region: str, proj: Project) -> None:
+    lats, lons, angles, shifts = (v[:24] for v in _samples(region, proj.info))
+    index = ensure_metatiles(region, lats, lons, project=proj)
     first = cut_tiles(index, lats, lons, angles, shifts)
     assert first.shape == (24, 12, 128, 128) and first.dtype == torch.uint8
     again = cut_tiles(index, lats, lons, angles, shifts, device="cpu", out=torch.zeros_like(first))
     assert torch.equal(first.cpu(), again)
-    one_by_one = torch.cat([cut_tiles(index, lats[i : i + 1], lons[i : i + 1], angles[i : i + 1], shifts[i : i + 1], device="cpu") for i in range(24)])  # fmt: skip
+    one_by_one = torch.cat(
+        [
+            cut_tiles(index, lats[i : i + 1], lons[i : i + 1], angles[i : i + 1], shifts[i : i + 1], device="cpu")
+            for i in range(24)
+        ]
+    )
     assert torch.equal(again, one_by_one), "a tile does not depend on its batch"
     rot = cut_tiles(index, lats[:1], lons[:1], [90.0], [(0.0, 0.0)], device="cpu")[0]
     assert rot.permute(1, 2, 0).is_contiguous(), "channels_last memory: the gathered (S, S, 12) layout"
@@ -130,10 +142,12 @@ def test_cutter_is_deterministic_and_batch_independent(region: str) -> None:
     assert agree > 0.98, "rotating by 90° is np.rot90 (CCW), as render_tile"
 
 
-def test_accelerator_code_path_gives_the_same_tiles(region: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accelerator_code_path_gives_the_same_tiles(
+    region: str, proj: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The batched (GPU) gather, run on CPU tensors, equals the per-tile CPU gather; on CUDA, so do its tiles."""
-    lats, lons, angles, shifts = (v[:40] for v in _samples(region))
-    index = ensure_metatiles(region, lats, lons, progress=False)
+    lats, lons, angles, shifts = (v[:40] for v in _samples(region, proj.info))
+    index = ensure_metatiles(region, lats, lons, project=proj)
     reference = cut_tiles(index, lats, lons, angles, shifts, device="cpu")
     if torch.cuda.is_available():
         on_gpu = cut_tiles(index, lats, lons, angles, shifts, device="cuda")
@@ -142,11 +156,11 @@ def test_accelerator_code_path_gives_the_same_tiles(region: str, monkeypatch: py
     assert torch.equal(cut_tiles(index, lats, lons, angles, shifts, device="cpu"), reference)
 
 
-def test_bad_input_is_a_clear_error(region: str) -> None:
+def test_bad_input_is_a_clear_error(region: str, proj: Project) -> None:
     with pytest.raises(RenderError, match="outside region"):
-        ensure_metatiles(region, [47.5], [9.5], progress=False)
-    clear_metatiles(region)
-    index = ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], progress=False)
+        ensure_metatiles(region, [47.5], [9.5], project=proj)
+    clear_metatiles(proj.paths.metatiles(region))
+    index = ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], project=proj)
     north_east = (TEST_BBOX[3] - 1e-4, TEST_BBOX[2] - 1e-4)
     assert index.keys_for([north_east[0]], [north_east[1]]) != index.keys_for([VADUZ[0]], [VADUZ[1]])
     with pytest.raises(RenderError, match="max_shift_m"):
@@ -159,15 +173,16 @@ def test_bad_input_is_a_clear_error(region: str) -> None:
         cut_tiles(index, [north_east[0]], [north_east[1]], [0.0], [(0.0, 0.0)])
 
 
-def test_stale_metatiles_are_invalidated(region: str) -> None:
-    index = ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], progress=False)
-    path = metatile_dir(region) / "index.json"
+def test_stale_metatiles_are_invalidated(region: str, proj: Project) -> None:
+    directory, spec = proj.paths.metatiles(region), metatile_spec(proj)
+    index = ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], project=proj)
+    path = directory / "index.json"
     saved = json.loads(path.read_text())
     saved["signature"]["radius_m"] = 50.0  # as if rendered with other tile params
     path.write_text(json.dumps(saved))
-    assert len(load_index(region)) == 0 and not _files(region)
-    assert len(ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], progress=False).rendered) == 1
-    assert index.grid == load_index(region).grid
+    assert len(load_index(region, spec, directory, proj.info)) == 0 and not _files(directory)
+    assert len(ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], project=proj).rendered) == 1
+    assert index.grid == load_index(region, spec, directory, proj.info).grid
 
 
 @pytest.mark.parametrize("lat", [-60.0, 0.1, 47.13, 70.0])

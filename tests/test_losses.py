@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from loc2vec.losses import (
+from loc2vec.core.config import LossConfig
+from loc2vec.training.losses import (
     LOSSES,
     CoverageHead,
-    LossConfig,
+    build_loss,
     contrastive_loss,
     coverage_loss,
     distance,
@@ -229,11 +230,12 @@ def test_get_loss_binds_and_validates_options() -> None:
         triplet_margin_loss(MA, MP, MN, mining="easy")  # type: ignore[arg-type]
 
 
-def test_loss_config_matches_params_and_builds() -> None:
-    cfg = LossConfig.from_params()
-    assert cfg == LossConfig()  # dataclass defaults mirror params.yaml
-    assert cfg.build()(A, P, N).item() == pytest.approx(LOSSES[cfg.name](A, P, N).item())
-    assert LossConfig(name="contrastive", margin=2.0).build()(t([[0, 0]]), t([[3, 4]]), t([[0, 1]])).item() == 13.0
+def test_loss_config_matches_params_and_builds(proj) -> None:
+    cfg = proj.params.loss
+    assert cfg == LossConfig()  # the model's defaults mirror params.yaml
+    assert build_loss(cfg)(A, P, N).item() == pytest.approx(LOSSES[cfg.name](A, P, N).item())
+    contrastive = build_loss(LossConfig(name="contrastive", margin=2.0))
+    assert contrastive(t([[0, 0]]), t([[3, 4]]), t([[0, 1]])).item() == 13.0
     with pytest.raises(ValueError, match="softpn"):
         LossConfig(name="nope")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loc2vec.losses import softpn_loss
-from loc2vec.model import Encoder, ModelConfig, count_parameters, to_input
+from loc2vec.core.config import ModelConfig
+from loc2vec.training.losses import softpn_loss
+from loc2vec.training.model import Encoder, count_parameters, to_input
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +16,8 @@ def encoder() -> Encoder:
     return Encoder()
 
 
-def test_default_config_mirrors_params() -> None:
-    cfg = ModelConfig.from_params()
+def test_default_config_mirrors_params(proj) -> None:
+    cfg = proj.params.model
     assert cfg == ModelConfig()
     assert cfg.conv_channels == (16, 32, 64, 96, 128) and isinstance(cfg.conv_channels, tuple)
     assert cfg.feature_size == 4
@@ -25,7 +26,7 @@ def test_default_config_mirrors_params() -> None:
 def test_parameter_count(encoder: Encoder) -> None:
     n = count_parameters(encoder)
     assert 250_000 <= n <= 360_000
-    assert n == 303_248  # the count stated in loc2vec/model.py's docstring
+    assert n == 303_248  # the count stated in loc2vec/training/model.py's docstring
 
 
 def test_output_shape(encoder: Encoder) -> None:

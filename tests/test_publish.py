@@ -22,9 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from loc2vec.config import load_params
-
 from .conftest import TEST_BBOX, VADUZ
+from .fixtures.project import embed, ingest_region, load_project, publish, store_settings
 from .fixtures.registry import register_encoder
 from .fixtures.trained import patched_params
 
@@ -36,7 +35,7 @@ VIEWS = 3  # feature views: location_embedding, tile_histogram, tag_counts
 
 def _register(seed: int) -> str:
     """A tiny untrained Encoder logged like training logs its model (pt2, batch-2 example); returns its version."""
-    from loc2vec.model import Encoder
+    from loc2vec.training.model import Encoder
 
     torch.manual_seed(seed)
     return register_encoder(Encoder().eval(), MODEL, "loc2vec-publish-test")
@@ -47,14 +46,14 @@ def setup(project: Path, region: str) -> Iterator[dict]:
     """Test params (coarse H3, own model name), a clean Feast dir and Postgres schema, model v1 as champion."""
     import shutil
 
-    from loc2vec.db import cursor
-    from loc2vec.features import forget_stores
+    from loc2vec.osm.db import cursor
+    from loc2vec.serving.store import forget_stores
 
     overrides = {"embed": {"h3_resolution": RESOLUTION, "batch_size": 64}, "train": {"registered_model": MODEL}}
     with patched_params(project, overrides):
         shutil.rmtree(project / "data" / "feast", ignore_errors=True)
         shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
-        with cursor() as cur:
+        with cursor(load_project().info) as cur:
             cur.execute("DROP SCHEMA IF EXISTS feast CASCADE")  # the test database's
         forget_stores()
         yield {"v1": _register(1), "region": region}
@@ -79,21 +78,24 @@ def south_pbf(tmp_path_factory: pytest.TempPathFactory, small_pbf: Path) -> Path
     west, south, east, north = TEST_BBOX
     out = tmp_path_factory.mktemp("osm-south") / "vaduz.osm.pbf"
     bbox = ",".join(str(v) for v in (west, south, east, (south + north) / 2))
-    subprocess.run(["osmium", "extract", "-b", bbox, "--set-bounds", "-s", "complete_ways", "-o", str(out),
-                    str(small_pbf)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["osmium", "extract", "-b", bbox, "--set-bounds", "-s", "complete_ways", "-o", str(out), str(small_pbf)],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
 def _assert_online_serves_latest(project: Path) -> pd.DataFrame:
     """Every offline cell is served online with its latest offline row (all features and the event
     timestamp); returns those rows, indexed by cell."""
-    from loc2vec.features import feature_store
+    from loc2vec.serving.store import feature_store
 
     offline = pq.read_table(project / "data" / "feast" / "embeddings.parquet").to_pandas()
     latest = offline.sort_values(["h3_cell", "event_timestamp"]).drop_duplicates("h3_cell", keep="last")
     latest = latest.set_index("h3_cell")
     online = (
-        feature_store("sqlite")
+        feature_store(store_settings("sqlite"))
         .get_online_features(
             features=[
                 "location_embedding:embedding",
@@ -112,10 +114,36 @@ def _assert_online_serves_latest(project: Path) -> pd.DataFrame:
     return latest
 
 
-def test_embed_is_deterministic_and_complete(setup: dict, project: Path) -> None:
-    from loc2vec.embed import TAG_COUNT_NAMES, embed_region, resolve_champion
+def _embed_with(region: str, model) -> Path:
+    """`loc2vec embed` of one region with a given registered version (not the champion)."""
+    from loc2vec.embedding.run import embed_region
 
-    first = embed_region(setup["region"], progress=False)
+    from .fixtures.project import metatile_spec
+
+    p = load_project()
+    return embed_region(
+        region,
+        model,
+        p.paths.embeddings(region),
+        cfg=p.params.embed,
+        spec=metatile_spec(p),
+        paths=p.paths,
+        info=p.info,
+        orchestrate=p.params.orchestrate,
+        progress=False,
+    )
+
+
+def _champion():
+    from loc2vec.training.registry import resolve_alias
+
+    return resolve_alias(load_project().paths, MODEL)
+
+
+def test_embed_is_deterministic_and_complete(setup: dict, project: Path) -> None:
+    from loc2vec.embedding.tag_counts import TAG_COUNT_NAMES
+
+    first = embed(setup["region"])
     data = first.read_bytes()
     df = pd.read_parquet(first)
     assert 100 < len(df) < 400 and df["h3_cell"].is_unique
@@ -124,30 +152,30 @@ def test_embed_is_deterministic_and_complete(setup: dict, project: Path) -> None
     h = np.stack(df["histogram"].to_numpy())
     assert ((h >= 0) & (h <= 1)).all() and (h.sum(axis=1) > 0).all(), "every cell on mapped land draws something"
     assert np.stack(df["tag_counts"].to_numpy())[:, 0].sum() > 0, "buildings are counted"
-    ref = resolve_champion()
+    ref = _champion()
     assert (df["model_name"] == MODEL).all() and (df["model_version"] == setup["v1"]).all()
     for col in ("event_timestamp", "created", "osm_timestamp"):
         assert str(df[col].dt.tz) == "UTC", col
     assert (df["event_timestamp"] == pd.Timestamp(ref.created)).all(), "valid from the version's registration"
     assert first.stats["cells"] == len(df) and first.stats["cells_per_s"] > 0
 
-    again = embed_region(setup["region"], progress=False)
+    again = embed(setup["region"])
     assert again.read_bytes() == data, "same model + same data → byte-identical Parquet"
 
 
 def test_publish_serves_embeddings_online(setup: dict, project: Path) -> None:
-    from loc2vec.features import (
+    from loc2vec.serving.lookup import (
         InvalidLocationError,
         LocationNotPublishedError,
         get_location_embeddings,
     )
-    from loc2vec.publish import publish
 
-    report = publish(online_store="sqlite")
+    report = publish(kind="sqlite")
     assert report["applied"] and not report["skipped"] and report["materialized"]["cells"] == report["cells"]
     assert report["materialized"]["mode"] == "full" and report["materialized"]["changed_partitions"] == 1
 
-    out = get_location_embeddings([VADUZ[0]], [VADUZ[1]], online_store="sqlite")
+    sqlite = store_settings("sqlite")
+    out = get_location_embeddings([VADUZ[0]], [VADUZ[1]], sqlite)
     row = out.iloc[0]
     assert len(row["embedding"]) == 16 and all(isinstance(v, float) for v in row["embedding"])
     assert row["model_version"] == setup["v1"] and row["model_name"] == MODEL
@@ -155,26 +183,24 @@ def test_publish_serves_embeddings_online(setup: dict, project: Path) -> None:
     np.testing.assert_array_equal(np.float32(row["embedding"]), offline.loc[row["h3_cell"], "embedding"])
 
     with pytest.raises(LocationNotPublishedError, match="no published embedding"):
-        get_location_embeddings([VADUZ[0], 0.0], [VADUZ[1], 0.0], online_store="sqlite")
+        get_location_embeddings([VADUZ[0], 0.0], [VADUZ[1], 0.0], sqlite)
     for lat, lon in ((float("nan"), 9.5), (91.0, 9.5), (47.1, 181.0)):
         with pytest.raises(InvalidLocationError):
-            get_location_embeddings([lat], [lon], online_store="sqlite")
+            get_location_embeddings([lat], [lon], sqlite)
 
 
 def test_republish_writes_nothing(setup: dict, project: Path) -> None:
-    from loc2vec.publish import publish
-
     feast = project / "data" / "feast"
     files = [feast / "embeddings.parquet", feast / "registry.db", feast / "online.db"]
     before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in files]
     rows = _online_rows(project)
     assert rows
 
-    report = publish(online_store="sqlite")
+    report = publish(kind="sqlite")
     assert report["skipped"] and not report["offline_rewritten"], report.get("reason")
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in files] == before, "nothing is written"
 
-    forced = publish(online_store="sqlite", force=True)  # re-materializes the same data
+    forced = publish(kind="sqlite", force=True)  # re-materializes the same data
     assert forced["applied"] and not forced["offline_rewritten"]
     assert forced["materialized"]["mode"] == "full" and forced["materialized"]["changed_partitions"] == 0
     assert files[0].stat().st_mtime_ns == before[0][0], "unchanged offline content is not rewritten"
@@ -182,26 +208,25 @@ def test_republish_writes_nothing(setup: dict, project: Path) -> None:
 
 
 def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, project: Path) -> None:
-    from loc2vec.embed import embed_region
-    from loc2vec.features import get_location_embeddings, historical_features
-    from loc2vec.publish import publish
+    from loc2vec.serving.lookup import get_location_embeddings, historical_features
 
     v1_path = project / "data" / "embeddings" / f"{setup['region']}.parquet"
     v1 = pd.read_parquet(v1_path).set_index("h3_cell")
     v2_version = _register(2)
-    embed_region(setup["region"], progress=False)
+    embed(setup["region"])
     v2 = pd.read_parquet(v1_path).set_index("h3_cell")
     t1, t2 = v1["event_timestamp"].iloc[0], v2["event_timestamp"].iloc[0]
     assert t1 < t2 and (v2["model_version"] == v2_version).all()
 
-    report = publish(online_store="sqlite")
+    report = publish(kind="sqlite")
     assert report["materialized"]["mode"] == "window", report["reason"]
     assert report["materialized"]["rows_written"] == len(v2) * VIEWS, "the window [t2, now]: v2's cells"
     offline = pq.read_table(project / "data" / "feast" / "embeddings.parquet").to_pandas()
     assert sorted(offline["model_version"].unique()) == sorted([setup["v1"], v2_version]), "both versions kept"
     assert len(offline) == len(v1) + len(v2)
 
-    online = get_location_embeddings([VADUZ[0]], [VADUZ[1]], online_store="sqlite").iloc[0]
+    sqlite = store_settings("sqlite")
+    online = get_location_embeddings([VADUZ[0]], [VADUZ[1]], sqlite).iloc[0]
     assert online["model_version"] == v2_version, "online serves the latest event_timestamp"
     np.testing.assert_array_equal(np.float32(online["embedding"]), v2.loc[online["h3_cell"], "embedding"])
 
@@ -211,7 +236,7 @@ def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, pr
         {"h3_cell": [cell] * 3, "event_timestamp": pd.to_datetime(times, utc=True), "label": [0, 1, 2]}
     )
     entity = entity.iloc[[2, 0, 1]].reset_index(drop=True)  # the caller's order must be kept
-    got = historical_features(entity, "transport_mode_v1", online_store="sqlite")
+    got = historical_features(entity, "transport_mode_v1", sqlite)
     assert list(got["label"]) == [2, 0, 1] and len(got) == 3
     by_label = got.set_index("label")
     assert by_label.loc[0, "embedding"] is None or pd.isna(by_label.loc[0, "model_version"]), "before t1: nothing"
@@ -223,55 +248,54 @@ def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, pr
 
     # identical (cell, time) rows, e.g. two labels at one place and moment, all get their features
     twice = pd.concat([entity, entity], ignore_index=True).assign(label=range(6))
-    both = historical_features(twice, "transport_mode_v1", online_store="sqlite")
+    both = historical_features(twice, "transport_mode_v1", sqlite)
     assert list(both["label"]) == list(range(6))
     assert list(both["model_version"].iloc[3:]) == list(both["model_version"].iloc[:3])
     assert both["model_version"].notna().sum() == 4, "the 2 rows before t1 have nothing; the 4 others all join"
 
 
 def test_postgres_online_store(setup: dict, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from loc2vec.db import cursor
-    from loc2vec.features import LocationNotPublishedError, get_location_embeddings
-    from loc2vec.publish import materialize_incremental_only, publish
+    from loc2vec.osm.db import cursor
+    from loc2vec.serving.lookup import LocationNotPublishedError, get_location_embeddings
+    from loc2vec.serving.publish import materialize_incremental_only
 
     monkeypatch.setenv("LOC2VEC_ONLINE_STORE", "postgres")
-    report = publish()
+    p = load_project()
+    report = publish(project=p)
     assert report["online_store"] == "postgres" and report["applied"]
-    with cursor() as cur:
+    with cursor(p.info) as cur:
         cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'feast' ORDER BY 1")
         tables = [r[0] for r in cur.fetchall()]
         assert tables == ["loc2vec_location_embedding", "loc2vec_tag_counts", "loc2vec_tile_histogram"]
         cur.execute('SELECT count(DISTINCT entity_key) FROM feast."loc2vec_location_embedding"')
         assert cur.fetchone()[0] == report["cells"]
 
-    pg = get_location_embeddings([VADUZ[0]], [VADUZ[1]]).iloc[0]
-    lite = get_location_embeddings([VADUZ[0]], [VADUZ[1]], online_store="sqlite").iloc[0]
+    postgres = store_settings(project=p)  # $LOC2VEC_ONLINE_STORE chooses it
+    assert postgres.kind == "postgres"
+    pg = get_location_embeddings([VADUZ[0]], [VADUZ[1]], postgres).iloc[0]
+    lite = get_location_embeddings([VADUZ[0]], [VADUZ[1]], store_settings("sqlite", project=p)).iloc[0]
     assert pg["model_version"] == lite["model_version"] and pg["embedding"] == lite["embedding"]
     with pytest.raises(LocationNotPublishedError):
-        get_location_embeddings([0.0], [0.0])
+        get_location_embeddings([0.0], [0.0], postgres)
 
-    assert publish()["skipped"], "idempotent on PostgreSQL too"
-    assert materialize_incremental_only()["online_store"] == "postgres"
-    assert get_location_embeddings([VADUZ[0]], [VADUZ[1]]).iloc[0]["embedding"] == pg["embedding"]
-    assert load_params().root == project
+    assert publish(project=p)["skipped"], "idempotent on PostgreSQL too"
+    assert materialize_incremental_only(postgres)["online_store"] == "postgres"
+    assert get_location_embeddings([VADUZ[0]], [VADUZ[1]], postgres).iloc[0]["embedding"] == pg["embedding"]
+    assert p.paths.root == project
     assert pd.Timestamp.now(tz=UTC) > pd.Timestamp(report["materialized"]["start"])
 
 
 def test_new_region_materializes_only_its_partition(setup: dict, project: Path, south_pbf: Path) -> None:
-    from loc2vec.embed import embed_region, embeddings_path, resolve_champion
-    from loc2vec.osm import ingest
-    from loc2vec.publish import publish
-
-    v2 = resolve_champion()
+    v2 = _champion()
     setup["v3"] = _register(3)  # the champion from now on; registered before the south import (next test)
-    ingest(SOUTH, south_pbf, force=True)  # imported now: the latest partition, on every run
-    south = pd.read_parquet(embed_region(SOUTH, model=v2, progress=False))
-    li = pd.read_parquet(embeddings_path(setup["region"]))
+    ingest_region(SOUTH, south_pbf, force=True)  # imported now: the latest partition, on every run
+    south = pd.read_parquet(_embed_with(SOUTH, v2))
+    li = pd.read_parquet(load_project().paths.embeddings(setup["region"]))
     assert south["event_timestamp"].iloc[0] > li["event_timestamp"].iloc[0]
     both, li_only = set(li["h3_cell"]) & set(south["h3_cell"]), set(li["h3_cell"]) - set(south["h3_cell"])
     assert both and li_only, "the regions overlap in part"
 
-    report = publish(online_store="sqlite")
+    report = publish(kind="sqlite")
     done = report["materialized"]
     assert done["mode"] == "window" and done["changed_partitions"] == 1, report["reason"]
     assert done["cells"] == len(south) and done["rows_written"] == len(south) * VIEWS, "only the new partition"
@@ -282,20 +306,17 @@ def test_new_region_materializes_only_its_partition(setup: dict, project: Path, 
     assert (latest.loc[sorted(both), "region"] == SOUTH).all(), "the newer import wins where they overlap"
     assert (latest.loc[sorted(li_only), "region"] == setup["region"]).all(), "the first region is left as it was"
     assert (latest.loc[sorted(li_only), "model_version"] == v2.version).all()
-    assert publish(online_store="sqlite")["skipped"]
+    assert publish(kind="sqlite")["skipped"]
 
 
 def test_older_partition_never_overwrites_a_newer_row(setup: dict, project: Path) -> None:
-    from loc2vec.embed import embed_region, embeddings_path
-    from loc2vec.publish import publish
-
-    li = pd.read_parquet(embed_region(setup["region"], progress=False))  # v3, registered before the south import
-    south = pd.read_parquet(embeddings_path(SOUTH))
+    li = pd.read_parquet(embed(setup["region"]))  # v3, registered before the south import
+    south = pd.read_parquet(load_project().paths.embeddings(SOUTH))
     assert (li["model_version"] == setup["v3"]).all()
     assert li["event_timestamp"].iloc[0] < south["event_timestamp"].iloc[0], "older than the published south rows"
     both, li_only = set(li["h3_cell"]) & set(south["h3_cell"]), set(li["h3_cell"]) - set(south["h3_cell"])
 
-    report = publish(online_store="sqlite")
+    report = publish(kind="sqlite")
     done = report["materialized"]
     assert done["mode"] == "window" and done["changed_partitions"] == 1, report["reason"]
     assert pd.Timestamp(done["start"]) == li["event_timestamp"].iloc[0]
@@ -309,16 +330,15 @@ def test_older_partition_never_overwrites_a_newer_row(setup: dict, project: Path
 
 
 def test_changed_definitions_or_damaged_online_store_materialize_everything(setup: dict, project: Path) -> None:
-    from loc2vec.embed import embed_region
-    from loc2vec.publish import definitions_digest, publish
+    from loc2vec.serving.publish import definitions_digest
 
     feast = project / "data" / "feast"
     state_path = feast / "published_sqlite.json"
     state = json.loads(state_path.read_text())
-    assert publish(online_store="sqlite")["skipped"]
+    assert publish(kind="sqlite")["skipped"]
     state["definitions_digest"] = "0" * 64  # as if last published with other feature_repo/ definitions
     state_path.write_text(json.dumps(state))
-    report = publish(online_store="sqlite")
+    report = publish(kind="sqlite")
     done = report["materialized"]
     assert report["reason"] == "changed: definitions" and done["mode"] == "full"
     assert done["changed_partitions"] == 0 and done["rows_written"] == report["cells"] * VIEWS
@@ -331,14 +351,14 @@ def test_changed_definitions_or_damaged_online_store_materialize_everything(setu
                 conn.execute(f'DELETE FROM "{table}"')
 
     wipe_online()  # unchanged data, damaged online store
-    report = publish(online_store="sqlite")
+    report = publish(kind="sqlite")
     assert report["materialized"]["mode"] == "full" and "unchanged, but" in report["reason"], report["reason"]
     _assert_online_serves_latest(project)
 
     wipe_online()  # a new partition, and the cells outside its window lost: not a window
     _register(4)
-    embed_region(SOUTH, progress=False)
-    report = publish(online_store="sqlite")
+    embed(SOUTH)
+    report = publish(kind="sqlite")
     assert report["materialized"]["mode"] == "full" and "outside their window" in report["reason"]
     assert report["materialized"]["changed_partitions"] == 1
     _assert_online_serves_latest(project)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
-from loc2vec.config import ConfigError, load_params, section_config
-from loc2vec.db import cursor, require_import
-from loc2vec.sampling import COLUMNS, KINDS, SampleConfig, information, sample_locations, write_samples
+from loc2vec.cli.project import Project
+from loc2vec.core.config import KINDS, SampleConfig
+from loc2vec.core.errors import ConfigError
+from loc2vec.osm.db import ConnInfo, cursor, require_import
+from loc2vec.sampling.information import information
+from loc2vec.sampling.samples import COLUMNS, sample_locations, write_samples
 
 from .conftest import VADUZ
+from .fixtures.project import load_project
+from .fixtures.trained import patched_params
 
 EMPTY_SWISS_SIDE = (47.1350, 9.4900)  # west of the Rhine: outside the extract's cut, nothing mapped
 
@@ -26,14 +31,20 @@ def haversine_m(lat1, lon1, lat2, lon2) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def cfg(region: str) -> SampleConfig:
-    # 500 m blocks: the test region is ~4 × 6 km, so every split gets several blocks.
-    return dataclasses.replace(section_config(SampleConfig, "sample"), n_locations=300, block_m=500.0)
+def mproj(region: str) -> Project:
+    """The test project, loaded once for this module's shared sample."""
+    return load_project()
 
 
 @pytest.fixture(scope="module")
-def written(region: str, cfg: SampleConfig) -> Path:
-    return write_samples(region, cfg=cfg)
+def cfg(mproj: Project) -> SampleConfig:
+    # 500 m blocks: the test region is ~4 × 6 km, so every split gets several blocks.
+    return mproj.params.sample.model_copy(update={"n_locations": 300, "block_m": 500.0})
+
+
+@pytest.fixture(scope="module")
+def written(region: str, cfg: SampleConfig, mproj: Project) -> Path:
+    return write_samples(region, mproj.paths.samples(region), cfg, render=mproj.params.render, info=mproj.info)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +65,21 @@ def test_written_where_and_what(project: Path, region: str, written: Path, sampl
     assert sample.groupby("block")["split"].nunique().max() == 1  # a block belongs to one split
 
 
-def test_deterministic(region: str, cfg: SampleConfig, written: Path, sample: pd.DataFrame, tmp_path: Path):
-    again = write_samples(region, tmp_path / "again.parquet", cfg=cfg)
+def test_deterministic(
+    region: str, cfg: SampleConfig, written: Path, sample: pd.DataFrame, tmp_path: Path, proj: Project
+):
+    render, info = proj.params.render, proj.info
+    again = write_samples(region, tmp_path / "again.parquet", cfg, render=render, info=info)
     assert again.read_bytes() == written.read_bytes()
-    other = sample_locations(region, dataclasses.replace(cfg, seed=cfg.seed + 1))
+    other = sample_locations(region, cfg.model_copy(update={"seed": cfg.seed + 1}), render=render, info=info)
     assert len(other) == len(sample)
     assert not np.array_equal(other["location_id"].to_numpy(), sample["location_id"].to_numpy())
     shared = np.intersect1d(other["location_id"], sample["location_id"])
     assert len(shared) < len(sample) // 2
 
 
-def test_no_val_or_test_location_near_train(sample: pd.DataFrame):
-    radius = load_params().render.radius_m
+def test_no_val_or_test_location_near_train(sample: pd.DataFrame, proj: Project):
+    radius = proj.params.render.radius_m
     train = sample[sample["split"] == "train"]
     for split in ("val", "test"):
         held = sample[sample["split"] == split]
@@ -87,9 +101,9 @@ def test_kind_mix_follows_weights(sample: pd.DataFrame, cfg: SampleConfig):
         assert share == pytest.approx(cfg.mix[kind] / total, abs=0.02), kind
 
 
-def test_points_inside_extent_shrunk_by_radius(region: str, sample: pd.DataFrame):
-    radius = load_params().render.radius_m
-    west, south, east, north = require_import(region).bbox
+def test_points_inside_extent_shrunk_by_radius(region: str, sample: pd.DataFrame, proj: Project):
+    radius = proj.params.render.radius_m
+    west, south, east, north = require_import(region, proj.info).bbox
     lat, lon = sample["lat"].to_numpy(), sample["lon"].to_numpy()
     assert ((lon > west) & (lon < east) & (lat > south) & (lat < north)).all()
     to_edges = [
@@ -101,55 +115,66 @@ def test_points_inside_extent_shrunk_by_radius(region: str, sample: pd.DataFrame
     assert min(d.min() for d in to_edges) >= radius * 0.999
 
 
-def _near(region: str, lat: np.ndarray, lon: np.ndarray, where_sql: str, table: str, metres: float) -> np.ndarray:
+def _near(
+    info: ConnInfo, region: str, lat: np.ndarray, lon: np.ndarray, where_sql: str, table: str, metres: float
+) -> np.ndarray:
     """Which points lie within `metres` of a feature of `table` matching where_sql (constant SQL of this test)."""
     query = (
         "SELECT EXISTS (SELECT 1 FROM {schema}.{table} f WHERE {where} AND ST_DWithin(f.way, p.g, %s / cos(radians(p.lat))))"
         " FROM (SELECT ST_Transform(ST_SetSRID(ST_MakePoint(lon, lat), 4326), 3857) AS g, lat, i"
         " FROM unnest(%s::float8[], %s::float8[]) WITH ORDINALITY AS u(lon, lat, i)) p ORDER BY p.i"
     ).format(schema=f'"{region}"', table=table, where=where_sql)
-    with cursor() as cur:
+    with cursor(info) as cur:
         cur.execute(query, (metres, lon.tolist(), lat.tolist()))
         return np.asarray([r[0] for r in cur.fetchall()])
 
 
-def test_visits_on_buildings_or_pois_and_transport_on_network(region: str, sample: pd.DataFrame):
+def test_visits_on_buildings_or_pois_and_transport_on_network(region: str, sample: pd.DataFrame, proj: Project):
     visits = sample[sample["kind"] == "visits"]
     lat, lon = visits["lat"].to_numpy(), visits["lon"].to_numpy()
     poi = "(amenity IS NOT NULL OR shop IS NOT NULL OR tourism IS NOT NULL)"
     on = (
-        _near(region, lat, lon, "(building IS NOT NULL AND building <> 'no')", "planet_osm_polygon", 0.5)
-        | _near(region, lat, lon, poi, "planet_osm_polygon", 0.5)
-        | _near(region, lat, lon, poi, "planet_osm_point", 0.5)
+        _near(proj.info, region, lat, lon, "(building IS NOT NULL AND building <> 'no')", "planet_osm_polygon", 0.5)
+        | _near(proj.info, region, lat, lon, poi, "planet_osm_polygon", 0.5)
+        | _near(proj.info, region, lat, lon, poi, "planet_osm_point", 0.5)
     )
     assert on.all(), visits[~on]
 
     transport = sample[sample["kind"] == "transport"]
     net = "(highway IS NOT NULL OR railway IS NOT NULL)"
-    on_net = _near(region, transport["lat"].to_numpy(), transport["lon"].to_numpy(), net, "planet_osm_line", 0.5)
+    on_net = _near(
+        proj.info, region, transport["lat"].to_numpy(), transport["lon"].to_numpy(), net, "planet_osm_line", 0.5
+    )
     assert on_net.all(), transport[~on_net]
 
 
-def test_low_information_tiles_are_dropped(region: str, cfg: SampleConfig):
+def test_low_information_tiles_are_dropped(region: str, cfg: SampleConfig, proj: Project):
     lat, lon = np.array([VADUZ[0], EMPTY_SWISS_SIDE[0]]), np.array([VADUZ[1], EMPTY_SWISS_SIDE[1]])
-    info = information(region, lat, lon, cfg)
+    info = information(region, lat, lon, cfg, render=proj.params.render, info=proj.info)
     vaduz, empty = info.iloc[0], info.iloc[1]
     assert empty["coverage"] < cfg.min_coverage and not empty["keep"]
     assert vaduz["keep"] and vaduz["coverage"] > 0.5 and vaduz["weight"] == 1.0
     assert vaduz["entropy"] > cfg.entropy_floor
 
 
-def test_sampler_drops_and_reports_low_information(region: str, cfg: SampleConfig):
-    strict = dataclasses.replace(cfg, n_locations=80, min_coverage=0.995)
-    df = sample_locations(region, strict)
+def test_sampler_drops_and_reports_low_information(region: str, cfg: SampleConfig, proj: Project):
+    strict = cfg.model_copy(update={"n_locations": 80, "min_coverage": 0.995})
+    df = sample_locations(region, strict, render=proj.params.render, info=proj.info)
     assert (df["coverage"] >= 0.995).all()
     assert sum(df.attrs["summary"]["dropped_low_information"].values()) > 0
     assert len(df) == 80
 
 
-def test_config_is_validated():
-    with pytest.raises(ConfigError):
-        SampleConfig(splits={"train": 0.9, "val": 0.2, "test": 0.1})
-    with pytest.raises(ConfigError):
-        SampleConfig(mix={"visits": 1.0, "teleport": 1.0})
-    assert sum(dataclasses.replace(SampleConfig(), n_locations=301).quotas().values()) == 301
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"splits": {"train": 0.9, "val": 0.2, "test": 0.1}}, "splits"),
+        ({"mix": {"visits": 1.0, "teleport": 1.0}}, "mix"),
+    ],
+)
+def test_config_is_validated(project: Path, bad: dict, match: str):
+    with pytest.raises(ValidationError, match=match):
+        SampleConfig(**bad)
+    with patched_params(project, {"sample": bad}), pytest.raises(ConfigError, match=f"sample: {match}"):
+        load_project()  # at the edge, a bad params.yaml is a ConfigError naming the key
+    assert sum(SampleConfig(n_locations=301).quotas().values()) == 301

@@ -16,18 +16,19 @@ import pandas as pd
 import pytest
 
 from .conftest import VADUZ
+from .fixtures.project import load_project, publish, store_settings
 from .fixtures.trained import patched_params, trained_params
 
 BUILDINGS, GREEN = 6, 7  # histogram channels (loc2vec.channels)
 
 
 def _clean(project: Path) -> None:
-    from loc2vec.db import cursor
-    from loc2vec.features import forget_stores
+    from loc2vec.osm.db import cursor
+    from loc2vec.serving.store import forget_stores
 
     for sub in ("feast", "index", "embeddings"):
         shutil.rmtree(project / "data" / sub, ignore_errors=True)
-    with cursor() as cur:
+    with cursor(load_project().info) as cur:
         cur.execute("DROP SCHEMA IF EXISTS feast CASCADE")
     forget_stores()
 
@@ -44,31 +45,38 @@ def clean(project: Path, region: str) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def published(clean: Path, region: str) -> pd.DataFrame:
     """The test region embedded with the trained fixture and published (SQLite online store); its cells."""
-    from loc2vec.publish import publish
-
     from .fixtures.trained import embed_with_fixture
 
     path = embed_with_fixture(region)
-    publish([region], online_store="sqlite")
+    publish([region], kind="sqlite")
     df = pd.read_parquet(path)
     hist = np.stack(df["histogram"].to_numpy())
     return df.assign(buildings=hist[:, BUILDINGS], green=hist[:, GREEN]).set_index("h3_cell")
 
 
+def _index():
+    """The similar index of the test project's publication (built when missing or stale)."""
+    from loc2vec.serving.similar_index import ensure_index
+
+    p = load_project()
+    return ensure_index(p.params.explore.similar, p.paths, progress=False)
+
+
 def test_nothing_published_is_a_clear_error(clean: Path, capsys: pytest.CaptureFixture) -> None:
     from loc2vec.cli import main
-    from loc2vec.similar import NothingPublishedError, ensure_index
+    from loc2vec.serving.similar_index import NothingPublishedError, ensure_index
 
+    p = load_project()
     with pytest.raises(NothingPublishedError, match="loc2vec publish"):
-        ensure_index()
+        ensure_index(p.params.explore.similar, p.paths)
     assert main(["similar", "--lat", str(VADUZ[0]), "--lon", str(VADUZ[1])]) == 2
     assert "nothing published" in capsys.readouterr().err
 
 
 def test_vaduz_centre_finds_built_up_centres_before_forest(published: pd.DataFrame) -> None:
-    from loc2vec.similar import similar
+    from loc2vec.serving.similar import similar
 
-    found = similar(VADUZ[0], VADUZ[1], k=10, online_store="sqlite")
+    found = similar(VADUZ[0], VADUZ[1], _index(), store_settings("sqlite"), k=10)
     q = found.attrs["query"]
     assert list(found["rank"]) == list(range(1, 11)) and found["distance"].is_monotonic_increasing
     assert q["h3_cell"] not in set(found["h3_cell"]), "the query cell itself is left out"
@@ -89,15 +97,16 @@ def test_vaduz_centre_finds_built_up_centres_before_forest(published: pd.DataFra
 
 
 def test_index_matches_brute_force(published: pd.DataFrame) -> None:
-    from loc2vec.similar import ensure_index, nearby_cells, similar
+    from loc2vec.serving.similar import nearby_cells, similar
 
-    index = ensure_index()
+    index = _index()
+    sqlite = store_settings("sqlite")
     assert index.regions == ["test_li"] and index.n_cells == len(published)
     vectors = np.stack(published["embedding"].to_numpy()).astype(np.float32)
     rng = np.random.default_rng(1)
     for cell in rng.choice(published.index.to_numpy(), 5, replace=False):
         lat, lon = published.loc[cell, ["lat", "lon"]]
-        found = similar(lat, lon, k=8, online_store="sqlite", index=index)
+        found = similar(lat, lon, index, sqlite, k=8)
         near = nearby_cells(cell, 200.0)
         keep = ~published.index.isin(list(near))
         d = np.linalg.norm(vectors[keep] - vectors[published.index.get_loc(cell)], axis=1)
@@ -107,26 +116,24 @@ def test_index_matches_brute_force(published: pd.DataFrame) -> None:
 def test_index_is_persisted_and_rebuilt_when_the_publication_changes(published: pd.DataFrame, clean: Path) -> None:
     import pyarrow.parquet as pq
 
-    from loc2vec.similar import ensure_index, source_path
-
-    first = ensure_index()
+    first = _index()
     stamp = (first.directory / "manifest.json").stat().st_mtime_ns
-    again = ensure_index()
+    again = _index()
     assert again.directory == first.directory and (again.directory / "manifest.json").stat().st_mtime_ns == stamp
     assert (clean / "data" / "index" / ".gitignore").read_text() == "*\n"
 
-    source = source_path()
+    source = load_project().paths.offline_store
     original = source.read_bytes()
     try:
         table = pq.read_table(source)
         pq.write_table(table.slice(1), source)  # a new publication: one cell fewer
-        changed = ensure_index()
+        changed = _index()
         assert changed.directory != first.directory and changed.n_cells == first.n_cells - 1
         assert not first.directory.exists(), "the stale index is removed"
         assert [p.name for p in changed.directory.parent.glob(".similar-*")] == [], "no temporary left"
     finally:
         source.write_bytes(original)
-    assert ensure_index().manifest["key"] == first.manifest["key"]
+    assert _index().manifest["key"] == first.manifest["key"]
 
 
 def test_cli_similar(published: pd.DataFrame, capsys: pytest.CaptureFixture) -> None:
@@ -150,9 +157,9 @@ def test_cli_similar(published: pd.DataFrame, capsys: pytest.CaptureFixture) -> 
 
 
 def test_bench_similar_reports_index_and_brute_force(published: pd.DataFrame) -> None:
-    from loc2vec.bench import run
+    from loc2vec.cli.bench import run
 
-    result = run("similar", n=30)
+    result = run("similar", load_project(), n=30)
     assert result["index_query"]["n"] == 30 and result["brute_force"]["n"] == 30
     assert result["index_query"]["p50_ms"] > 0 and result["brute_force"]["p99_ms"] > 0
     assert result["recall_at_k"] == 1.0

@@ -15,23 +15,29 @@ import pytest
 import torch
 import yaml
 
-from loc2vec.config import load_params
-
+from .fixtures.project import evaluation_context, load_project
 from .fixtures.trained import patched_params
 
 TINY = {
     "sample": {"n_locations": 160, "block_m": 400.0, "seed": 7},
     "triplets": {"locations_per_batch": 4, "pairs_per_location": 2},
     "loss": {"coverage_weight": 0.5},  # the read-out head trains, checkpoints and resumes with the encoder
-    "train": {"max_steps": 24, "checkpoint_every": 4, "val_every": 6, "val_batches": 2, "max_minutes": 0.0,
-              "warmup_steps": 2, "prefetch": 1},
-}  # fmt: skip
+    "train": {
+        "max_steps": 24,
+        "checkpoint_every": 4,
+        "val_every": 6,
+        "val_batches": 2,
+        "max_minutes": 0.0,
+        "warmup_steps": 2,
+        "prefetch": 1,
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def tiny(project: Path, region: str) -> Iterator[Path]:
     """The test project with tiny sampling/training params, sampled once for the module."""
-    from loc2vec.sampling import write_samples
+    from .fixtures.project import write_samples
 
     with patched_params(project, {**TINY, "pipeline": {"regions": [region]}}):
         write_samples(region)
@@ -43,17 +49,18 @@ def _checkpoint(project: Path) -> Path:
 
 
 def test_triplet_batches_follow_the_article(tiny: Path, region: str) -> None:
-    from loc2vec.data import triplet_config
-    from loc2vec.train import Trainer, build_source
+    from loc2vec.training.batches import TripletBatches, TripletConfig
+    from loc2vec.training.sources import build_source
+    from loc2vec.training.trainer import Trainer
 
-    trainer = Trainer([region])
-    source = build_source(trainer.samples, trainer.cfg, torch.device("cpu"))
-    from loc2vec.data import TripletBatches
+    p = load_project()
+    trainer = Trainer.from_params(p.params, [region], p.info)
+    source = build_source(trainer.samples, trainer.source, torch.device("cpu"))
+    cfg = TripletConfig.from_config(p.params.triplets, p.params.augment)
 
     rows = np.flatnonzero(trainer.samples["split"].to_numpy() == "train")
-    stream = TripletBatches(source, rows, triplet_config(), seed=3)
+    stream = TripletBatches(source, rows, cfg, seed=3)
     batch = stream.batch(0)
-    cfg = triplet_config()
     b = cfg.locations_per_batch * cfg.pairs_per_location
     assert batch.anchor.shape == batch.positive.shape == batch.negative.shape == (b, 12, 128, 128)
     assert batch.anchor.dtype == torch.uint8
@@ -70,7 +77,7 @@ def test_triplet_batches_follow_the_article(tiny: Path, region: str) -> None:
 
 
 def _metres(xyz: np.ndarray) -> np.ndarray:
-    from loc2vec.sampling import MEAN_EARTH_RADIUS_M
+    from loc2vec.core.geo import MEAN_EARTH_RADIUS_M
 
     chord = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)
     return 2 * MEAN_EARTH_RADIUS_M * np.arcsin(np.clip(chord / 2, 0, 1))
@@ -80,16 +87,18 @@ def test_neighbourhood_batches_draw_hard_negatives_nearby(tiny: Path, region: st
     """local_fraction=1: every batch is a centre and its neighbours, at least min_separation_m apart."""
     from dataclasses import replace
 
-    from loc2vec.data import TripletBatches, triplet_config
-    from loc2vec.sampling import unit_xyz
-    from loc2vec.train import Trainer, build_source
+    from loc2vec.core.geo import unit_xyz
+    from loc2vec.training.batches import TripletBatches, TripletConfig
+    from loc2vec.training.sources import build_source
+    from loc2vec.training.trainer import Trainer
 
-    trainer = Trainer([region])
+    p = load_project()
+    trainer = Trainer.from_params(p.params, [region], p.info)
     samples = trainer.samples
-    source = build_source(samples, trainer.cfg, torch.device("cpu"))
+    source = build_source(samples, trainer.source, torch.device("cpu"))
     rows = np.flatnonzero(samples["split"].to_numpy() == "train")
     xyz = unit_xyz(samples["lat"].to_numpy(), samples["lon"].to_numpy())
-    base = triplet_config()
+    base = TripletConfig.from_config(p.params.triplets, p.params.augment)
     local = replace(base, local_fraction=1.0, neighbourhood_m=800.0, min_separation_m=150.0)
     with pytest.raises(ValueError, match="xyz"):
         TripletBatches(source, rows, local, seed=3)
@@ -111,7 +120,7 @@ def test_neighbourhood_batches_draw_hard_negatives_nearby(tiny: Path, region: st
 
 
 def test_channel_drop_switches_whole_channels_off() -> None:
-    from loc2vec.data import drop_channels
+    from loc2vec.training.batches import drop_channels
 
     tiles = torch.full((200, 12, 4, 4), 255, dtype=torch.uint8)
     out = drop_channels(tiles, 0.3, torch.Generator().manual_seed(0))
@@ -122,9 +131,10 @@ def test_channel_drop_switches_whole_channels_off() -> None:
 
 
 def _run_fit(resume: bool) -> dict:
-    from loc2vec.train import Trainer
+    from loc2vec.training.trainer import Trainer
 
-    return Trainer(load_params().section("pipeline")["regions"]).fit(resume=resume, tracker=None)
+    p = load_project()
+    return Trainer.from_params(p.params, list(p.params.pipeline.regions), p.info).fit(resume=resume, tracker=None)
 
 
 def _final_state(project: Path) -> dict:
@@ -141,8 +151,13 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny: Path) -> None:
 
     # A second run, killed with SIGKILL after its first checkpoints.
     env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "loc2vec.cli", "train", "--no-mlflow", "--no-resume"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loc2vec.cli", "train", "--no-mlflow", "--no-resume"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     killed_at = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -179,17 +194,20 @@ def test_training_is_tracked_in_mlflow_and_registered(tiny: Path, region: str) -
     import mlflow
     from mlflow import MlflowClient
 
-    from loc2vec.tracking import CHAMPION, tracking_uri
-    from loc2vec.train import train
+    from loc2vec.core.tracking import tracking_uri
+    from loc2vec.training.registry import CHAMPION
+    from loc2vec.training.trainer import Trainer, train
 
-    summary = train([region], resume=False)
+    p = load_project()
+    trainer = Trainer.from_params(p.params, [region], p.info, paths=p.paths)
+    summary = train(trainer, resume=False, track=True, paths=p.paths)
     assert (tiny / "data" / "model" / "model.pt").is_file()
     assert summary["steps"] == TINY["train"]["max_steps"] and 0 <= summary["best_val_triplet_accuracy"] <= 1
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri(p.paths))
     client = MlflowClient()
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.data.params["train.lr"] == str(load_params().section("train")["lr"])
+    assert run.data.params["train.lr"] == str(p.params.section("train")["lr"])
     assert run.data.params["git_commit"] != "unknown"
     assert any(k.startswith("samples.") for k in run.data.params), "data versions are logged"
     for metric in ("loss", "d_pos", "d_neg", "triplet_accuracy"):
@@ -199,7 +217,7 @@ def test_training_is_tracked_in_mlflow_and_registered(tiny: Path, region: str) -
     figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"triplets.png", "training_curves.png", "activation_max_bottom.png", "activation_max_upper.png"} <= figures
 
-    name = load_params().section("train")["registered_model"]
+    name = p.params.train.registered_model
     champion = client.get_model_version_by_alias(name, CHAMPION)
     assert champion.run_id == run.info.run_id
     model = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}")
@@ -214,10 +232,11 @@ def test_champion_gate_moves_champion_only_for_a_downstream_improvement(tiny: Pa
     import mlflow
     from mlflow import MlflowClient
 
-    from loc2vec.model import Encoder
-    from loc2vec.promote import promote, promotion_path
-    from loc2vec.tracking import CANDIDATE, CHAMPION, setup_mlflow
-    from loc2vec.train import train
+    from loc2vec.core.tracking import setup_mlflow
+    from loc2vec.evaluation.gate import promote
+    from loc2vec.training.model import Encoder
+    from loc2vec.training.registry import CANDIDATE, CHAMPION
+    from loc2vec.training.trainer import Trainer, train
 
     path = tiny / "params.yaml"
     saved = path.read_text()
@@ -229,14 +248,26 @@ def test_champion_gate_moves_champion_only_for_a_downstream_improvement(tiny: Pa
     params["train"]["registered_model"] = name = "gate-test"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        train([region], resume=False)
+        proj = load_project()  # after the edit above: params are re-read
+
+        def gate() -> dict:
+            return promote(
+                [region],
+                proj.paths.promotion,
+                model_name=proj.params.train.registered_model,
+                cfg=proj.params.promote,
+                evaluate_cfg=proj.params.evaluate,
+                ctx=evaluation_context(proj),
+            )
+
+        train(Trainer.from_params(proj.params, [region], proj.info, paths=proj.paths), resume=False, paths=proj.paths)
         client = MlflowClient()
         trained = client.get_model_version_by_alias(name, CANDIDATE)
         version = str(trained.version)
         assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version, "the first is champion"
 
         # a champion that maps every tile to the same point: any trained candidate must beat it
-        mlflow_ = setup_mlflow("gate-test")
+        mlflow_ = setup_mlflow("gate-test", proj.paths)
         constant = Encoder()
         with torch.no_grad():
             for p in constant.parameters():
@@ -246,17 +277,17 @@ def test_champion_gate_moves_champion_only_for_a_downstream_improvement(tiny: Pa
                 constant, name="model", input_example=np.zeros((2, 12, 128, 128), "f4"), registered_model_name=name
             )
         client.set_registered_model_alias(name, CHAMPION, str(info.registered_model_version))
-        result = promote([region])
+        result = gate()
         assert result["promoted"] and result["champion_version"] == version
         assert result["candidate_score"] > result["champion_score"]
         assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version
-        assert json.loads(promotion_path().read_text())["champion_version"] == version
+        assert json.loads(proj.paths.promotion.read_text())["champion_version"] == version
         assert float(client.get_model_version(name, version).tags["gate_score"]) == result["candidate_score"]
 
         # the same weights again as candidate: no lead, so the champion stays
         again = client.create_model_version(name, source=trained.source, run_id=trained.run_id).version
         client.set_registered_model_alias(name, CANDIDATE, again)
-        result = promote([region])
+        result = gate()
         assert not result["promoted"] and result["candidate_lead"] == 0.0
         assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version
     finally:

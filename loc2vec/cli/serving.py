@@ -1,0 +1,131 @@
+"""`loc2vec publish | features | similar`: the feature store and its consumers (the `publish` stage)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loc2vec.cli.args import add_location, regions
+from loc2vec.cli.project import Project
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from loc2vec.serving.store import StoreSettings
+
+STORE_CHOICES = ["sqlite", "postgres"]
+
+
+def store_settings(project: Project, kind: str | None) -> StoreSettings:
+    from loc2vec.serving.store import StoreSettings
+
+    params = project.params
+    return StoreSettings.from_config(params.publish, params.embed, project.paths, project.info, kind)
+
+
+def cmd_publish(args: argparse.Namespace, project: Project) -> int:
+    from loc2vec.serving.publish import materialize_incremental_only, publish
+
+    settings = store_settings(project, args.online_store)
+    if args.incremental:
+        result = materialize_incremental_only(settings)
+    else:
+        if args.embeddings:
+            files = [Path(f) for f in args.embeddings]
+        elif args.regions:
+            files = [project.paths.embeddings(r) for r in regions(args.regions, project.params)]
+        else:
+            files = None  # every data/embeddings/*.parquet
+        result = publish(settings, files, force=args.force)
+    text = json.dumps(result, indent=1, default=str)
+    if args.record:
+        from loc2vec.core.atomic import write_text
+
+        write_text(Path(args.record), text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_features(args: argparse.Namespace, project: Project) -> int:
+    from loc2vec.serving.lookup import get_location_embeddings
+
+    row = get_location_embeddings([args.lat], [args.lon], store_settings(project, args.online_store)).iloc[0]
+    out = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+    print(json.dumps(out, default=str))
+    return 0
+
+
+def format_table(found: pd.DataFrame) -> str:
+    """The neighbours as an aligned text table, the query on the first line."""
+    q = found.attrs.get("query", {})
+    head = (
+        f"query ({q.get('lat', float('nan')):.5f}, {q.get('lon', float('nan')):.5f}) → cell {q.get('h3_cell')} "
+        f"{q.get('model_name')} v{q.get('model_version')}; searched {', '.join(q.get('regions', []))}; "
+        f"{q.get('excluded_cells', 0)} cells within {q.get('exclude_radius_m', 0):g} m left out"
+    )
+    lines = [
+        head,
+        f"{'rank':>4}  {'h3_cell':<15}  {'region':<16} {'lat':>9} {'lon':>10} {'distance':>9} {'km':>7}  model_version",
+    ]
+    for r in found.itertuples(index=False):
+        lines.append(
+            f"{r.rank:>4}  {r.h3_cell:<15}  {r.region:<16} {r.lat:>9.5f} {r.lon:>10.5f} {r.distance:>9.4f} "
+            f"{r.geo_km:>7.2f}  {r.model_version}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_similar(args: argparse.Namespace, project: Project) -> int:
+    from loc2vec.serving.similar import similar
+    from loc2vec.serving.similar_index import ensure_index
+
+    params = project.params
+    index = ensure_index(params.explore.similar, project.paths, rebuild=args.rebuild_index)
+    found = similar(
+        args.lat,
+        args.lon,
+        index,
+        store_settings(project, args.online_store),
+        args.k,
+        regions=regions(args.regions, params, default=[]) or None,
+        exclude_radius_m=args.exclude_radius_m,
+    )
+    if args.json:
+        rows = json.loads(found.to_json(orient="records", double_precision=6))
+        print(json.dumps({"query": found.attrs["query"], "results": rows}))
+    else:
+        print(format_table(found))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("publish", help="feast apply + materialize the embeddings (idempotent)")
+    s.add_argument("--embeddings", nargs="+", help="embeddings Parquets to publish (default: the regions')")
+    s.add_argument("--regions", help="comma-separated regions (default: every data/embeddings/*.parquet)")
+    s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params/LOC2VEC_ONLINE_STORE")
+    s.add_argument("--incremental", action="store_true", help="materialize-incremental only (scheduled runs)")
+    s.add_argument("--force", action="store_true", help="publish even if nothing changed")
+    s.add_argument("--record", help="also write the result as JSON (the DVC stage's output)")
+    s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("features", help="online feature lookup for one location (JSON)")
+    add_location(s)
+    s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params/LOC2VEC_ONLINE_STORE")
+    s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("similar", help="the k published cells with the nearest embeddings, across regions")
+    add_location(s)
+    s.add_argument("-k", type=int, default=None, help="how many cells (default: params explore.similar.k)")
+    s.add_argument("--regions", nargs="+", help="only these published regions (default: all)")
+    s.add_argument(
+        "--exclude-radius-m",
+        type=float,
+        default=None,
+        help="leave out cells this close to the query (default: params, 200 m = overlapping tiles)",
+    )
+    s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params/LOC2VEC_ONLINE_STORE")
+    s.add_argument("--rebuild-index", action="store_true", help="rebuild the vector index even if it is current")
+    s.add_argument("--json", action="store_true", help="JSON instead of a table")
+    s.set_defaults(func=cmd_similar)

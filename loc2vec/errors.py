@@ -1,8 +1,0 @@
-"""One base class for errors caused by user input or environment, reported without a traceback."""
-
-
-class Loc2VecError(Exception):
-    """A problem the user can fix (bad input, missing import, unreachable database)."""
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (Loc2VecError,)

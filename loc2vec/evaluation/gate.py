@@ -1,0 +1,132 @@
+"""The champion gate: a new model version becomes `champion` only if it helps the downstream tasks more.
+
+Why a gate: validation triplet accuracy measures the pretext task (is the positive closer than the
+negative?), not what the product is for. A run that reaches a higher triplet accuracy can still
+serve classifiers worse, e.g. by becoming more invariant to exactly what they need. So training only
+registers a version and points the ``candidate`` alias at it (and ``champion`` too when there is
+none yet); ``loc2vec promote`` then scores candidate and champion the way ``loc2vec evaluate``
+scores published embeddings — the transport and venue classifiers (logistic regression, blocked
+spatial K-fold, evaluation/run.py) on the very tile each model would publish for a label's H3 cell
+— over the pipeline's regions, and moves ``champion`` only when the candidate's mean macro-F1 beats
+the champion's by more than ``promote.min_delta``.
+
+Both versions get the score as the model-version tag ``gate_score``. The decision is written to
+data/model/promotion.json: a DVC metric of the train stage, and the embed stage's dependency, so
+embeddings are recomputed exactly when the champion moves.
+
+The gate and the final evaluation use the same labels and folds; model selection on them makes the
+winner's published score slightly optimistic. A cross-region evaluation (``--train-regions``) on a
+region the gate never saw is the unbiased number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loc2vec.core.atomic import write_text
+from loc2vec.core.config import EvaluateConfig, PromoteConfig
+from loc2vec.core.errors import ConfigError
+from loc2vec.core.names import validate_region_name
+from loc2vec.evaluation.context import EvaluationContext
+from loc2vec.evaluation.featuresets import FeatureFn, Featurizer, encoder_features
+from loc2vec.evaluation.labels import TASKS
+from loc2vec.evaluation.run import prepare_task, score_task
+from loc2vec.training.model import Encoder
+from loc2vec.training.registry import CANDIDATE, CHAMPION, ModelRef, load_model, resolve_alias
+
+log = logging.getLogger(__name__)
+
+
+def _encoder_feature(encoder: Encoder, ctx: EvaluationContext, batch_size: int) -> FeatureFn:
+    """A featureset: `encoder` on each point's cell tile, as the model would publish it."""
+    return lambda points, mode, service: encoder_features(points, encoder, ctx, batch_size)
+
+
+def gate_scores(
+    refs: dict[str, ModelRef], regions: list[str], cfg: EvaluateConfig, ctx: EvaluationContext
+) -> dict[str, dict[str, Any]]:
+    """{key: {"score": mean macro-F1, "tasks": {region/task: macro-F1}}} for each model, on the same labels and folds."""
+    cfg = cfg.model_copy(update={"featuresets": tuple(refs), "bootstrap": 0})
+    encoders = {key: load_model(ctx.paths, ref, ctx.model) for key, ref in refs.items()}
+    featurizer = Featurizer({key: _encoder_feature(enc, ctx, cfg.batch_size) for key, enc in encoders.items()})
+    per_task: dict[str, dict[str, float]] = {key: {} for key in refs}
+    for region in regions:
+        for task in TASKS:
+            data = prepare_task(task, region, None, cfg, featurizer, ctx)
+            scored, _ = score_task(data, cfg)
+            for key in refs:
+                per_task[key][f"{region}/{task}"] = round(scored[key]["logreg"]["macro_f1"], 4)
+    return {key: {"score": round(float(np.mean(list(t.values()))), 4), "tasks": t} for key, t in per_task.items()}
+
+
+def promote(
+    regions: list[str],
+    out: Path,
+    *,
+    model_name: str,
+    cfg: PromoteConfig,
+    evaluate_cfg: EvaluateConfig,
+    ctx: EvaluationContext,
+) -> dict[str, Any]:
+    """Score candidate vs champion downstream, move `champion` if the candidate wins; write promotion.json.
+
+    Args:
+        regions: the regions whose labels score the models (the pipeline's).
+        out: the decision's JSON (the train stage's metric, the embed stage's dependency).
+        model_name: the registered model.
+        cfg: params `promote:` (min_delta).
+        evaluate_cfg: params `evaluate:` (labels, folds, classifier settings).
+        ctx: the map data and tiles the models are scored on.
+    """
+    from mlflow import MlflowClient
+
+    regions = [validate_region_name(r) for r in regions]
+    if not regions:
+        raise ConfigError("promote needs regions: params.yaml pipeline.regions is empty")
+    name = model_name
+    candidate = resolve_alias(ctx.paths, name, CANDIDATE)
+    champion = resolve_alias(ctx.paths, name, CHAMPION)
+    refs = {"candidate": candidate}
+    if champion.version != candidate.version:
+        refs["champion"] = champion
+    scores = gate_scores(refs, regions, evaluate_cfg, ctx)
+    scores.setdefault("champion", scores["candidate"])
+    client = MlflowClient()
+    for key, ref in refs.items():
+        client.set_model_version_tag(name, ref.version, "gate_score", str(scores[key]["score"]))
+    lead = scores["candidate"]["score"] - scores["champion"]["score"]
+    promoted = candidate.version != champion.version and lead > cfg.min_delta
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, candidate.version)
+    winner = candidate if promoted else champion
+    result = {
+        "model_name": name,
+        "regions": regions,
+        "candidate_version": candidate.version,
+        "previous_champion_version": champion.version,
+        "champion_version": winner.version,
+        "promoted": promoted,
+        "candidate_score": scores["candidate"]["score"],
+        "champion_score": scores["champion"]["score"],
+        "candidate_lead": round(lead, 4),
+        "min_delta": cfg.min_delta,
+        "candidate_tasks": scores["candidate"]["tasks"],
+        "champion_tasks": scores["champion"]["tasks"],
+    }
+    write_text(out, json.dumps(result, indent=1) + "\n")
+    log.info(
+        "%s: candidate v%s scores %.4f, champion v%s %.4f → champion is v%s%s",
+        name,
+        candidate.version,
+        result["candidate_score"],
+        champion.version,
+        result["champion_score"],
+        winner.version,
+        " (promoted)" if promoted else "",
+    )
+    return result

@@ -1,0 +1,412 @@
+"""Metatiles: each channel rendered once, as large rasters, only where locations need them.
+
+Rendering every augmented tile with Mapnik costs ~5 ms per tile per core; training draws
+K rotated and shifted positives per anchor, so the "fast path" renders big metatiles once
+and cuts tiles out of them (raster/cutter.py).
+
+Geometry (a fixed grid, so a location's metatile is pure arithmetic, with no search; raster/grid.py):
+
+* Rows are bands of constant *true* height: row = ⌊R·φ / (C·mpp)⌋, φ in radians, C the core
+  side in px, mpp = 2·radius_m/size the tiles' metres per pixel. Each row has one Mercator
+  scale k = 1/cos(φ_mid) of its mid latitude, so a core is C×C px at the tiles' mpp wherever
+  on Earth (a fixed Mercator grid would shrink to C·cos φ px in the north).
+* Columns split the row's Mercator x in cells of C·mpp·k units.
+* A metatile is its core plus a margin of M px on every side, M covering the farthest pixel of
+  any tile whose location lies in the core: the shift (≤ max_shift_m per axis) plus a rotated
+  tile's half extent (≤ √2·radius_m per axis), plus 2 px of slack for nearest-neighbour
+  rounding and the Mercator-scale drift below. So every tile is cut from exactly one metatile.
+* Scale: the metatile is drawn at its row's k; the cutter samples it with a step of
+  k(location)/k(row) metatile px per tile px from the location's exact Mercator position, so
+  positions match render_tile (up to float32 rounding, ~2·10⁻⁴ px). What is not exact are line
+  widths and marker sizes, drawn in px at the row's k: their relative error is
+  |k(φ)/k(φ_mid) − 1| ≈ tan φ·Δφ/2, at most 2.7·10⁻⁴ at 47° N with C = 2048 (3.2 km rows;
+  4.3·10⁻⁴ at 60°, 6.9·10⁻⁴ at 70°): a 16 m road is 0.003 px too thin or thick, invisible next
+  to anti-aliasing. (A core is 2048.0001 px tall in Mercator, not 2048: the slack covers it.)
+
+Storage: one channels-last (H, W, 12) uint8 `.npy` per metatile under
+data/metatiles/<region>/<key>.npy (core/paths.py; opened with mmap, so a country never needs to fit in
+memory: only the pages a batch touches are read), written atomically, and an index.json with
+each metatile's Mercator bounds, scale and mpp and the parameters it was rendered with (tile
+geometry, grid, channel definitions, the region's import): if any of them changes, the old
+metatiles are deleted and re-rendered on demand.
+
+Rendering fans out over the configured task runner (orchestration/): in-process with a spawned pool of
+Mapnik processes (inline), Prefect threads that hand renders to that pool (threads), or Dask workers
+that render themselves (dask). A metatile is the same render wherever it is drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mapnik
+import numpy as np
+from tqdm import tqdm
+
+from loc2vec.core.atomic import file_lock, save_npy, write_text
+from loc2vec.core.config import AugmentConfig, OrchestrateConfig, RenderConfig, TilesConfig
+from loc2vec.core.names import validate_region_name
+from loc2vec.core.paths import ProjectPaths
+from loc2vec.core.pools import spawn_pool, worker_count
+from loc2vec.orchestration.runners import RunnerKind, map_tasks, runner_kind
+from loc2vec.osm.db import ConnInfo, ImportRecord, require_import
+from loc2vec.raster.channels import CHANNELS, N_CHANNELS
+from loc2vec.raster.grid import Metatile, MetatileGrid
+from loc2vec.raster.render import MAX_FEATURE_M, RenderError, channel_map_xml
+
+log = logging.getLogger(__name__)
+INDEX_VERSION = 1
+MAX_LAT = 85.0  # Web Mercator's useful range
+
+
+@dataclass(frozen=True)
+class MetatileSpec:
+    """How a project's metatiles are drawn and used: the grid, Mapnik's query margin, processes, device cache."""
+
+    grid: MetatileGrid
+    buffer_px: int = 16  # render.buffer_px
+    render_processes: int = 0  # tiles.render_processes; 0 = one per core
+    device_cache_mb: int = 4096  # tiles.device_cache_mb
+
+    @classmethod
+    def from_config(cls, render: RenderConfig, augment: AugmentConfig, tiles: TilesConfig) -> MetatileSpec:
+        return cls(
+            grid=MetatileGrid.from_config(render, augment, tiles),
+            buffer_px=render.buffer_px,
+            render_processes=tiles.render_processes,
+            device_cache_mb=tiles.device_cache_mb,
+        )
+
+
+# ---------------------------------------------------------------- the on-disk index
+
+
+def _channels_digest() -> str:
+    """Changing a channel's SQL or drawing must invalidate the metatiles drawn with the old one."""
+    text = json.dumps([(c.name, c.kind, c.sql) for c in CHANNELS])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class MetatileIndex:
+    """The metatiles of one region for one tile geometry: what exists on disk, and their arrays."""
+
+    def __init__(
+        self,
+        region: str,
+        spec: MetatileSpec,
+        signature: dict,
+        directory: Path,
+        bbox: tuple[float, float, float, float],
+    ):
+        self.region = region
+        self.spec = spec
+        self.grid = spec.grid
+        self.signature = signature
+        self.directory = directory
+        self.entries: dict[str, Metatile] = {}
+        self.rendered: tuple[str, ...] = ()  # keys the ensure_metatiles() call that returned this index rendered
+        self.render_seconds = 0.0
+        self._arrays: dict[str, np.ndarray] = {}
+        self.bbox = bbox  # the region's import extent (west, south, east, north): cut locations must be inside
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "index.json"
+
+    def keys_for(self, lats: np.ndarray, lons: np.ndarray) -> list[str]:
+        rows, cols = self.grid.rows_cols(lats, lons)
+        return [f"r{r}_c{c}" for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
+
+    def file(self, key: str) -> Path:
+        return self.directory / f"{key}.npy"
+
+    def array(self, key: str) -> np.ndarray:
+        """The (H, W, 12) uint8 metatile, memory-mapped (read-only; pages are read as touched)."""
+        arr = self._arrays.get(key)
+        if arr is None:
+            if key not in self.entries:
+                raise RenderError(
+                    f"metatile {key} of region {self.region!r} has not been rendered; call ensure_metatiles() first"
+                )
+            arr = np.load(self.file(key), mmap_mode="r")
+            meta = self.entries[key]
+            if arr.shape != (meta.height, meta.width, N_CHANNELS) or arr.dtype != np.uint8:
+                raise RenderError(f"metatile {self.file(key)} is {arr.shape} {arr.dtype}, the index says otherwise")
+            self._arrays[key] = arr
+        return arr
+
+    def __getstate__(self) -> dict:
+        """Pickled (sent to a Dask worker) without its memory maps: the worker re-opens the files it reads."""
+        return {**self.__dict__, "_arrays": {}}
+
+    def to_json(self) -> dict:
+        return {
+            "version": INDEX_VERSION,
+            "region": self.region,
+            "signature": self.signature,
+            "metatiles": {k: asdict(m) for k, m in sorted(self.entries.items())},
+        }
+
+    def save(self) -> None:
+        write_text(self.path, json.dumps(self.to_json(), indent=1))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _signature(record: ImportRecord, grid: MetatileGrid) -> dict:
+    return {
+        **asdict(grid),
+        "margin_px": grid.margin_px,
+        "mpp": grid.mpp,
+        "channels": _channels_digest(),
+        "import_sha256": record.sha256,
+        "imported_at": record.imported_at.isoformat(),
+    }
+
+
+_INDEXES: dict[Path, MetatileIndex] = {}
+
+
+def load_index(region: str, spec: MetatileSpec, directory: Path, info: ConnInfo) -> MetatileIndex:
+    """The region's index in `directory` for this spec and the current import; stale metatiles are removed.
+
+    The same object is returned while the signature holds, so its memory maps (and the pages a
+    process has already mapped) and the cutter's caches live on across calls.
+    """
+    record = require_import(region, info)
+    signature = _signature(record, spec.grid)
+    index = _INDEXES.get(directory)
+    if (
+        index is None
+        or index.signature != signature
+        or index.spec != spec
+        or (index.entries and not index.path.is_file())
+    ):
+        index = _INDEXES[directory] = MetatileIndex(region, spec, signature, directory, record.bbox)
+    index.rendered, index.render_seconds = (), 0.0
+    if index.path.is_file():
+        raw = json.loads(index.path.read_text())
+        if raw.get("version") == INDEX_VERSION and raw.get("signature") == signature:
+            for key, value in raw["metatiles"].items():  # other processes may have added some
+                if key not in index.entries and index.file(key).is_file():
+                    index.entries[key] = Metatile(**value)
+        else:
+            log.info("metatiles of %s were rendered with other params or another import: re-rendering", region)
+            for old in directory.glob("*.npy"):
+                old.unlink()
+            index.path.unlink()
+            index = _INDEXES[directory] = MetatileIndex(region, spec, signature, directory, record.bbox)
+    return index
+
+
+# ---------------------------------------------------------------- rendering
+
+
+class MetatileRenderer:
+    """The 12 channel maps at metatile size, parsed once and re-aimed per metatile."""
+
+    def __init__(self, region: str, grid: MetatileGrid, info: ConnInfo, buffer_px: int):
+        px_per_m = 1.0 / grid.mpp
+        # A line's round cap or a marker just outside the extent must still be drawn.
+        buffer_px = buffer_px + int(math.ceil(MAX_FEATURE_M * px_per_m))
+        side = grid.side_px
+        self.side = side
+        self._maps = []
+        for channel in CHANNELS:
+            m = mapnik.Map(side, side)
+            mapnik.load_map_from_string(m, channel_map_xml(channel, region, info, px_per_m, buffer_px, side))
+            self._maps.append(m)
+        self._image = mapnik.Image(side, side)
+
+    def render(self, meta: Metatile) -> np.ndarray:
+        out = np.empty((meta.height, meta.width, N_CHANNELS), dtype=np.uint8)
+        box = mapnik.Box2d(meta.minx, meta.miny, meta.maxx, meta.maxy)
+        for i, m in enumerate(self._maps):
+            m.zoom_to_box(box)
+            self._image.clear()
+            mapnik.render_with_vars(m, self._image, {"angle": 0.0})
+            rgba = np.frombuffer(self._image.to_string(), dtype=np.uint8).reshape(meta.height, meta.width, 4)
+            out[..., i] = rgba[..., 3]
+        return out
+
+
+_RENDERERS: dict[tuple[str, MetatileGrid, ConnInfo, int, int], MetatileRenderer] = {}
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """Everything a process needs to render and store one region's metatiles (picklable)."""
+
+    region: str
+    grid: MetatileGrid
+    info: ConnInfo
+    buffer_px: int
+    directory: Path
+
+
+def render_metatile(job: RenderJob, key: str) -> Metatile:
+    """Render and store one metatile (in a pool worker, a Dask worker or in-process); the maps are built once
+    per process and thread (a renderer's maps and image are not shared between threads: Dask workers may run
+    several)."""
+    slot = (job.region, job.grid, job.info, job.buffer_px, threading.get_ident())
+    renderer = _RENDERERS.get(slot)
+    if renderer is None:
+        renderer = _RENDERERS[slot] = MetatileRenderer(job.region, job.grid, job.info, job.buffer_px)
+    row, col = (int(v) for v in key[1:].split("_c"))
+    meta = job.grid.metatile(row, col)
+    save_npy(job.directory / f"{key}.npy", renderer.render(meta))
+    return meta
+
+
+def _render_task(task: tuple[RenderJob, str]) -> Metatile:
+    return render_metatile(*task)
+
+
+def _render_in_pool(job: RenderJob, key: str) -> Metatile:
+    """A Prefect task: the render itself goes to this process's Mapnik pool when there is one (the threads
+    runner: threads only orchestrate); elsewhere (a Dask worker) it renders right here."""
+    pool = _RENDER_POOLS.get(os.getpid())
+    if pool is not None:
+        return pool.apply(render_metatile, (job, key))
+    return render_metatile(job, key)
+
+
+_RENDER_POOLS: dict[int, Any] = {}  # pid → the Mapnik process pool of a render_missing call in that process
+
+
+def render_missing(
+    job: RenderJob,
+    missing: Iterable[str],
+    on_done: Callable[[Metatile], None],
+    *,
+    kind: RunnerKind,
+    processes: int,
+    orchestrate: OrchestrateConfig,
+) -> None:
+    """Render the `missing` metatiles; `on_done` records each as it lands (in the calling process).
+
+    inline: a spawned pool of `processes` Mapnik processes (or this process). threads: one Prefect task per
+    metatile, whose thread hands the render to that pool. dask: one task per metatile on the cluster's
+    workers, which are processes already.
+    """
+    keys = list(missing)
+    workers = worker_count(processes, len(keys)) if kind in ("inline", "threads") else 0
+    with spawn_pool(workers) as pool:
+        if kind == "inline":
+            tasks = [(job, k) for k in keys]
+            for meta in pool.imap_unordered(_render_task, tasks) if pool else map(_render_task, tasks):
+                on_done(meta)
+            return
+        if pool is not None:
+            _RENDER_POOLS[os.getpid()] = pool
+        try:
+            map_tasks(
+                _render_in_pool,
+                [{"job": job, "key": k} for k in keys],
+                lambda _i, meta: on_done(meta),
+                flow_name="loc2vec-metatiles",
+                run_name=f"{job.region}-{len(keys)}",
+                task_name="render-metatile",
+                task_run_name=f"{job.region}-" + "{key}",
+                cfg=orchestrate,
+                kind=kind,
+            )
+        finally:
+            _RENDER_POOLS.pop(os.getpid(), None)
+
+
+def check_locations(
+    region: str,
+    lats: Sequence[float] | np.ndarray,
+    lons: Sequence[float] | np.ndarray,
+    bbox: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Locations as float64 arrays, each finite and inside the region's extent (else a clear error)."""
+    lats = np.atleast_1d(np.asarray(lats, dtype=np.float64))
+    lons = np.atleast_1d(np.asarray(lons, dtype=np.float64))
+    if lats.ndim != 1 or lats.shape != lons.shape:
+        raise RenderError(f"lats and lons must be 1-D of equal length, got {lats.shape} and {lons.shape}")
+    bad = ~(np.isfinite(lats) & np.isfinite(lons) & (np.abs(lats) <= MAX_LAT) & (np.abs(lons) <= 180))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RenderError(f"location {i} ({lats[i]}, {lons[i]}) is not a finite lat/lon within ±{MAX_LAT:g}°, ±180°")
+    west, south, east, north = bbox
+    outside = (lats < south) | (lats > north) | (lons < west) | (lons > east)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise RenderError(
+            f"{int(outside.sum())} location(s) outside region {region!r} (lat {south:.4f}..{north:.4f}, "
+            f"lon {west:.4f}..{east:.4f}), e.g. #{i}: ({lats[i]}, {lons[i]})"
+        )
+    return lats, lons
+
+
+def ensure_metatiles(
+    region: str,
+    lats: Sequence[float] | np.ndarray,
+    lons: Sequence[float] | np.ndarray,
+    *,
+    spec: MetatileSpec,
+    paths: ProjectPaths,
+    info: ConnInfo,
+    orchestrate: OrchestrateConfig,
+    progress: bool = True,
+) -> MetatileIndex:
+    """Render the metatiles these locations need that are not on disk yet; return the index.
+
+    Args:
+        region: an ingested region.
+        lats: latitudes of the locations whose tiles will be cut.
+        lons: their longitudes.
+        spec: grid, margin and processes (params render, augment, tiles).
+        paths: the project's paths: the region's metatile directory (a DVC output for pipeline regions) and
+            a lock outside it (one process renders a region's metatiles at a time: data-loader workers may
+            race, and the DVC output changes only when metatiles do).
+        info: the database.
+        orchestrate: which task runner fans the renders out.
+        progress: show a progress bar.
+    """
+    validate_region_name(region)
+    directory, lock = paths.metatiles(region), paths.lock(f"metatiles-{region}")
+    lats, lons = check_locations(region, lats, lons, require_import(region, info).bbox)
+    directory.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock):
+        index = load_index(region, spec, directory, info)
+        needed = sorted(set(index.keys_for(lats, lons)))
+        missing = [k for k in needed if k not in index.entries]
+        if missing:
+            started = time.perf_counter()
+            kind = runner_kind(orchestrate)
+            bar = tqdm(total=len(missing), desc=f"metatiles {region} ({kind})", unit="mt", disable=not progress)
+
+            def done(meta: Metatile) -> None:
+                index.entries[meta.key] = meta
+                index.save()  # after each one: an interrupted run keeps what it finished
+                bar.update()
+
+            job = RenderJob(region, spec.grid, info, spec.buffer_px, directory)
+            with bar:
+                render_missing(job, missing, done, kind=kind, processes=spec.render_processes, orchestrate=orchestrate)
+            index.rendered = tuple(missing)
+            index.render_seconds = time.perf_counter() - started
+            log.info("rendered %d metatiles of %s in %.1f s", len(missing), region, index.render_seconds)
+    return index
+
+
+def clear_metatiles(directory: Path) -> None:
+    """Delete a region's metatiles (they are a cache: everything is re-rendered on demand)."""
+    _INDEXES.pop(directory, None)
+    if directory.is_dir():
+        shutil.rmtree(directory)

@@ -1,0 +1,159 @@
+"""Consumers' API: online embeddings of locations, and point-in-time joins of a feature service.
+
+* ``get_location_embeddings(lats, lons, store)`` → one row per location: lat, lon, h3_cell, embedding
+  (16 floats), model_name, model_version. Invalid coordinates raise ``InvalidLocationError``; a location
+  whose cell was never published raises ``LocationNotPublishedError``: never zeros or None.
+* ``historical_features(entity_df, service_name, store)`` → the entity rows (same order) with the
+  service's features as they were at each row's ``event_timestamp`` (point-in-time correct).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from loc2vec.core.errors import Loc2VecError
+from loc2vec.serving.store import EMBEDDING_FEATURES, FeatureStoreError, StoreSettings, feature_store
+
+
+class InvalidLocationError(Loc2VecError, ValueError):
+    """A latitude/longitude is missing, not finite or out of range."""
+
+
+class LocationNotPublishedError(Loc2VecError, LookupError):
+    """A location's H3 cell has no published embedding (outside every embedded region, or not published)."""
+
+
+def check_locations(lats: Sequence[float] | np.ndarray, lons: Sequence[float] | np.ndarray) -> tuple[np.ndarray, ...]:
+    """1-D float arrays of equal length, finite and within ±90°/±180° (else InvalidLocationError).
+
+    Raises:
+        InvalidLocationError: not numbers, shapes differ, or a value is NaN or out of range.
+    """
+    try:
+        lat = np.atleast_1d(np.asarray(lats, dtype=np.float64))
+        lon = np.atleast_1d(np.asarray(lons, dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise InvalidLocationError(f"latitudes and longitudes must be numbers: {exc}") from None
+    if lat.ndim != 1 or lat.shape != lon.shape:
+        raise InvalidLocationError(f"lats and lons must be 1-D of equal length, got {lat.shape} and {lon.shape}")
+    bad = ~(np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90) & (np.abs(lon) <= 180))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidLocationError(
+            f"{int(bad.sum())} invalid location(s), e.g. #{i}: ({lat[i]}, {lon[i]}); "
+            "latitude must be finite in [-90, 90], longitude finite in [-180, 180]"
+        )
+    return lat, lon
+
+
+def cells_for(lats: np.ndarray, lons: np.ndarray, resolution: int) -> list[str]:
+    """The H3 cell of each location at `resolution`."""
+    import h3
+
+    return [h3.latlng_to_cell(float(a), float(b), resolution) for a, b in zip(lats, lons, strict=True)]
+
+
+def get_location_embeddings(
+    lats: Sequence[float] | np.ndarray, lons: Sequence[float] | np.ndarray, settings: StoreSettings
+) -> pd.DataFrame:
+    """Online embeddings for locations: lat/lon → H3 cell → Feast online store.
+
+    Args:
+        lats: latitudes in degrees.
+        lons: longitudes in degrees, as many.
+        settings: the store (its h3_resolution is the published cells').
+
+    Returns:
+        One row per location, in order: lat, lon, h3_cell, embedding (list of 16 floats), model_name,
+        model_version.
+
+    Raises:
+        InvalidLocationError: a coordinate is NaN or out of range.
+        LocationNotPublishedError: a location's cell has no published embedding.
+        FeatureStoreError: the store cannot be read (not published yet, unreachable).
+    """
+    lat, lon = check_locations(lats, lons)
+    cells = cells_for(lat, lon, settings.h3_resolution)
+    store = feature_store(settings)
+    try:
+        response = store.get_online_features(
+            features=[f"location_embedding:{f}" for f in EMBEDDING_FEATURES],
+            entity_rows={"h3_cell": cells},
+        ).to_dict()
+    except Exception as exc:  # an unapplied registry, a missing table, an unreachable server
+        if isinstance(exc, Loc2VecError):
+            raise
+        raise FeatureStoreError(
+            f"online lookup failed ({type(exc).__name__}: {exc}); has `loc2vec publish` run for this store?"
+        ) from exc
+    emb = response["embedding"]
+    missing = [i for i, e in enumerate(emb) if e is None or len(e) == 0]
+    if missing:
+        i = missing[0]
+        raise LocationNotPublishedError(
+            f"{len(missing)} of {len(cells)} location(s) have no published embedding, e.g. #{i} "
+            f"({lat[i]}, {lon[i]}) → H3 cell {cells[i]}: outside every embedded region's mapped land, "
+            "or not published yet (`loc2vec embed` + `loc2vec publish`)"
+        )
+    return pd.DataFrame(
+        {
+            "lat": lat,
+            "lon": lon,
+            "h3_cell": cells,
+            "embedding": [list(map(float, e)) for e in emb],
+            "model_name": response["model_name"],
+            "model_version": response["model_version"],
+        }
+    )
+
+
+def historical_features(entity_df: pd.DataFrame, service_name: str, settings: StoreSettings) -> pd.DataFrame:
+    """Point-in-time join of a FeatureService's features onto entity rows (for training classifiers).
+
+    Args:
+        entity_df: columns ``h3_cell`` (str) and ``event_timestamp`` (timezone-aware), plus any others
+            (labels), which are passed through.
+        service_name: a published feature service (e.g. ``transport_mode_v1``).
+        settings: the store.
+
+    Returns:
+        The same rows in the same order with the service's features (``embedding``, ``model_version``,
+        ``histogram``, ``tag_counts``) as of each row's timestamp: the latest version with event_timestamp ≤
+        the row's (within the 10-year ttl). A row timestamped before any version was published gets
+        NaN/None features: drop those rows, never fill them.
+
+    Raises:
+        FeatureStoreError: a malformed entity_df, or an unknown service.
+    """
+    if not isinstance(entity_df, pd.DataFrame):
+        raise FeatureStoreError("entity_df must be a pandas DataFrame with columns h3_cell and event_timestamp")
+    missing = {"h3_cell", "event_timestamp"} - set(entity_df.columns)
+    if missing:
+        raise FeatureStoreError(f"entity_df lacks columns {sorted(missing)}")
+    ts = entity_df["event_timestamp"]
+    if not isinstance(ts.dtype, pd.DatetimeTZDtype):
+        raise FeatureStoreError(
+            f"entity_df.event_timestamp must be timezone-aware (e.g. pd.to_datetime(..., utc=True)), got {ts.dtype}"
+        )
+    if {"_row", "_key"} & set(entity_df.columns):
+        raise FeatureStoreError("entity_df must not have columns named _row or _key (used to keep the row order)")
+    store = feature_store(settings)
+    try:
+        service = store.get_feature_service(service_name)
+    except Exception as exc:
+        names = sorted(s.name for s in store.list_feature_services())
+        raise FeatureStoreError(f"unknown feature service {service_name!r}; published: {names}") from exc
+    frame = entity_df.assign(_row=np.arange(len(entity_df)), event_timestamp=ts.dt.tz_convert("UTC"))
+    # Ask Feast once per distinct (cell, time): its file offline store fills only one of several
+    # identical entity rows and leaves the others NaN. Map the answers back to every row.
+    keys = frame[["h3_cell", "event_timestamp"]].drop_duplicates().reset_index(drop=True)
+    keys["_key"] = np.arange(len(keys))
+    frame = frame.merge(keys, on=["h3_cell", "event_timestamp"], how="left", validate="many_to_one")
+    got = store.get_historical_features(entity_df=keys, features=service).to_df()
+    # Feast may reorder rows (and the file store drops rows outside a ttl window): join on _key.
+    feature_cols = [c for c in got.columns if c not in keys.columns]
+    out = frame.merge(got[["_key", *feature_cols]], on="_key", how="left", validate="many_to_one")
+    return out.sort_values("_row").drop(columns=["_row", "_key"]).reset_index(drop=True)

@@ -1,0 +1,506 @@
+"""Publish embeddings to Feast: the offline Parquet, `feast apply`, materialization to the online store.
+
+Steps (serialised by a lock file: Feast's file registry has no protection against concurrent writers):
+
+1. Offline: the regions' embeddings Parquets (default: every data/embeddings/*.parquet) are merged into
+   data/feast/embeddings.parquet,
+   the FileSource of all regions and model versions. A region's rows replace the earlier rows of the same
+   (region, model, version, event_timestamp) and keep the others, so an older model version's rows stay
+   with their own event timestamps (point-in-time joins need them). The file is rewritten (atomically)
+   only when its content changes.
+2. Apply: the definitions in feature_repo/ (imported like `feast apply` does), via FeatureStore.apply.
+3. Materialize. Feast writes, per feature view, the latest row of each cell within the materialized
+   event-time window, so the online store always serves the latest event_timestamp per cell (a new
+   model version, or a new import, wins; an old one can never overwrite it), whatever order regions and
+   versions were published in. Two modes:
+
+   * full: the whole event-time range of the offline data. Used on the first publish to a store, when
+     the definitions or the store config changed, when the state has no partition record, when a
+     partition that was materialized is gone from the offline data or its set of cells changed, when
+     the online store disagrees with the offline data (a spot check; e.g. online.db deleted), and when
+     forced.
+   * window: otherwise, only [earliest event_timestamp of the changed partitions, end]. A partition is
+     (region, model_name, model_version, event_timestamp) (PARTITION); the state records a content
+     digest of each one materialized, and the changed ones are those that are new or whose digest
+     differs (same cells, other values). Why this is enough: a cell with a changed row has its globally
+     latest row at a timestamp >= that row's, so inside the window, and Feast writes exactly that row;
+     a cell without rows in the window has no changed row (every changed row is in the window) and
+     lost none (a partition that lost cells is "full"), so its online value, already correct, is left
+     untouched. The window may include unchanged partitions with later timestamps: their cells are
+     rewritten with the same values. Before a window is used, the cells outside it are spot-checked
+     online (they are not rewritten, so they must already be right); if they are not, it is "full".
+
+Idempotence: the content digests of the offline data and of each of its partitions, the definitions
+and the store config are recorded in data/feast/published_<store>.json, only after the materialization
+and a spot check of online rows (cells spread over all cells' latest rows, and over the window's)
+succeeded; when all match and a spot check agrees with the offline data, nothing is applied or written.
+(Forced, re-materializing the same data rewrites the same values and timestamps: the rows are identical.)
+
+No half-updated online store: Feast writes each feature view's rows in one `online_write_batch` call
+(`materialization.online_write_batch_size` unset, checked below), which both the SQLite store (one
+`with conn:` transaction) and the PostgreSQL store (executemany + one commit) make a single transaction:
+readers see a view all-old or all-new. The views are written one after the other; a view's columns
+that belong together (embedding + model_version) are in the same view. A crash mid-publish leaves
+each view at its old or new state and the recorded digests unchanged, so the next publish redoes it
+(the same window, or the full range).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from loc2vec.core.atomic import file_lock, write_text
+from loc2vec.core.errors import Loc2VecError
+from loc2vec.embedding.store import SCHEMA, read_embeddings, write_parquet_atomic
+from loc2vec.serving.store import (
+    DEFINITION_MODULES,
+    SOURCE_REPO,
+    FeatureStoreError,
+    StoreSettings,
+    describe,
+    feature_store,
+    store_yaml,
+)
+
+log = logging.getLogger(__name__)
+PARTITION = ("region", "model_name", "model_version", "event_timestamp")
+SPOT_CHECK = 32  # cells compared between offline and online data
+
+
+class PublishError(Loc2VecError, RuntimeError):
+    """Nothing to publish, or the online store does not hold what was published."""
+
+
+def publish_lock(settings: StoreSettings) -> contextlib.AbstractContextManager[None]:
+    """One writer of a store at a time (Feast's file registry does not protect itself)."""
+    return file_lock(settings.feast_dir / ".publish.lock")
+
+
+# ---------------------------------------------------------------- offline data
+
+
+def _region_files(files: Iterable[Path] | None, settings: StoreSettings) -> list[Path]:
+    if files is None:
+        found = sorted(settings.paths.embeddings_dir.glob("*.parquet"))
+        if not found:
+            raise PublishError(
+                f"no embeddings in {settings.paths.embeddings_dir}: run `loc2vec embed --region NAME` first"
+            )
+        return found
+    return [Path(f) for f in files]
+
+
+def merge_offline(existing: pa.Table | None, new: list[pa.Table]) -> pa.Table:
+    """Existing rows minus the partitions the new tables bring, plus the new rows; one row per
+    (h3_cell, event_timestamp) (overlapping regions: the alphabetically first region's row), sorted."""
+    tables = [t.cast(SCHEMA) for t in new]
+    if existing is not None and existing.num_rows:
+        replaced = set()
+        for t in tables:
+            replaced |= {tuple(r[c] for c in PARTITION) for r in t.select(list(PARTITION)).to_pylist()}
+        part = existing.select(list(PARTITION)).to_pylist()
+        keep = np.array([tuple(r[c] for c in PARTITION) not in replaced for r in part], dtype=bool)
+        tables.insert(0, existing.cast(SCHEMA).filter(pa.array(keep)))
+    merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    merged = merged.sort_by([("h3_cell", "ascending"), ("event_timestamp", "ascending"), ("region", "ascending")])
+    # Feast's point-in-time join breaks ties on event_timestamp arbitrarily: keep one row per tie.
+    cell, ts = merged.column("h3_cell").to_numpy(zero_copy_only=False), merged.column("event_timestamp").to_numpy()
+    first = np.ones(len(cell), dtype=bool)
+    first[1:] = (cell[1:] != cell[:-1]) | (ts[1:] != ts[:-1])
+    return merged.filter(pa.array(first)).combine_chunks()
+
+
+def update_offline(files: Iterable[Path] | None, settings: StoreSettings) -> tuple[Path, bool, pa.Table]:
+    """Merge region embeddings into the offline Parquet; rewrite it only if its content changes."""
+    path = settings.paths.offline_store
+    existing = pq.read_table(path).cast(SCHEMA) if path.is_file() else None
+    merged = merge_offline(existing, [read_embeddings(p) for p in _region_files(files, settings)])
+    if existing is not None and existing.equals(merged):
+        return path, False, existing
+    write_parquet_atomic(merged, path)
+    log.info("offline store: %d rows → %s", merged.num_rows, path)
+    return path, True, merged
+
+
+def file_digest(path: Path) -> str:
+    """The offline file's sha256: it is rewritten only when its content changes, so this is stable."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _hash_array(h: Any, arr: pa.Array | pa.ChunkedArray) -> None:
+    """Feed an array's values into h in a canonical form: independent of chunks, slices and buffer layout."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    h.update(str(arr.type).encode() + b"\0" + len(arr).to_bytes(8, "little"))
+    h.update(np.packbits(arr.is_null().to_numpy(zero_copy_only=False)).tobytes())
+    typ = arr.type
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        h.update(pc.list_value_length(arr).fill_null(0).to_numpy().astype("<i8").tobytes())
+        _hash_array(h, arr.flatten())  # the values of the non-null lists, in order
+    elif pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        arr = arr.fill_null("")
+        h.update(pc.binary_length(arr).to_numpy().astype("<i8").tobytes())
+        joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(arr)], pa.int32()), arr), "")[0]
+        h.update(joined.as_buffer() or b"")
+    else:
+        if pa.types.is_timestamp(typ):
+            arr = arr.cast(pa.int64())
+        h.update(np.ascontiguousarray(arr.fill_null(0).to_numpy(zero_copy_only=False)).tobytes())
+
+
+def _partition_id(key: tuple) -> str:
+    return "/".join(key)
+
+
+def partition_digests(table: pa.Table) -> dict[tuple[str, ...], dict[str, Any]]:
+    """Per partition (PARTITION; event_timestamp as UTC ISO text): rows, a digest of its cells and a digest
+    of its whole content (rows in h3_cell order; each cell has one row per partition). Vectorised: ~1 s for
+    850k rows."""
+    keys = [(c, "ascending") for c in PARTITION]
+    ordered = table.sort_by([*keys, ("h3_cell", "ascending")])
+    groups = table.group_by(list(PARTITION)).aggregate([([], "count_all")]).sort_by(keys)
+    columns = [c for c in ordered.column_names if c not in PARTITION]
+    out: dict[tuple[str, ...], dict[str, Any]] = {}
+    offset = 0
+    for group in groups.to_pylist():
+        n = group["count_all"]
+        part = ordered.slice(offset, n)
+        offset += n
+        cells, content = hashlib.sha256(), hashlib.sha256()
+        _hash_array(cells, part.column("h3_cell"))
+        for name in columns:
+            content.update(name.encode() + b"\0")
+            _hash_array(content, part.column(name))
+        key = (*(group[c] for c in PARTITION[:-1]), group["event_timestamp"].astimezone(UTC).isoformat())
+        out[key] = {"rows": n, "cells_digest": cells.hexdigest(), "digest": content.hexdigest()}
+    return out
+
+
+# ---------------------------------------------------------------- definitions
+
+
+def load_definitions() -> list[Any]:
+    """The Feast objects in feature_repo/*.py, imported the way `feast apply` does (repo dir on sys.path)."""
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    repo = str(SOURCE_REPO)
+    added = repo not in sys.path
+    if added:
+        sys.path.insert(0, repo)
+    try:
+        modules = []
+        for name in DEFINITION_MODULES:
+            module = importlib.import_module(name)
+            if Path(module.__file__ or "").resolve().parent != SOURCE_REPO:
+                raise FeatureStoreError(f"module {name!r} is {module.__file__}, not {SOURCE_REPO / name}.py")
+            modules.append(module)
+    finally:
+        if added:
+            sys.path.remove(repo)
+    objects: list[Any] = []
+    for module in modules:
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if isinstance(obj, Entity | DataSource | FeatureView | FeatureService) and not any(
+                obj is o for o in objects
+            ):
+                objects.append(obj)
+    return objects
+
+
+def definitions_digest() -> str:
+    """A digest of the definition files (Feast objects are mutated by apply: their protos are not stable)."""
+    h = hashlib.sha256()
+    for name in DEFINITION_MODULES:
+        h.update(name.encode() + b"\0" + (SOURCE_REPO / f"{name}.py").read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- online checks
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """The row with the latest event_timestamp per cell: what the online store must serve."""
+    ordered = table.sort_by([("h3_cell", "ascending"), ("event_timestamp", "descending")])
+    cell = ordered.column("h3_cell").to_numpy(zero_copy_only=False)
+    first = np.ones(len(cell), dtype=bool)
+    first[1:] = cell[1:] != cell[:-1]
+    return ordered.filter(pa.array(first))
+
+
+def spot_check(store, latest: pa.Table, n: int = SPOT_CHECK) -> list[str]:
+    """Compare n evenly spread cells' online values with the offline latest rows; returns the mismatches."""
+    if latest.num_rows == 0:
+        return []
+    idx = np.unique(np.linspace(0, latest.num_rows - 1, min(n, latest.num_rows)).astype(int))
+    rows = latest.take(pa.array(idx)).to_pylist()
+    online = store.get_online_features(
+        features=[
+            "location_embedding:embedding",
+            "location_embedding:model_version",
+            "tile_histogram:histogram",
+            "tag_counts:tag_counts",
+        ],
+        entity_rows={"h3_cell": [r["h3_cell"] for r in rows]},
+    ).to_dict()
+    bad = []
+    for i, r in enumerate(rows):
+        for col in ("embedding", "histogram", "tag_counts"):
+            got = online[col][i]
+            if got is None or not np.array_equal(np.asarray(got, np.float32), np.asarray(r[col], np.float32)):
+                bad.append(f"{r['h3_cell']}.{col}")
+        if online["model_version"][i] != r["model_version"]:
+            bad.append(f"{r['h3_cell']}.model_version")
+    return bad
+
+
+# ---------------------------------------------------------------- publish
+
+
+def _read_state(settings: StoreSettings) -> dict[str, Any]:
+    path = settings.paths.publish_state(settings.kind)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(settings: StoreSettings, state: dict[str, Any]) -> None:
+    write_text(settings.paths.publish_state(settings.kind), json.dumps(state, indent=1, sort_keys=True))
+
+
+def _check_single_batch(store) -> None:
+    size = store.config.materialization_config.online_write_batch_size
+    if size is not None:
+        raise FeatureStoreError(
+            f"materialization.online_write_batch_size={size}: each view must be written in one batch "
+            "(one transaction), or readers could see a half-updated online store"
+        )
+
+
+def _apply(store, objects: list[Any]) -> None:
+    store.apply(objects)
+    store.refresh_registry()
+
+
+@dataclass
+class _Plan:
+    """What a publish writes: nothing (reason None), the full event-time range, or the window from start."""
+
+    reason: str | None
+    changed: list[tuple[str, ...]] = field(default_factory=list)  # partitions new or changed since the state
+    mode: str = "full"
+    start: datetime | None = None
+
+
+def _state_partitions(parts: dict[tuple[str, ...], dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**dict(zip(PARTITION, key, strict=True)), **value} for key, value in sorted(parts.items())]
+
+
+def _recorded_partitions(state: dict[str, Any]) -> dict[tuple[str, ...], dict[str, Any]] | None:
+    if "partitions" not in state:
+        return None
+    return {tuple(p[c] for c in PARTITION): p for p in state["partitions"]}
+
+
+def _rows_from(rows: pa.Table, when: datetime, *, before: bool = False) -> pa.Table:
+    """The rows with event_timestamp >= when (or, before, < when)."""
+    ts = rows.column("event_timestamp")
+    at = pa.scalar(when, type=ts.type)
+    return rows.filter(pc.less(ts, at) if before else pc.greater_equal(ts, at))
+
+
+def _online_problem(store, rows: pa.Table) -> str | None:
+    """Why the online store does not hold `rows` (a spot check), or None when it does."""
+    try:
+        bad = spot_check(store, rows)
+    except Exception as exc:  # a deleted online.db or dropped table is "not published", not a crash
+        return f"online store unreadable ({type(exc).__name__}: {exc})"
+    return f"online store differs from the offline data at {bad[:3]}" if bad else None
+
+
+def _plan(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    parts: dict[tuple[str, ...], dict[str, Any]],
+    store,
+    latest: pa.Table,
+    force: bool,
+) -> _Plan:
+    """Full range, window or nothing (see the module docstring); spot-checks the online store when needed."""
+    recorded = _recorded_partitions(old)
+    known = recorded or {}
+    changed = sorted(k for k, v in parts.items() if known.get(k, {}).get("digest") != v["digest"])
+    if force:
+        return _Plan("forced", changed)
+    if not old:
+        return _Plan("first publish to this store", changed)
+    digests = [k.removesuffix("_digest") for k in ("definitions_digest", "store_digest") if old.get(k) != new[k]]
+    if digests:
+        return _Plan(f"changed: {', '.join(digests)}", changed)
+    if recorded is None:
+        return _Plan("no record of the materialized partitions", changed)
+    gone = [k for k in recorded if k not in parts]
+    if gone:
+        return _Plan(
+            f"{len(gone)} materialized partition(s) gone from the offline data: {_partition_id(gone[0])}…", changed
+        )
+    recelled = [k for k in changed if k in recorded and recorded[k].get("cells_digest") != parts[k]["cells_digest"]]
+    if recelled:  # cells may have been removed: their latest row may now lie before any window
+        return _Plan(
+            f"the cells of {len(recelled)} materialized partition(s) changed: {_partition_id(recelled[0])}…", changed
+        )
+    if not changed:
+        problem = _online_problem(store, latest)
+        return _Plan(problem and f"unchanged, but {problem}")
+    start = min(datetime.fromisoformat(k[-1]) for k in changed)
+    what = f"{len(changed)} changed partition(s): {', '.join(_partition_id(k) for k in changed[:3])}"
+    problem = _online_problem(store, _rows_from(latest, start, before=True))  # cells the window leaves alone
+    if problem:
+        return _Plan(f"{what}, and outside their window the {problem}", changed)
+    return _Plan(what, changed, mode="window", start=start)
+
+
+def _materialize(store, table: pa.Table, latest: pa.Table, plan: _Plan) -> tuple[dict[str, Any], pa.Table]:
+    """Materialize the plan's range; returns the report and the latest rows of the cells it wrote."""
+    ts = table.column("event_timestamp")
+    start = plan.start if plan.mode == "window" else pc.min(ts).as_py().astimezone(UTC)
+    assert start is not None
+    end = max(datetime.now(UTC), pc.max(ts).as_py().astimezone(UTC) + timedelta(microseconds=1))
+    t0 = time.perf_counter()
+    store.materialize(start_date=start, end_date=end)
+    seconds = time.perf_counter() - t0
+    written = _rows_from(latest, start)  # a cell is written iff it has a row in the window
+    rows = written.num_rows * len(store.list_feature_views())
+    report = {
+        "mode": plan.mode,
+        "changed_partitions": len(plan.changed),
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "cells": written.num_rows,
+        "rows_written": rows,
+        "materialize_s": round(seconds, 2),
+        "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+    }
+    return report, written
+
+
+def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, force: bool = False) -> dict[str, Any]:
+    """Publish region embeddings to the offline and online stores.
+
+    Idempotent: unchanged data, definitions and store → nothing is written (`"skipped": true`), unless force.
+    Otherwise materializes the full event-time range or only the window of the changed partitions (see
+    the module docstring).
+
+    Args:
+        settings: the store (StoreSettings.from_config).
+        files: embeddings Parquets to merge in (default: every data/embeddings/*.parquet).
+        force: publish even if nothing changed.
+
+    Returns:
+        What was done: offline rows, whether each step ran, materialization mode, cells and rows/s.
+
+    Raises:
+        PublishError: nothing to publish, or the online store disagrees with the offline data afterwards.
+    """
+    kind = settings.kind
+    started = time.perf_counter()
+    with publish_lock(settings):
+        path, offline_changed, table = update_offline(None if files is None else list(files), settings)
+        if table.num_rows == 0:
+            raise PublishError(f"{path} holds no rows: nothing to publish")
+        store = feature_store(settings)
+        _check_single_batch(store)
+        objects = load_definitions()
+        parts = partition_digests(table)
+        state = {
+            "offline_digest": file_digest(path),
+            "definitions_digest": definitions_digest(),
+            "store_digest": hashlib.sha256(store_yaml(settings).encode()).hexdigest(),
+            "partitions": _state_partitions(parts),
+        }
+        latest = latest_rows(table)
+        report: dict[str, Any] = {
+            **describe(settings),
+            "offline_path": str(path),
+            "offline_rows": table.num_rows,
+            "offline_rewritten": offline_changed,
+            "cells": latest.num_rows,
+            "model_versions": sorted(set(table.column("model_version").to_pylist()), key=_version_key),
+        }
+        plan = _plan(_read_state(settings), state, parts, store, latest, force)
+        if plan.reason is None:
+            log.info("publish (%s): data, definitions and store unchanged: nothing to do", kind)
+            return {
+                **report,
+                "skipped": True,
+                "applied": False,
+                "materialized": None,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        log.info("publish (%s, %s): %s", kind, plan.mode, plan.reason)
+        report["reason"] = plan.reason
+        t0 = time.perf_counter()
+        _apply(store, objects)
+        report["apply_s"] = round(time.perf_counter() - t0, 2)
+        report["materialized"], written = _materialize(store, table, latest, plan)
+        bad = spot_check(store, latest)  # cells spread over all of them, written or not
+        if plan.mode == "window":
+            bad += spot_check(store, written)  # and over those written
+        if bad:
+            raise PublishError(f"online store disagrees with the offline data after materializing: {bad[:5]}")
+        _write_state(settings, state)
+    report.update(skipped=False, applied=True, seconds=round(time.perf_counter() - started, 2))
+    log.info(
+        "published %d of %d cells (%s, %s) to %s in %.1f s",
+        report["materialized"]["cells"],
+        report["cells"],
+        plan.mode,
+        report["model_versions"],
+        kind,
+        report["seconds"],
+    )
+    return report
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), v) if v.isdigit() else (1 << 62, v)
+
+
+def materialize_incremental_only(settings: StoreSettings) -> dict[str, Any]:
+    """Materialize offline rows newer than the last materialization (for a scheduled flow).
+
+    Cheap, and enough when new rows carry newer event timestamps (a new model version or import). A
+    region embedded with an *older* model version after a later publish needs `publish()`, which
+    materializes from the earliest changed partition's event timestamp (or the whole range).
+
+    Raises:
+        PublishError: nothing was published to this store yet.
+    """
+    with publish_lock(settings):
+        offline = settings.paths.offline_store
+        if not offline.is_file():
+            raise PublishError(f"no offline data at {offline}: run `loc2vec publish` first")
+        store = feature_store(settings)
+        _check_single_batch(store)
+        if not store.list_feature_views():
+            raise PublishError(f"nothing applied to the {settings.kind} store yet: run `loc2vec publish` first")
+        end = datetime.now(UTC)
+        t0 = time.perf_counter()
+        store.materialize_incremental(end_date=end)
+        return {**describe(settings), "end": end.isoformat(), "materialize_s": round(time.perf_counter() - t0, 2)}

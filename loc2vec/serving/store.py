@@ -1,0 +1,149 @@
+"""The Feast store of a project: which feature_store.yaml, filled in, and the FeatureStore object.
+
+Which store: ``feature_repo/feature_store.yaml`` (SQLite online store) or, when LOC2VEC_ONLINE_STORE=postgres
+(or params ``publish.online_store: postgres``), ``feature_repo/feature_store.postgres.yaml`` filled in from
+the database connection (osm.db.conninfo). Relative paths resolve against ``<project root>/feature_repo``,
+so the data is in ``<project root>/data/feast`` for a checkout and a test project alike (core.paths).
+
+Feast is imported lazily (``import feast`` takes 7–8 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loc2vec.core.config import EmbedConfig, PublishConfig
+from loc2vec.core.errors import ConfigError, Loc2VecError
+from loc2vec.core.paths import ProjectPaths
+from loc2vec.osm.db import ConnInfo
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+SOURCE_REPO = Path(__file__).resolve().parents[2] / "feature_repo"  # the definitions (code)
+ONLINE_STORE_ENV = "LOC2VEC_ONLINE_STORE"
+STORE_FILES = {"sqlite": "feature_store.yaml", "postgres": "feature_store.postgres.yaml"}
+DEFINITION_MODULES = ("entities", "sources", "features", "services")
+EMBEDDING_FEATURES = ("embedding", "model_name", "model_version")
+_VAR = re.compile(r"\$\{(\w+)\}")
+
+
+class FeatureStoreError(Loc2VecError, RuntimeError):
+    """The feature store is not configured or not published yet."""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Which Feast store a project serves from, and how lookups map locations to its entities.
+
+    Attributes:
+        kind: the online store, "sqlite" or "postgres".
+        paths: the project's paths (feature_repo resolves relative paths; data/feast holds the data).
+        info: the database (the PostgreSQL online store lives there).
+        postgres_schema: the schema of Feast's online tables in that database.
+        h3_resolution: the resolution of the published cells (lookups use the same).
+    """
+
+    kind: str
+    paths: ProjectPaths
+    info: ConnInfo
+    postgres_schema: str = "feast"
+    h3_resolution: int = 11
+
+    @classmethod
+    def from_config(
+        cls, publish: PublishConfig, embed: EmbedConfig, paths: ProjectPaths, info: ConnInfo, kind: str | None = None
+    ) -> StoreSettings:
+        """The store params describe; `kind` (e.g. a --online-store option), else $LOC2VEC_ONLINE_STORE, wins.
+
+        Raises:
+            ConfigError: the store kind is not one of sqlite, postgres.
+        """
+        chosen = kind or os.environ.get(ONLINE_STORE_ENV) or publish.online_store
+        if chosen not in STORE_FILES:
+            raise ConfigError(
+                f"online store must be one of {sorted(STORE_FILES)} (${ONLINE_STORE_ENV}), got {chosen!r}"
+            )
+        return cls(chosen, paths, info, publish.postgres_schema, embed.h3_resolution)
+
+    @property
+    def feast_dir(self) -> Path:
+        """Where the registry, SQLite online store and offline Parquet live."""
+        return self.paths.feast
+
+
+def _template_vars(settings: StoreSettings) -> dict[str, str]:
+    info = settings.info
+    return {
+        "LOC2VEC_PG_HOST": info.host,
+        "LOC2VEC_PG_PORT": str(info.port),
+        "LOC2VEC_PG_DATABASE": info.dbname,
+        "LOC2VEC_PG_USER": info.user,
+        "LOC2VEC_PG_PASSWORD": info.password or "",
+        "LOC2VEC_FEAST_SCHEMA": settings.postgres_schema,
+    }
+
+
+def store_yaml(settings: StoreSettings) -> str:
+    """The effective feature_store.yaml text of a store (variables filled in)."""
+    name = STORE_FILES[settings.kind]
+    text = (SOURCE_REPO / name).read_text()
+    values = _template_vars(settings) if "${" in text else {}
+
+    def fill(m: re.Match[str]) -> str:
+        if m.group(1) not in values:
+            raise ConfigError(f"{name}: unknown variable ${{{m.group(1)}}}")
+        return values[m.group(1)]
+
+    return _VAR.sub(fill, text)
+
+
+_STORES: dict[tuple[str, str], FeatureStore] = {}
+_LOCK = threading.Lock()
+
+
+def feature_store(settings: StoreSettings) -> FeatureStore:
+    """The project's FeatureStore (cached per project root and effective config).
+
+    Args:
+        settings: which store (StoreSettings.from_config).
+
+    Returns:
+        A feast.FeatureStore whose relative paths resolve against the project's feature_repo.
+    """
+    import yaml
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+    text = store_yaml(settings)
+    key = (str(settings.paths.root), hashlib.sha256(text.encode()).hexdigest())
+    with _LOCK:
+        store = _STORES.get(key)
+        if store is None:
+            repo = settings.paths.feature_repo  # relative paths in the yaml resolve against it
+            repo.mkdir(exist_ok=True)
+            settings.feast_dir.mkdir(parents=True, exist_ok=True)
+            config = RepoConfig(**yaml.safe_load(text))
+            config.repo_path = repo
+            store = _STORES[key] = FeatureStore(repo_path=str(repo), config=config)
+    return store
+
+
+def forget_stores() -> None:
+    """Drop cached stores (their connections go with them): after switching projects in one process."""
+    with _LOCK:
+        _STORES.clear()
+
+
+def describe(settings: StoreSettings) -> dict[str, Any]:
+    """Where the store is (for logs and the CLI), without the password."""
+    out: dict[str, Any] = {"online_store": settings.kind, "feast_dir": str(settings.feast_dir)}
+    if settings.kind == "postgres":
+        out["postgres"] = settings.info.redacted() + f" schema {settings.postgres_schema}"
+    return out

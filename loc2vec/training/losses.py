@@ -1,0 +1,205 @@
+"""Triplet losses over (anchor, positive, negative) embedding batches of shape (B, D).
+
+Every loss returns the MEAN over the batch as a 0-dim tensor. Δ is the Euclidean distance,
+computed by `distance` so that its gradient at Δ = 0 is 0 rather than NaN (sqrt'(0) = ∞).
+
+SoftPN (Balntas et al., 2016), the Loc2Vec loss:
+    m  = min(Δ(a,n), Δ(p,n))                  – the harder of the two negative distances
+    d+ = e^Δ(a,p) / (e^Δ(a,p) + e^m)          – a softmax over (Δ(a,p), m), so large
+    d- = e^m      / (e^Δ(a,p) + e^m)            distances never overflow
+    L  = d+² + (d- − 1)²                      (= 2·d+², since d- = 1 − d+)
+
+The choice of loss and its knobs live in params.yaml `loss:` (core.config.LossConfig; `build_loss`).
+
+Coverage read-out (``loss.coverage_weight`` > 0): a training-only linear head predicts each
+channel's √(fraction of drawn pixels) of a tile from its embedding, and its squared error is
+added to the triplet loss (anchors and negatives: tiles with all their channels). SoftPN alone
+only keeps what tells a location from the other locations of a batch, which the land cover
+mostly does: which kinds of way are in the tile (a cycleway, a footway, a road), a few pixels of
+one channel, is not needed for that and is lost, although consumers such as the transport-mode
+classifier depend on it. The read-out asks for it to stay linearly decodable from the 16
+dimensions; the head is not part of the encoder and is not published. Measured, it made the
+transport classifier worse (README, Evaluation), so it is off by default.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loc2vec.core.config import LOSS_NAMES, LossConfig
+from loc2vec.training.model import channel_coverage
+
+Mining = Literal["semi-hard", "hard", "none"]
+MINING_CHOICES: tuple[str, ...] = ("semi-hard", "hard", "none")
+
+
+def distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise Euclidean distance (B, D), (B, D) → (B,), with a finite (zero) gradient at 0.
+
+    The double `where` keeps sqrt away from 0 in the backward pass too; no epsilon biases
+    the value, so hand-computed distances match exactly. Half-precision embeddings (bf16 autocast)
+    are upcast: with an 8-bit mantissa the small distance differences the losses compare are noise.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16) or y.dtype in (torch.float16, torch.bfloat16):
+        x, y = x.float(), y.float()
+    sq = (x - y).pow(2).sum(-1)
+    pos = sq > 0
+    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """All-pairs Euclidean distance (B, D), (N, D) → (B, N), safe at 0 like `distance`."""
+    return distance(x.unsqueeze(1), y.unsqueeze(0))
+
+
+def _softpn_parts(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    d_ap = distance(a, p)
+    d_n = torch.minimum(distance(a, n), distance(p, n))
+    soft = torch.softmax(torch.stack((d_ap, d_n), dim=-1), dim=-1)
+    return soft[..., 0], soft[..., 1], d_ap, d_n
+
+
+def softpn_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """SoftPN: the softmax-ratio loss against the harder of Δ(a,n) and Δ(p,n)."""
+    d_pos, d_neg, _, _ = _softpn_parts(a, p, n)
+    return (d_pos.pow(2) + (d_neg - 1).pow(2)).mean()
+
+
+def softmax_ratio_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Hoffer & Ailon's softmax ratio: SoftPN with Δ(a,n) in place of min(Δ(a,n), Δ(p,n))."""
+    soft = torch.softmax(torch.stack((distance(a, p), distance(a, n)), dim=-1), dim=-1)
+    return (soft[..., 0].pow(2) + (soft[..., 1] - 1).pow(2)).mean()
+
+
+def mine_negatives(
+    a: torch.Tensor,
+    p: torch.Tensor,
+    n: torch.Tensor,
+    mining: Mining = "semi-hard",
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pick, for each anchor a_i, a negative embedding (B, D) from the batch (FaceNet mining).
+
+    Candidates for anchor i: its own negative n_i, and p_j and n_j of every OTHER row j ≠ i
+    (a_j is left out: it is nearly a copy of p_j). When `groups` (B,) gives each row's location
+    id, p_j of a row in i's group is not a candidate (it shows i's own place).
+    - "none":      n_i.
+    - "hard":      the candidate closest to a_i.
+    - "semi-hard": the candidate closest to a_i among those farther than Δ(a_i, p_i)
+                   (Δ(a,p) < Δ(a,neg)); if there is none, the farthest candidate
+                   (as TensorFlow Addons' triplet_semihard_loss does).
+    The choice is made without gradient; the gradient flows through the chosen embedding.
+    """
+    if mining not in MINING_CHOICES:
+        raise ValueError(f"unknown mining {mining!r}; choose one of {', '.join(MINING_CHOICES)}")
+    if mining == "none":
+        return n
+    b = a.shape[0]
+    cand = torch.cat((p, n), dim=0)  # (2B, D): rows 0..B-1 are positives, B..2B-1 negatives
+    with torch.no_grad():
+        d = pairwise_distance(a, cand)  # (B, 2B)
+        eye = torch.eye(b, dtype=torch.bool, device=a.device)
+        own_p = torch.cat((eye, torch.zeros_like(eye)), dim=1)
+        valid = ~own_p  # p_i is never a negative; n_i and every other row's p_j, n_j are
+        if groups is not None:
+            same = (groups.view(-1, 1) == groups.view(1, -1)) & ~eye
+            valid &= ~torch.cat((same, torch.zeros_like(same)), dim=1)
+        inf = torch.full_like(d, float("inf"))
+        hardest = torch.where(valid, d, inf).argmin(dim=1)
+        if mining == "hard":
+            idx = hardest
+        else:
+            d_ap = distance(a, p).unsqueeze(1)
+            semi = valid & (d > d_ap)
+            semi_idx = torch.where(semi, d, inf).argmin(dim=1)
+            easiest = torch.where(valid, d, -inf).argmax(dim=1)
+            idx = torch.where(semi.any(dim=1), semi_idx, easiest)
+    return cand[idx]
+
+
+def triplet_margin_loss(
+    a: torch.Tensor,
+    p: torch.Tensor,
+    n: torch.Tensor,
+    margin: float = 0.2,
+    mining: Mining = "semi-hard",
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FaceNet's hinge: mean(max(0, Δ(a,p) − Δ(a,neg) + margin)), neg from `mine_negatives`."""
+    neg = mine_negatives(a, p, n, mining=mining, groups=groups)
+    return F.relu(distance(a, p) - distance(a, neg) + margin).mean()
+
+
+def contrastive_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """Hadsell et al.: mean(½Δ(a,p)² + ½max(0, margin − Δ(a,n))²) – pull pairs, push non-pairs past margin."""
+    return (0.5 * distance(a, p).pow(2) + 0.5 * F.relu(margin - distance(a, n)).pow(2)).mean()
+
+
+@torch.no_grad()
+def softpn_terms(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Batch means of SoftPN's d+ and d- and of the two distances, for logging (detached)."""
+    d_pos, d_neg, d_ap, d_n = _softpn_parts(a, p, n)
+    return {"d_pos": d_pos.mean(), "d_neg": d_neg.mean(), "dist_ap": d_ap.mean(), "dist_neg": d_n.mean()}
+
+
+@torch.no_grad()
+def triplet_accuracy(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Fraction of triplets with Δ(a,p) < min(Δ(a,n), Δ(p,n)), as a 0-dim float tensor."""
+    ok = distance(a, p) < torch.minimum(distance(a, n), distance(p, n))
+    return ok.float().mean()
+
+
+LossFn = Callable[..., torch.Tensor]
+LOSSES: dict[str, LossFn] = {
+    "softpn": softpn_loss,
+    "softmax_ratio": softmax_ratio_loss,
+    "triplet_margin": triplet_margin_loss,
+    "contrastive": contrastive_loss,
+}
+assert tuple(LOSSES) == LOSS_NAMES, "core.config.LOSS_NAMES must name exactly the losses defined here"
+
+
+def get_loss(name: str, **kwargs: object) -> LossFn:
+    """The loss called `name`, with `kwargs` (e.g. margin) bound; unknown names or kwargs raise ValueError."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
+    fn = LOSSES[name]
+    accepted = set(list(inspect.signature(fn).parameters)[3:])
+    bad = set(kwargs) - accepted
+    if bad:
+        raise ValueError(f"loss {name!r} takes no {sorted(bad)}; it accepts {sorted(accepted) or 'no options'}")
+    return partial(fn, **kwargs) if kwargs else fn
+
+
+class CoverageHead(nn.Module):
+    """Embedding (B, D) → predicted √coverage of each channel (B, C); used during training only."""
+
+    def __init__(self, embedding_dim: int, channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(embedding_dim, channels)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.linear(emb)
+
+
+def coverage_loss(predicted: torch.Tensor, tiles_uint8: torch.Tensor) -> torch.Tensor:
+    """Squared error of the predicted √coverage, summed over channels, mean over tiles.
+
+    The square root spreads the small coverages of thin line channels (a path is ~1% of a tile).
+    """
+    target = channel_coverage(tiles_uint8.to(predicted.device)).sqrt()
+    return (predicted.float() - target).pow(2).sum(dim=1).mean()
+
+
+def build_loss(cfg: LossConfig) -> LossFn:
+    """The configured loss with only the options it accepts bound."""
+    accepted = set(list(inspect.signature(LOSSES[cfg.name]).parameters)[3:])
+    opts = {k: v for k, v in (("margin", cfg.margin), ("mining", cfg.mining)) if k in accepted}
+    return get_loss(cfg.name, **opts)

@@ -1,0 +1,86 @@
+"""The Loc2Vec encoder: a 12-channel 128×128 map tile → a 16-D location embedding.
+
+Architecture (params.yaml `model:`, core.config.ModelConfig), after the Loc2Vec article:
+
+    Dropout2d(0.05) on the input    – drops whole semantic channels, so the embedding cannot
+                                      lean on any single layer (e.g. only on roads)
+    5 × [Conv3×3 → MaxPool2 → BN → LeakyReLU]   widths 16, 32, 64, 96, 128   (128² → 4²)
+    2 × [Conv1×1 → LeakyReLU]                   widths 64, 32  ("network in network":
+                                      learned cross-channel pooling shrinks the flatten)
+    Flatten (32·4·4 = 512) → Linear 192 → LeakyReLU → Dropout(0.1)
+    Linear 16                       – the embedding, no activation (distances live in R^16)
+
+Exact parameter count of the default network: 303,248 (the article's has 305,040).
+
+Convs followed by BatchNorm carry no bias (BN's shift replaces it). `forward` has no
+data-dependent Python control flow, so it is `torch.compile`-able, and every op
+accepts channels_last inputs and bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loc2vec.core.config import ModelConfig
+
+
+class Encoder(nn.Module):
+    """Tile (B, C, H, W) float in [0, 1] → embedding (B, embedding_dim)."""
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg if cfg is not None else ModelConfig()
+        act = nn.LeakyReLU(cfg.leaky_slope)
+
+        layers: list[nn.Module] = [nn.Dropout2d(cfg.input_dropout)]
+        c = cfg.in_channels
+        for w in cfg.conv_channels:
+            # Pool right after the conv: BN and LeakyReLU then run on a quarter of the pixels
+            # (30% faster training steps on CPU, same parameters).
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), act]
+            c = w
+        for w in cfg.nin_channels:
+            layers += [nn.Conv2d(c, w, 1), act]
+            c = w
+        self.features = nn.Sequential(*layers)
+
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c * cfg.feature_size**2, cfg.dense_units),
+            act,
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.dense_units, cfg.embedding_dim),
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Kaiming init matched to the leaky slope keeps activations' scale through 7 conv layers.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight, a=self.cfg.leaky_slope, nonlinearity="leaky_relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def to_input(tiles_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 tiles (B, C, H, W) with coverage 0..255 → float32 in [0, 1], the encoder's input.
+
+    Tiles are stored as uint8 (4× smaller); dataloaders convert per batch, keeping the memory format.
+    """
+    if tiles_uint8.dtype != torch.uint8:
+        raise TypeError(f"to_input expects uint8 tiles, got {tiles_uint8.dtype}")
+    return tiles_uint8.to(torch.float32).div_(255.0)
+
+
+def channel_coverage(tiles_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, C) fraction of non-zero pixels per channel: the evaluation's ``histogram`` featureset."""
+    return (tiles_uint8 != 0).float().mean(dim=(2, 3))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
