@@ -1,4 +1,4 @@
-"""Shared fixtures: a real PostGIS test database and a small bbox of the real Liechtenstein extract.
+"""Shared fixtures: a real PostGIS test database and small bbox cuts of the real Liechtenstein and Monaco extracts.
 
 Tests run against the project's PostgreSQL cluster (started by `make setup`) but in their
 own database, with their own params.yaml copy in a temporary project root, so nothing a
@@ -23,6 +23,10 @@ TEST_DB = os.environ.get("LOC2VEC_TEST_DB", "loc2vec_test")
 TEST_BBOX = (9.485, 47.125, 9.545, 47.180)  # west, south, east, north
 TEST_REGION = "test_li"
 VADUZ = (47.1410, 9.5209)
+# Monaco: Fontvieille, the Rock, Port Hercule, Monte-Carlo and the sea to the south-east (coastline).
+MONACO_BBOX = (7.410, 43.722, 7.445, 43.750)
+MONACO_REGION = "test_mc"
+MONACO_INLAND_BBOX = (7.400, 43.752, 7.425, 43.768)  # the hills above Monaco, in France: no coastline
 
 
 def _shared_pbf(name: str) -> Path:
@@ -64,28 +68,48 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ[key] = value
 
 
-@pytest.fixture(scope="session")
-def small_pbf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bbox cut (Vaduz–Schaan–Rhine) of the real Liechtenstein extract, made with osmium."""
-    out = tmp_path_factory.mktemp("osm") / "vaduz_schaan.osm.pbf"
-    bbox = ",".join(str(v) for v in TEST_BBOX)
+def cut_pbf(src: Path, bbox: tuple[float, float, float, float], out: Path, strategy: str = "complete_ways") -> Path:
+    """A bbox cut of an extract with osmium (header bbox = the cut, as Geofabrik's extracts have)."""
     subprocess.run(
         [
             "osmium",
             "extract",
             "-b",
-            bbox,
+            ",".join(str(v) for v in bbox),
             "--set-bounds",
             "-s",
-            "complete_ways",
+            strategy,
             "-o",
             str(out),
-            str(_shared_pbf("liechtenstein")),
+            str(src),
         ],
         check=True,
         capture_output=True,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def small_pbf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bbox cut (Vaduz–Schaan–Rhine) of the real Liechtenstein extract, made with osmium."""
+    out = tmp_path_factory.mktemp("osm") / "vaduz_schaan.osm.pbf"
+    return cut_pbf(_shared_pbf("liechtenstein"), TEST_BBOX, out)
+
+
+@pytest.fixture(scope="session")
+def monaco_pbf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bbox cut of the real Monaco extract with coastline and open sea in it (complete ways: the
+    coastline runs out of the cut on both sides)."""
+    return cut_pbf(_shared_pbf("monaco"), MONACO_BBOX, tmp_path_factory.mktemp("osm") / "monaco_coast.osm.pbf")
+
+
+@pytest.fixture(scope="session")
+def coast_region(project: Path, monaco_pbf: Path) -> str:
+    """The Monaco cut, ingested into the test database (once per session)."""
+    from tests.fixtures.project import ingest_region
+
+    ingest_region(MONACO_REGION, monaco_pbf)
+    return MONACO_REGION
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,11 @@
 
 Which cells (embedding/cells.py): the H3 cells (``embed.h3_resolution``, default 11: ~29 m edge, so a cell is far smaller
 than a 200 m tile) whose centres lie inside the import bbox shrunk by ``render.radius_m`` (so every
-tile lies inside the data) and on *mapped land* — sampling's rule (loc2vec/sampling.py): inside a
-land-use/natural/leisure/amenity/building polygon that is not water, or within radius/2 of a road,
-rail or path. Liechtenstein at resolution 11: 145,625 candidates, 89,492 on mapped land.
+tile lies inside the data) and on *mapped land* — sampling's rule (sampling/land.py): a tile that
+reaches the land, centred inside a land-use/natural/leisure/amenity/building polygon that is not water,
+or within radius/2 of a road, rail or path. Candidates come from the land polygons built from the
+coastline, not from the bbox. Liechtenstein at resolution 11: 145,625 candidates, 89,492 on mapped land;
+Monaco: 20,310 candidates (33,668 in its bbox), 16,049 on mapped land.
 
 How (embedding/encode.py): tiles come from the fast path (``ensure_metatiles`` + ``cut_tiles``, angle 0, no shift),
 encoded in fixed batches under ``torch.no_grad`` with the model in eval mode. In the same

@@ -4,6 +4,12 @@ One place decides how to reach the database (LOC2VEC_PG_DSN, PG* variables, or t
 project's own cluster from params.yaml), so psycopg2, osm2pgsql and Mapnik all agree. The
 command line resolves a `ConnInfo` once and passes it down; it also says where the import
 metadata lives (`meta_schema`).
+
+Each import records the *import format* it was made with (`IMPORT_FORMAT`): the tables an
+import holds besides osm2pgsql's. An import of an older format lacks tables the stages read
+(format 2 added the land and water polygons built from the coastline, osm/coast.py), so the
+stages refuse it with a message, and `loc2vec ingest` re-imports it even when the extract is
+unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from loc2vec.core.errors import Loc2VecError
 from loc2vec.core.names import validate_region_name
 
 DSN_ENV = "LOC2VEC_PG_DSN"
+# 1: osm2pgsql's tables only. 2: + land_polygons and water_polygons (osm/coast.py).
+IMPORT_FORMAT = 2
 _PG_ENV = {
     "host": "PGHOST",
     "port": "PGPORT",
@@ -136,6 +144,12 @@ def ensure_meta(cur: psycopg2.extensions.cursor, meta_schema: str) -> None:
             )"""
         ).format(schema)
     )
+    # Tables made before import formats existed hold format-1 imports (the default of the new column).
+    cur.execute(
+        sql.SQL("ALTER TABLE {}.imports ADD COLUMN IF NOT EXISTS import_format integer NOT NULL DEFAULT 1").format(
+            schema
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -147,6 +161,12 @@ class ImportRecord:
     imported_at: datetime
     import_seconds: float | None
     bbox: tuple[float, float, float, float]  # west, south, east, north (WGS84)
+    import_format: int = 1  # IMPORT_FORMAT of the code that made the import
+
+    @property
+    def current(self) -> bool:
+        """Made with this code's import format (it holds every table the stages read)."""
+        return self.import_format >= IMPORT_FORMAT
 
     def contains(self, lat: float, lon: float) -> bool:
         west, south, east, north = self.bbox
@@ -160,11 +180,17 @@ def get_import(region: str, info: ConnInfo) -> ImportRecord | None:
         cur.execute("SELECT to_regclass(%s)", (f"{info.meta_schema}.imports",))
         if cur.fetchone()[0] is None:
             return None
+        cur.execute(  # a metadata table older than import formats has no such column: format 1
+            "SELECT 1 FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'imports' AND column_name = 'import_format'",
+            (info.meta_schema,),
+        )
+        fmt = sql.SQL("import_format" if cur.fetchone() else "1")
         cur.execute(
             sql.SQL(
                 "SELECT region, source, sha256, osm_timestamp, imported_at, import_seconds,"
-                " west, south, east, north FROM {}.imports WHERE region = %s"
-            ).format(sql.Identifier(info.meta_schema)),
+                " west, south, east, north, {} FROM {}.imports WHERE region = %s"
+            ).format(fmt, sql.Identifier(info.meta_schema)),
             (region,),
         )
         row = cur.fetchone()
@@ -173,15 +199,22 @@ def get_import(region: str, info: ConnInfo) -> ImportRecord | None:
         cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (region,))
         if cur.fetchone() is None:
             return None
-    return ImportRecord(*row[:6], bbox=tuple(row[6:10]))  # type: ignore[arg-type]
+    name, source, sha256, osm_timestamp, imported_at, seconds, west, south, east, north, fmt = row
+    return ImportRecord(name, source, sha256, osm_timestamp, imported_at, seconds, (west, south, east, north), int(fmt))
 
 
 def require_import(region: str, info: ConnInfo) -> ImportRecord:
-    """Like get_import, but a missing import is an error that says what to run."""
+    """Like get_import, but a missing or outdated import is an error that says what to run."""
     record = get_import(region, info)
     if record is None:
         raise DatabaseError(
             f"region {region!r} has not been ingested into {info.redacted()}; "
             f"run `loc2vec ingest --region {region}` first"
+        )
+    if not record.current:
+        raise DatabaseError(
+            f"region {region!r} in {info.redacted()} was imported by an older loc2vec (import format "
+            f"{record.import_format}; this one needs {IMPORT_FORMAT}: the land and water polygons); "
+            f"run `loc2vec ingest --region {region}` to re-import it"
         )
     return record

@@ -1,8 +1,11 @@
 """OSM extracts → PostGIS: import atomically with osm2pgsql.
 
 A region lives in its own PostgreSQL schema. An import goes to a staging schema first
-and is swapped in within one transaction, so a corrupt or truncated extract can never
-destroy the previous import; the metadata table records what was imported and when.
+(osm2pgsql, then the land and water polygons built from the extract's coastline, osm/coast.py)
+and is swapped in within one transaction, so a corrupt or truncated extract, or a failed
+coastline step, can never destroy the previous import; the metadata table records what was
+imported, when, and with which import format (an import of an older format is re-imported
+even when its extract is unchanged: it lacks tables the stages read).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg2
 import yaml
 from psycopg2 import sql
 
@@ -24,12 +28,14 @@ from loc2vec.core.atomic import write_text
 from loc2vec.core.config import IngestConfig, RegionsConfig, read_yaml
 from loc2vec.core.names import check_region_name
 from loc2vec.core.paths import ProjectPaths
-from loc2vec.osm.db import ConnInfo, cursor, ensure_meta, get_import
+from loc2vec.osm.coast import LAND_TABLE, WATER_TABLE, build_land_water
+from loc2vec.osm.db import IMPORT_FORMAT, ConnInfo, cursor, ensure_meta, get_import
 from loc2vec.osm.extracts import ExtractInfo, IngestError, fetch_extract, inspect_extract, sha256_file
 
 log = logging.getLogger(__name__)
 STAGING_SUFFIX = "__staging"
 PLANET_TABLES = ("planet_osm_point", "planet_osm_line", "planet_osm_polygon", "planet_osm_roads")
+TABLES = (*PLANET_TABLES, LAND_TABLE, WATER_TABLE)  # what an import of IMPORT_FORMAT holds
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ def _run_osm2pgsql(pbf: Path, schema: str, info: ConnInfo, cfg: IngestConfig) ->
         raise IngestError("osm2pgsql not found: run `make setup`")
     cmd = [
         "osm2pgsql", "--create", "--slim", "--drop", "--hstore",
+        "--keep-coastlines",  # natural=coastline ways, which the default style drops: the sea is built from them
         "--style", cfg.osm2pgsql_style,
         "--cache", str(cfg.cache_mb),
         "--number-processes", str(cfg.processes),
@@ -111,11 +118,18 @@ def ingest(
     adhoc = pbf is not None and region not in regions.registry
     current = get_import(region, info)
     if current is not None and current.sha256 == digest and not force:
-        if adhoc:  # imported already (e.g. by another project on this database): this project must know it too
-            register_adhoc_region(region, path, digest, paths.adhoc_registry)
-        msg = f"region {region!r} is up to date (sha256 {digest[:12]}…, imported {current.imported_at:%Y-%m-%d %H:%M})"
-        log.info(msg)
-        return IngestResult(region, False, digest, 0.0, msg)
+        if current.current:
+            if adhoc:  # imported already (e.g. by another project on this database): this project must know it too
+                register_adhoc_region(region, path, digest, paths.adhoc_registry)
+            msg = f"region {region!r} is up to date (sha256 {digest[:12]}…, imported {current.imported_at:%Y-%m-%d %H:%M})"
+            log.info(msg)
+            return IngestResult(region, False, digest, 0.0, msg)
+        log.info(
+            "region %r was imported with import format %d: re-importing it with format %d (land and water polygons)",
+            region,
+            current.import_format,
+            IMPORT_FORMAT,
+        )
 
     extract = inspect_extract(path)
     staging = region + STAGING_SUFFIX
@@ -126,6 +140,10 @@ def ingest(
         cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
     try:
         _run_osm2pgsql(path, staging, info, cfg)
+        try:
+            coast = build_land_water(staging, extract.bbox, info)
+        except psycopg2.Error as exc:
+            raise IngestError(f"the coastline step (land and water polygons) failed on {path}: {exc}") from exc
         _swap_in(region, staging, extract, path, time.monotonic() - started, info)
     except Exception:
         with cursor(info) as cur:
@@ -134,7 +152,8 @@ def ingest(
     seconds = time.monotonic() - started
     if adhoc:
         register_adhoc_region(region, path, digest, paths.adhoc_registry)
-    msg = f"imported {path.name} into schema {region!r} in {seconds:.1f}s (OSM data of {extract.osm_timestamp})"
+    sea = f"{coast.water_km2:.2f} km² of sea" if coast.has_coastline else "no coastline"
+    msg = f"imported {path.name} into schema {region!r} in {seconds:.1f}s (OSM data of {extract.osm_timestamp}; {sea})"
     log.info(msg)
     return IngestResult(region, True, digest, seconds, msg)
 
@@ -142,22 +161,23 @@ def ingest(
 def _swap_in(region: str, staging: str, extract: ExtractInfo, path: Path, seconds: float, info: ConnInfo) -> None:
     """Replace the live schema by the staging one and record the import, in one transaction."""
     with cursor(info) as cur:
-        for table in PLANET_TABLES:
+        for table in TABLES:
             cur.execute(sql.SQL("ANALYZE {}.{}").format(sql.Identifier(staging), sql.Identifier(table)))
         cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(region)))
         cur.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(staging), sql.Identifier(region)))
         cur.execute(
             sql.SQL(
                 """INSERT INTO {}.imports (region, source, sha256, osm_timestamp, imported_at, import_seconds,
-                                           west, south, east, north)
-                   VALUES (%s, %s, %s, %s, now(), %s, %s, %s, %s, %s)
+                                           west, south, east, north, import_format)
+                   VALUES (%s, %s, %s, %s, now(), %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (region) DO UPDATE SET
                      source = EXCLUDED.source, sha256 = EXCLUDED.sha256,
                      osm_timestamp = EXCLUDED.osm_timestamp, imported_at = EXCLUDED.imported_at,
                      import_seconds = EXCLUDED.import_seconds, west = EXCLUDED.west,
-                     south = EXCLUDED.south, east = EXCLUDED.east, north = EXCLUDED.north"""
+                     south = EXCLUDED.south, east = EXCLUDED.east, north = EXCLUDED.north,
+                     import_format = EXCLUDED.import_format"""
             ).format(sql.Identifier(info.meta_schema)),
-            (region, str(path), extract.sha256, extract.osm_timestamp, seconds, *extract.bbox),
+            (region, str(path), extract.sha256, extract.osm_timestamp, seconds, *extract.bbox, IMPORT_FORMAT),
         )
 
 
@@ -171,5 +191,6 @@ def write_record(region: str, out: Path, info: ConnInfo) -> Path:
         "sha256": record.sha256,
         "osm_timestamp": record.osm_timestamp.isoformat() if record.osm_timestamp else None,
         "bbox": list(record.bbox),
+        "import_format": record.import_format,
     }
     return write_text(out, json.dumps(data, indent=1) + "\n")

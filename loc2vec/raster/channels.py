@@ -12,6 +12,11 @@ lines because a lake and a stream are different places; land use is split into
 residential / commercial-industrial-retail / farmland, and green covers parks and
 forests; POIs mark where people go (amenity, shop, tourism). Street furniture
 (benches, waste baskets, …) is not a POI.
+
+The sea is water too: OSM has no sea polygons, so ingest builds them from the extract's
+coastline (osm/coast.py, table ``water_polygons``) and ``water_areas`` draws them with the
+lakes. A separate ``sea`` channel would change the channel count everywhere (params, model,
+metatiles) and was not measured to help; the sea and a lake both mean "nobody lives here".
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ Kind = Literal["line", "polygon", "point"]
 class Channel:
     name: str
     kind: Kind
-    sql: str  # SELECT returning `way` (3857) and, for lines/points, `w` = width or diameter in metres
+    sql: str  # SELECT returning `way` (3857) and, for lines/points, `w` = width or diameter in metres (Mapnik's !bbox!)
     colour: tuple[int, int, int]  # RGB for the human preview
     description: str
 
@@ -70,9 +75,14 @@ CHANNELS: tuple[Channel, ...] = (
     ),
     Channel(
         "water_areas", "polygon",
-        "SELECT way FROM {schema}.planet_osm_polygon WHERE \"natural\" = 'water'"
-        " OR waterway IN ('riverbank','dock') OR landuse IN ('reservoir','basin') OR water IS NOT NULL",
-        (60, 120, 230), "lakes, rivers as areas, reservoirs, basins",
+        "SELECT way FROM {schema}.planet_osm_polygon WHERE (\"natural\" = 'water'"
+        " OR waterway IN ('riverbank','dock') OR landuse IN ('reservoir','basin') OR water IS NOT NULL)"
+        " AND way && !bbox!"
+        # The sea is stored in pieces (osm/coast.py), dissolved within the query's extent (Mapnik's !bbox!) so
+        # that anti-aliasing leaves no seam where two pieces meet. (PostgreSQL cannot push Mapnik's extent
+        # filter into a UNION with an aggregate: each branch filters itself.)
+        " UNION ALL SELECT ST_Union(way) AS way FROM {schema}.water_polygons WHERE way && !bbox! HAVING count(*) > 0",
+        (60, 120, 230), "the sea, lakes, rivers as areas, reservoirs, basins",
     ),
     Channel(
         "waterways", "line",

@@ -6,7 +6,11 @@
 * **transport** – uniform along the road, rail and path network (the channels' road/path/rail
   classes): a point at a uniform arc length of the whole clipped network, so a line is picked
   with probability ∝ its true length (Mercator length × cos φ).
-* **uniform** – uniform by area (uniform in lon and sin φ) over *mapped land* (sampling/land.py).
+* **uniform** – uniform by area (uniform in lon and sin φ) over the land (the land side of the coastline)
+  inside the inner bbox, kept where it is *mapped land* (sampling/land.py). Drawn per land piece: a piece
+  is chosen with probability ∝ its bbox's area, a point uniformly in that bbox, kept if it lies in that
+  piece (so overlapping bboxes count once) — the cost follows the land, not the bbox. Where the sea does
+  not reach into the inner bbox, the bbox is the one piece, and the draws are those of the plain bbox.
 
 All randomness is a numpy ``Generator`` seeded with ``(seed, kind)``; SQL only returns candidate
 geometries in a fixed ``ORDER BY``, so the same params and import give the same candidates.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import cached_property
 
 import numpy as np
 from psycopg2 import sql
@@ -24,7 +29,15 @@ from loc2vec.core.config import KINDS
 from loc2vec.core.errors import ConfigError
 from loc2vec.core.geo import from_mercator, to_mercator
 from loc2vec.osm.db import ConnInfo, cursor
-from loc2vec.sampling.land import ENVELOPE, NETWORK_WHERE, POI_WHERE, mapped_land_query
+from loc2vec.sampling.land import (
+    ENVELOPE,
+    NETWORK_WHERE,
+    POI_WHERE,
+    LandPieces,
+    land_pieces,
+    mapped_land_query,
+    sea_reaches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +128,31 @@ class Candidates:
         keep = self._inside(lon, lat)  # guards float error at the clip edge
         return np.column_stack([lon, lat])[keep]
 
+    @cached_property
+    def _land(self) -> LandPieces | None:
+        """The land pieces in the inner bbox; None when the sea does not reach into it (the bbox is all land)."""
+        if not sea_reaches(self.region, self.box, self.info):
+            return None
+        pieces = land_pieces(self.region, self.box, self.info)
+        log.info("uniform locations: drawn in %d land pieces", len(pieces))
+        return pieces
+
     def _draw_uniform(self, n: int) -> np.ndarray:
-        """Rejection sampling: uniform by area in the inner bbox, kept when on mapped land."""
-        rng, (w, s, e, nth) = self.rngs["uniform"], self.box
-        query = mapped_land_query(self.region)
+        """Rejection sampling: uniform by area over the land, kept when on mapped land."""
+        land = self._land
+        if land is not None and len(land) == 0:
+            return np.empty((0, 2))  # the inner bbox is all sea
+        query = mapped_land_query(self.region, in_piece=land is not None)
         got: list[np.ndarray] = []
         have, rate = 0, 0.5
         with cursor(self.info) as cur:
             for _ in range(30):
                 m = int(math.ceil((n - have) / rate * 1.1)) + 16
-                lon = rng.uniform(w, e, m)
-                lat = np.degrees(np.arcsin(rng.uniform(math.sin(math.radians(s)), math.sin(math.radians(nth)), m)))
+                lon, lat, piece = self._propose(m, land)
                 x, y = to_mercator(lon, lat)
                 d = 0.5 * self.radius_m / np.cos(np.radians(lat))  # radius/2 in Mercator units
-                cur.execute(query, (x.tolist(), y.tolist(), d.tolist()))
+                args = [x.tolist(), y.tolist(), d.tolist()]
+                cur.execute(query, args if piece is None else [*args, piece.tolist()])
                 idx = np.asarray([r[0] - 1 for r in cur.fetchall()], dtype=int)
                 got.append(np.column_stack([lon[idx], lat[idx]]))
                 have += len(idx)
@@ -136,3 +160,17 @@ class Candidates:
                 if have >= n:
                     break
         return np.concatenate(got)[:n]
+
+    def _propose(self, m: int, land: LandPieces | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """m points (lon, lat, land piece id) uniform by area: in the inner bbox when it is all land (no piece
+        ids), else in a piece's bbox, the piece chosen with probability ∝ the bbox's area."""
+        rng = self.rngs["uniform"]
+        if land is None:  # the plain bbox, drawn exactly as before coasts
+            w, s, e, nth = self.box
+            lon = rng.uniform(w, e, m)
+            lat = np.degrees(np.arcsin(rng.uniform(math.sin(math.radians(s)), math.sin(math.radians(nth)), m)))
+            return lon, lat, None
+        k = rng.choice(len(land), size=m, p=land.areas / land.areas.sum())
+        lon = rng.uniform(land.west[k], land.east[k])
+        lat = np.degrees(np.arcsin(rng.uniform(np.sin(np.radians(land.south[k])), np.sin(np.radians(land.north[k])))))
+        return lon, lat, land.ids[k]

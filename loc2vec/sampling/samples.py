@@ -8,7 +8,8 @@ Kinds (the mix is ``sample.mix`` in params.yaml):
 * **transport** – uniform along the road, rail and path network (the channels' road/path/rail
   classes): a point at a uniform arc length of the whole clipped network, so a line is picked
   with probability ∝ its true length (Mercator length × cos φ).
-* **uniform** – uniform by area (uniform in lon and sin φ) over *mapped land*: points that fall in
+* **uniform** – uniform by area (uniform in lon and sin φ) over the land (the land side of the
+  extract's coastline; the whole extract without one), kept on *mapped land*: points that fall in
   a land-use/natural/leisure/amenity/building polygon that is not water, or within radius/2 of a
   road, rail or path line. The extract's empty bbox corners (outside the country cut) never qualify.
 
@@ -19,9 +20,10 @@ Every point lies inside the import bbox shrunk by ``render.radius_m``, so its ti
 **Low-information rule.** Each candidate's anchor tile is rendered (``get_renderer(region).render``)
 and scored: ``f_c = mean(tile_c > 0)`` per channel; ``coverage`` = fraction of pixels where any
 channel is drawn; ``entropy`` = Shannon entropy of ``p_c = f_c / Σ f`` divided by ln 12 (0 = one
-channel only, 1 = all channels equally). Candidates with ``coverage < min_coverage`` (bare
-mountain, outside the data) are dropped; the rest get ``weight = min_weight + (1 − min_weight) ·
-min(1, entropy / entropy_floor)`` in (0, 1], so a tile of nothing but forest counts less than a village.
+channel only, 1 = all channels equally). Candidates where less than ``min_coverage`` of the pixels
+show anything but water areas (bare mountain, outside the data, the open sea) are dropped; the rest
+get ``weight = min_weight + (1 − min_weight) · min(1, entropy / entropy_floor)`` in (0, 1], so a tile
+of nothing but forest counts less than a village.
 
 **Spatial split rule.** Locations fall in square blocks of ``block_m`` metres (an equirectangular
 frame at the region's mid-latitude, origin at its south-west corner); each block goes to train,
