@@ -12,6 +12,10 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # DVC runs stage commands through the shell: the venv's bin must be on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# tcmalloc for every process a target starts (pytest, DVC stages, Prefect tasks, spawned workers): glibc's
+# malloc spends a third of the CPU time in the kernel on CPU training (loc2vec/cli/allocator.py). Looked up
+# when the recipe runs, after `make setup` has installed it.
+TCMALLOC = LD_PRELOAD="$$(ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1)"
 
 .PHONY: setup system venv db db-stop test run repro lint bench ui-mlflow ui-prefect clean-venv
 
@@ -36,7 +40,7 @@ db-stop:
 	$(L2V) db stop
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(TCMALLOC) $(VENV)/bin/pytest -q
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -44,16 +48,16 @@ lint: venv
 	$(VENV)/bin/mypy loc2vec/core loc2vec/serving loc2vec/evaluation
 
 bench: setup
-	$(L2V) bench render --region liechtenstein --json
+	$(TCMALLOC) $(L2V) bench render --region liechtenstein --json
 
 # The DVC pipeline directly (`dvc repro`); `make run` runs the same stages as a Prefect flow.
 repro: setup
-	$(VENV)/bin/dvc repro
+	$(TCMALLOC) $(VENV)/bin/dvc repro
 
 # Set-up, then the Prefect `pipeline` flow (every DVC stage, one task each) on params.yaml's
 # pipeline.regions, or on REGIONS=a,b (written to params.yaml); it ends with an online feature lookup.
 run: setup
-	$(L2V) flow pipeline $(if $(REGIONS),--regions $(REGIONS),)
+	$(TCMALLOC) $(L2V) flow pipeline $(if $(REGIONS),--regions $(REGIONS),)
 
 ui-mlflow: venv
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000

@@ -4,4 +4,4 @@ import sys
 
 from loc2vec.cli.main import main
 
-sys.exit(main())
+sys.exit(main())  # argv None: re-executed under tcmalloc at most once (LD_PRELOAD is then set)

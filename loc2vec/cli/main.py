@@ -44,6 +44,11 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; as a program (argv None) under tcmalloc (cli/allocator.py). Returns the exit status."""
+    if argv is None:
+        from loc2vec.cli.allocator import reexec_under_tcmalloc
+
+        reexec_under_tcmalloc(sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
