@@ -197,6 +197,9 @@ def summarize(
     metrics = read_metrics(paths, regions)
     training_path = paths.model_dir / "summary.json"
     training = json.loads(training_path.read_text()) if training_path.is_file() else {}
+    run_path = paths.model_dir / "run.json"  # the run's provenance (the summary, a DVC metric, has none)
+    if run_path.is_file():
+        training = {**training, **json.loads(run_path.read_text())}
     mlflow = mlflow_link(paths, training.get("mlflow_run_id"), cfg.mlflow_ui)
 
     md = [

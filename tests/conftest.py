@@ -16,6 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from loc2vec.cli.numerics import pin_cpu_numerics
+from loc2vec.core.config import ComputeConfig
+
+# The CPU numerics every `loc2vec` command runs with (params compute:, defaults), set before torch or numpy
+# is imported: tests compare what they compute in-process with what CLI subprocesses compute.
+pin_cpu_numerics(ComputeConfig())
+
 REPO = Path(__file__).resolve().parents[1]
 # Several suites can run side by side on one machine, each in its own database (e.g. LOC2VEC_TEST_DB=loc2vec_test2).
 TEST_DB = os.environ.get("LOC2VEC_TEST_DB", "loc2vec_test")
@@ -50,16 +57,23 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     for spec in params["regions"]["registry"].values():
         if not spec["source"].startswith(("http://", "https://")):
             spec["source"] = str((REPO / spec["source"]).resolve())
+    # The suite's own roles (owner and read-only, like the project's, never the project's own: setting up
+    # roles resets their passwords) and password file, in the test project.
+    params["db"].update(
+        user=f"{TEST_DB}_owner", reader=f"{TEST_DB}_reader", passfile=str(root / "pgpass"), dbname=TEST_DB
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "loc2vec").mkdir()  # marks the directory as a project root
 
-    old = {k: os.environ.get(k) for k in ("LOC2VEC_PARAMS", "LOC2VEC_PG_DSN")}
+    old = {k: os.environ.get(k) for k in ("LOC2VEC_PARAMS", "LOC2VEC_PG_DSN", "PGPASSFILE")}
+    os.environ.pop("PGPASSFILE", None)
     os.environ["LOC2VEC_PARAMS"] = str(root / "params.yaml")
     db = load_params().db
-    cluster.setup_cluster(db, extra_databases=(TEST_DB,))
-    os.environ["LOC2VEC_PG_DSN"] = (
-        f"host={db.host} port={db.port} dbname={TEST_DB} user={db.user} password={db.password}"
-    )
+    cluster.start_cluster(db)
+    if cluster.database_owner(db, TEST_DB) not in (None, db.user):  # an older suite's (a superuser's): start afresh
+        cluster.drop_database(db, TEST_DB)
+    cluster.setup_cluster(db)
+    os.environ["LOC2VEC_PG_DSN"] = f"host={db.host} port={db.port} dbname={TEST_DB} user={db.user}"
     yield root
     for key, value in old.items():
         if value is None:

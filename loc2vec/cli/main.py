@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loc2vec", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"loc2vec {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, third-party INFO lines too")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure (default: one line)")
     p.add_argument("--params", help="params.yaml to use (default: $LOC2VEC_PARAMS, else the project root's)")
     sub = p.add_subparsers(dest="command", required=True)
     for module in (osm, raster, sampling, training, embedding, serving, evaluation, explore, flows, bench):
@@ -52,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    from loc2vec.cli.errors import report
+    from loc2vec.cli.numerics import pin_cpu_numerics
     from loc2vec.cli.project import Project
-    from loc2vec.core.errors import USER_ERRORS
 
     try:
         if args.params:  # DDP workers and other subprocesses read the same file
@@ -63,10 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             os.environ[PARAMS_ENV] = str(args.params)
         project = Project.load(args.params)
+        pin_cpu_numerics(project.params.compute)  # before torch or numpy is imported
         return int(args.func(args, project) or 0)
-    except USER_ERRORS as exc:
-        print(f"loc2vec {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as exc:
+        if args.debug:
+            raise
+        return report(args.command, exc)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,21 @@ from pathlib import Path
 
 from loc2vec.core.config import Params, load_params
 from loc2vec.core.paths import ProjectPaths
-from loc2vec.osm.db import ConnInfo, conninfo
+from loc2vec.osm.db import ConnInfo, conninfo, reader_conninfo
 
 
 @dataclass(frozen=True)
 class Project:
-    """params.yaml, the project's paths and its database."""
+    """params.yaml, the project's paths and its database (the pipeline's role; `reader` for consumers)."""
 
     params: Params
     paths: ProjectPaths
     info: ConnInfo
+
+    @property
+    def reader(self) -> ConnInfo:
+        """The read-only role on the same database: what consumers' lookups connect as."""
+        return reader_conninfo(self.params.db, self.info)
 
     @classmethod
     def load(cls, params_file: Path | str | None = None) -> Project:

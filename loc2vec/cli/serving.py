@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loc2vec.cli.args import add_location, regions
+from loc2vec.cli.output import result_stream
 from loc2vec.cli.project import Project
 
 if TYPE_CHECKING:
@@ -22,38 +23,43 @@ def store_settings(project: Project, kind: str | None) -> StoreSettings:
     from loc2vec.serving.store import StoreSettings
 
     params = project.params
-    return StoreSettings.from_config(params.publish, params.embed, project.paths, project.info, kind)
+    return StoreSettings.from_config(
+        params.publish, params.embed, project.paths, project.info, kind, reader=project.reader
+    )
 
 
 def cmd_publish(args: argparse.Namespace, project: Project) -> int:
-    from loc2vec.serving.publish import materialize_incremental_only, publish
+    from loc2vec.serving.publish import materialize_incremental_only, publish, published_record
 
     settings = store_settings(project, args.online_store)
-    if args.incremental:
-        result = materialize_incremental_only(settings)
-    else:
-        if args.embeddings:
-            files = [Path(f) for f in args.embeddings]
-        elif args.regions:
-            files = [project.paths.embeddings(r) for r in regions(args.regions, project.params)]
+    files: list[Path] | None = None
+    with result_stream() as out:
+        if args.incremental:
+            result = materialize_incremental_only(settings)
         else:
-            files = None  # every data/embeddings/*.parquet
-        result = publish(settings, files, force=args.force)
-    text = json.dumps(result, indent=1, default=str)
-    if args.record:
-        from loc2vec.core.atomic import write_text
+            if args.embeddings:
+                files = [Path(f) for f in args.embeddings]
+            elif args.regions:
+                files = [project.paths.embeddings(r) for r in regions(args.regions, project.params)]
+            else:
+                files = None  # every data/embeddings/*.parquet
+            result = publish(settings, files, force=args.force)
+        if args.record:  # the stage's DVC output: what is served, never how long it took
+            from loc2vec.core.atomic import write_text
 
-        write_text(Path(args.record), text + "\n")
-    print(text)
+            record = published_record(settings, None if args.incremental else files)
+            write_text(Path(args.record), json.dumps(record, indent=1, default=str) + "\n")
+        print(json.dumps(result, indent=1, default=str), file=out)
     return 0
 
 
 def cmd_features(args: argparse.Namespace, project: Project) -> int:
     from loc2vec.serving.lookup import get_location_embeddings
 
-    row = get_location_embeddings([args.lat], [args.lon], store_settings(project, args.online_store)).iloc[0]
-    out = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
-    print(json.dumps(out, default=str))
+    with result_stream() as out:
+        row = get_location_embeddings([args.lat], [args.lon], store_settings(project, args.online_store)).iloc[0]
+        values = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+        print(json.dumps(values, default=str), file=out)
     return 0
 
 
@@ -82,21 +88,22 @@ def cmd_similar(args: argparse.Namespace, project: Project) -> int:
     from loc2vec.serving.similar_index import ensure_index
 
     params = project.params
-    index = ensure_index(params.explore.similar, project.paths, rebuild=args.rebuild_index)
-    found = similar(
-        args.lat,
-        args.lon,
-        index,
-        store_settings(project, args.online_store),
-        args.k,
-        regions=regions(args.regions, params, default=[]) or None,
-        exclude_radius_m=args.exclude_radius_m,
-    )
-    if args.json:
-        rows = json.loads(found.to_json(orient="records", double_precision=6))
-        print(json.dumps({"query": found.attrs["query"], "results": rows}))
-    else:
-        print(format_table(found))
+    with result_stream() as out:
+        index = ensure_index(params.explore.similar, project.paths, rebuild=args.rebuild_index)
+        found = similar(
+            args.lat,
+            args.lon,
+            index,
+            store_settings(project, args.online_store),
+            args.k,
+            regions=regions(args.regions, params, default=[]) or None,
+            exclude_radius_m=args.exclude_radius_m,
+        )
+        if args.json:
+            rows = json.loads(found.to_json(orient="records", double_precision=6))
+            print(json.dumps({"query": found.attrs["query"], "results": rows}), file=out)
+        else:
+            print(format_table(found), file=out)
     return 0
 
 
@@ -107,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params/LOC2VEC_ONLINE_STORE")
     s.add_argument("--incremental", action="store_true", help="materialize-incremental only (scheduled runs)")
     s.add_argument("--force", action="store_true", help="publish even if nothing changed")
-    s.add_argument("--record", help="also write the result as JSON (the DVC stage's output)")
+    s.add_argument("--record", help="also write what the store serves for these regions (the DVC stage's output)")
     s.set_defaults(func=cmd_publish)
 
     s = sub.add_parser("features", help="online feature lookup for one location (JSON)")

@@ -7,6 +7,3 @@ class Loc2VecError(Exception):
 
 class ConfigError(Loc2VecError, ValueError):
     """A configuration value is missing or invalid (the message names the key)."""
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (Loc2VecError,)

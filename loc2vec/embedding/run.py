@@ -171,23 +171,29 @@ def embed_region(
     path = out
     write_parquet_atomic(table, path)
     total = time.perf_counter() - started
-    stats = {
+    # The .json beside the Parquet is a DVC output: only what the data, model and params determine. How
+    # long it took (and on how many threads) describes this run, not its result: the log and `stats` only.
+    record = {
         "region": region,
-        "path": str(path),
         "cells": n,
         "h3_resolution": cfg.h3_resolution,
         "model_name": ref.name,
         "model_version": ref.version,
         "event_timestamp": event.isoformat(),
+        "config": cfg.model_dump(mode="json"),
+    }
+    stats = {
+        **record,
+        "path": str(path),
         "cells_per_s": round(n / encode_s, 1),  # tiles cut + encoded per second
         "cells_per_s_end_to_end": round(n / total, 1),
         "seconds": round(total, 1),
         "torch_threads": torch.get_num_threads(),
         "task_runner": runner,
         **{k: round(v, 2) for k, v in timings.items()},
-        "config": cfg.model_dump(mode="json"),
     }
-    write_text(path.with_suffix(".json"), json.dumps(stats, indent=1, default=str))
+    write_text(path.with_suffix(".json"), json.dumps(record, indent=1, default=str))
+    log.debug("%s: embedding run stats %s", region, json.dumps(stats, default=str))
     log.info(
         "%s: embedded %d cells with %s v%s in %.1f s (%.0f cells/s encoding, %.0f cells/s end to end) → %s",
         region,

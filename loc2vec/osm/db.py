@@ -1,9 +1,14 @@
 """PostgreSQL/PostGIS connection and the import metadata table.
 
 One place decides how to reach the database (LOC2VEC_PG_DSN, PG* variables, or the
-project's own cluster from params.yaml), so psycopg2, osm2pgsql and Mapnik all agree. The
+project's own cluster from params.yaml), so psycopg2, osm2pgsql, Mapnik and Feast all agree. The
 command line resolves a `ConnInfo` once and passes it down; it also says where the import
 metadata lives (`meta_schema`).
+
+Two roles (osm/cluster.py creates both): the pipeline's (`db.user`, owner of its schemas, no superuser)
+and consumers' read-only one (`db.reader`, `reader_conninfo`). No password is in a committed file: when
+neither LOC2VEC_PG_DSN, PGPASSWORD nor params give one, it is looked up in the pgpass-format file that
+`make setup` generated (`db.passfile`, or $PGPASSFILE).
 
 Each import records the *import format* it was made with (`IMPORT_FORMAT`): the tables an
 import holds besides osm2pgsql's. An import of an older format lacks tables the stages read
@@ -14,11 +19,13 @@ unchanged.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import psycopg2
 import psycopg2.extensions
@@ -27,8 +34,14 @@ from psycopg2 import sql
 from loc2vec.core.config import DBConfig
 from loc2vec.core.errors import Loc2VecError
 from loc2vec.core.names import validate_region_name
+from loc2vec.osm.ownership import ensure_owned_table
 
+log = logging.getLogger(__name__)
 DSN_ENV = "LOC2VEC_PG_DSN"
+READER_DSN_ENV = "LOC2VEC_PG_READER_DSN"  # the read-only role's connection, when not db.reader on the same database
+# The first key of loc2vec's advisory locks (pg_advisory_lock(int, int)): other applications on the same
+# database use other keys.
+ADVISORY_LOCK_CLASS = 0x6C32
 # 1: osm2pgsql's tables only. 2: + land_polygons and water_polygons (osm/coast.py).
 IMPORT_FORMAT = 2
 _PG_ENV = {
@@ -70,8 +83,98 @@ class ConnInfo:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname}"
 
 
+def passfile_path(cfg: DBConfig) -> Path:
+    """Where the roles' passwords are: $PGPASSFILE, else params db.passfile (~ expanded)."""
+    return Path(os.environ.get("PGPASSFILE") or cfg.passfile).expanduser()
+
+
+def _pgpass_fields(line: str) -> list[str]:
+    """A pgpass line's five fields (`\\:` and `\\\\` are an escaped colon and backslash)."""
+    fields, current, chars = [], [], iter(line)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch == ":" and len(fields) < 4:
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    fields.append("".join(current))
+    return fields
+
+
+def pgpass_lookup(path: Path, host: str, port: int | str, dbname: str, user: str) -> str | None:
+    """The password of the first matching line of a pgpass file (`*` matches anything), or None."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DatabaseError(f"cannot read the password file {path}: {exc.strerror or exc}") from exc
+    want = (host, str(port), dbname, user)
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = _pgpass_fields(line)
+        if len(fields) == 5 and all(f == "*" or f == w for f, w in zip(fields[:4], want, strict=True)):
+            return fields[4]
+    return None
+
+
+def _password(cfg: DBConfig, host: str, port: int, dbname: str, user: str) -> str | None:
+    return pgpass_lookup(passfile_path(cfg), host, port, dbname, user)
+
+
+def reader_conninfo(cfg: DBConfig, owner: ConnInfo) -> ConnInfo:
+    """The read-only role on the same database as `owner` (consumers' online lookups use it)."""
+    if os.environ.get(READER_DSN_ENV):
+        return _from_dsn(os.environ[READER_DSN_ENV], READER_DSN_ENV, cfg)
+    return ConnInfo(
+        host=owner.host,
+        port=owner.port,
+        dbname=owner.dbname,
+        user=cfg.reader,
+        password=_password(cfg, owner.host, owner.port, owner.dbname, cfg.reader),
+        meta_schema=owner.meta_schema,
+    )
+
+
+def _from_dsn(dsn: str, env: str, cfg: DBConfig) -> ConnInfo:
+    try:
+        parsed = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        raise DatabaseError(f"{env} is not a valid libpq connection string: {exc}") from exc
+    values = {"host": cfg.host, "port": cfg.port, "dbname": cfg.dbname, "user": cfg.user, **parsed}
+    return _conninfo(values, cfg)
+
+
+def _conninfo(values: dict, cfg: DBConfig) -> ConnInfo:
+    host, port, dbname, user = (
+        str(values["host"]),
+        int(values["port"] or 5432),
+        str(values["dbname"]),
+        str(values["user"]),
+    )
+    password = values.get("password") or _password(cfg, host, port, dbname, user)
+    return ConnInfo(
+        host=host,
+        port=port,
+        dbname=dbname,
+        user=user,
+        password=str(password) if password else None,
+        meta_schema=validate_region_name(cfg.meta_schema),
+    )
+
+
 def conninfo(cfg: DBConfig) -> ConnInfo:
-    """Resolve connection settings: LOC2VEC_PG_DSN, else PG* variables over params.yaml's db section."""
+    """Resolve connection settings: LOC2VEC_PG_DSN, else PG* variables over params.yaml's db section.
+
+    The password: the DSN's or PGPASSWORD, else params db.password (optional, best left out), else the
+    password file `make setup` wrote (passfile_path).
+    """
+    dsn = os.environ.get(DSN_ENV)
+    if dsn:
+        return _from_dsn(dsn, DSN_ENV, cfg)
     values: dict[str, str | int | None] = {
         "host": cfg.host,
         "port": cfg.port,
@@ -79,23 +182,8 @@ def conninfo(cfg: DBConfig) -> ConnInfo:
         "user": cfg.user,
         "password": cfg.password,
     }
-    dsn = os.environ.get(DSN_ENV)
-    if dsn:
-        try:
-            parsed = psycopg2.extensions.parse_dsn(dsn)
-        except psycopg2.ProgrammingError as exc:
-            raise DatabaseError(f"{DSN_ENV} is not a valid libpq connection string: {exc}") from exc
-        values.update({k: v for k, v in parsed.items() if k in values})
-    else:
-        values.update({k: os.environ[v] for k, v in _PG_ENV.items() if os.environ.get(v)})
-    return ConnInfo(
-        host=str(values["host"]),
-        port=int(values["port"] or 5432),
-        dbname=str(values["dbname"]),
-        user=str(values["user"]),
-        password=str(values["password"]) if values["password"] else None,
-        meta_schema=validate_region_name(cfg.meta_schema),
-    )
+    values.update({k: os.environ[v] for k, v in _PG_ENV.items() if os.environ.get(v)})
+    return _conninfo(values, cfg)
 
 
 def connect(info: ConnInfo) -> psycopg2.extensions.connection:
@@ -104,7 +192,7 @@ def connect(info: ConnInfo) -> psycopg2.extensions.connection:
     except psycopg2.OperationalError as exc:
         raise DatabaseError(
             f"cannot connect to PostgreSQL at {info.redacted()}: {str(exc).strip()}\n"
-            "Start the project database with `make setup` (or set LOC2VEC_PG_DSN)."
+            "Start the project database and create its roles with `make setup` (or set LOC2VEC_PG_DSN)."
         ) from exc
 
 
@@ -126,8 +214,33 @@ def cursor(info: ConnInfo, *, autocommit: bool = False) -> Iterator[psycopg2.ext
         conn.close()
 
 
+@contextmanager
+def advisory_lock(info: ConnInfo, name: str, *, what: str) -> Iterator[None]:
+    """Hold a PostgreSQL session advisory lock named `name` for the block; wait while another holds it.
+
+    The lock lives in the database, so it serialises every client of that database (other checkouts,
+    other machines), and it goes away with the session: a killed holder never leaves it behind.
+
+    Args:
+        info: the database.
+        name: what is locked (e.g. "ingest:liechtenstein"); hashed into the lock's second key.
+        what: how to describe the wait in the log.
+    """
+    conn = connect(info)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (ADVISORY_LOCK_CLASS, name))
+            if not cur.fetchone()[0]:
+                log.info("%s: another process holds the lock %r; waiting for it", what, name)
+                cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (ADVISORY_LOCK_CLASS, name))
+        yield
+    finally:
+        conn.close()  # ends the session, which releases the lock
+
+
 def ensure_meta(cur: psycopg2.extensions.cursor, meta_schema: str) -> None:
-    """Create the import metadata table (idempotent)."""
+    """Create the import metadata and schema ownership tables (idempotent)."""
     schema = sql.Identifier(meta_schema)
     cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
     cur.execute(
@@ -150,6 +263,7 @@ def ensure_meta(cur: psycopg2.extensions.cursor, meta_schema: str) -> None:
             schema
         )
     )
+    ensure_owned_table(cur, meta_schema)
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,34 @@ and is swapped in within one transaction, so a corrupt or truncated extract, or 
 coastline step, can never destroy the previous import; the metadata table records what was
 imported, when, and with which import format (an import of an older format is re-imported
 even when its extract is unchanged: it lacks tables the stages read).
+
+What makes it safe to kill or run twice:
+
+* Only loc2vec's own schemas are ever dropped or replaced (osm/ownership.py): a schema of the region's
+  name that loc2vec did not create is refused before anything is imported.
+* One ingest per region at a time: a PostgreSQL advisory lock on the region (osm/db.py), held for the
+  whole ingest, so a second ingest of the same region waits, then finds it up to date. The lock is the
+  database's, so it also holds between checkouts, and dies with a killed holder's session.
+* osm2pgsql dies with its ingest (PR_SET_PDEATHSIG): a killed ingest never leaves it writing into a
+  staging schema the next ingest is about to drop.
+* Registering an ad-hoc region (data/regions.yaml) is part of the swap's transaction: the file is written
+  just before the commit, a failure to write it rolls the import back (the error names the file), and a
+  failed commit restores the file. So a region is never imported but unknown (which used to make the next
+  ingest say "up to date" while every other command said "unknown region").
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +41,16 @@ import psycopg2
 import yaml
 from psycopg2 import sql
 
-from loc2vec.core.atomic import write_text
+from loc2vec.core.atomic import file_lock, write_text
 from loc2vec.core.config import IngestConfig, RegionsConfig, read_yaml
 from loc2vec.core.names import check_region_name
 from loc2vec.core.paths import ProjectPaths
 from loc2vec.osm.coast import LAND_TABLE, WATER_TABLE, build_land_water
-from loc2vec.osm.db import IMPORT_FORMAT, ConnInfo, cursor, ensure_meta, get_import
+from loc2vec.osm.db import IMPORT_FORMAT, ConnInfo, advisory_lock, connect, cursor, ensure_meta, get_import
 from loc2vec.osm.extracts import ExtractInfo, IngestError, fetch_extract, inspect_extract, sha256_file
+from loc2vec.osm.ownership import STAGING_SUFFIX, check_replaceable, drop_owned_schema, mark_owned, rename_owned_schema
 
 log = logging.getLogger(__name__)
-STAGING_SUFFIX = "__staging"
 PLANET_TABLES = ("planet_osm_point", "planet_osm_line", "planet_osm_polygon", "planet_osm_roads")
 TABLES = (*PLANET_TABLES, LAND_TABLE, WATER_TABLE)  # what an import of IMPORT_FORMAT holds
 
@@ -47,12 +64,42 @@ class IngestResult:
     message: str
 
 
-def register_adhoc_region(name: str, pbf: Path, sha256: str, registry_file: Path) -> None:
-    """Remember a region brought with --pbf, so later commands know its source."""
-    registry_file.parent.mkdir(parents=True, exist_ok=True)
-    data = (read_yaml(registry_file) if registry_file.is_file() else {}) or {}
-    data[name] = {"source": str(pbf.resolve()), "sha256": sha256}
-    write_text(registry_file, yaml.safe_dump(data, sort_keys=True))
+def register_adhoc_region(name: str, pbf: Path, sha256: str, registry_file: Path, lock: Path) -> Callable[[], None]:
+    """Remember a region brought with --pbf, so later commands know its source; returns how to undo it.
+
+    The registry is read, changed and written under a file lock (ingests of other regions may register
+    theirs at the same time), atomically.
+
+    Raises:
+        IngestError: the registry cannot be written (the message names the file).
+    """
+    try:
+        with file_lock(lock):
+            before = registry_file.read_text() if registry_file.is_file() else None
+            data = (read_yaml(registry_file) if before is not None else {}) or {}
+            data[name] = {"source": str(pbf.resolve()), "sha256": sha256}
+            registry_file.parent.mkdir(parents=True, exist_ok=True)
+            write_text(registry_file, yaml.safe_dump(data, sort_keys=True))
+    except OSError as exc:
+        where = exc.filename or registry_file
+        raise IngestError(
+            f"cannot register region {name!r} in {registry_file}: {exc.strerror or exc}: {where}"
+        ) from exc
+
+    def undo() -> None:
+        with file_lock(lock):
+            if before is None:
+                registry_file.unlink(missing_ok=True)
+            else:
+                write_text(registry_file, before)
+
+    return undo
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL when its parent dies, so a killed ingest takes osm2pgsql with it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _run_osm2pgsql(pbf: Path, schema: str, info: ConnInfo, cfg: IngestConfig) -> None:
@@ -73,7 +120,7 @@ def _run_osm2pgsql(pbf: Path, schema: str, info: ConnInfo, cfg: IngestConfig) ->
     if info.password:
         env["PGPASSWORD"] = info.password
     log.info("osm2pgsql: %s → schema %s", pbf.name, schema)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise IngestError(f"osm2pgsql failed on {pbf} (exit {proc.returncode}):\n{tail}")
@@ -116,69 +163,116 @@ def ingest(
 
     digest = sha256_file(path)
     adhoc = pbf is not None and region not in regions.registry
-    current = get_import(region, info)
-    if current is not None and current.sha256 == digest and not force:
-        if current.current:
-            if adhoc:  # imported already (e.g. by another project on this database): this project must know it too
-                register_adhoc_region(region, path, digest, paths.adhoc_registry)
-            msg = f"region {region!r} is up to date (sha256 {digest[:12]}…, imported {current.imported_at:%Y-%m-%d %H:%M})"
-            log.info(msg)
-            return IngestResult(region, False, digest, 0.0, msg)
-        log.info(
-            "region %r was imported with import format %d: re-importing it with format %d (land and water polygons)",
-            region,
-            current.import_format,
-            IMPORT_FORMAT,
-        )
-
-    extract = inspect_extract(path)
+    where = info.redacted()
     staging = region + STAGING_SUFFIX
-    started = time.monotonic()
-    with cursor(info) as cur:
-        ensure_meta(cur, info.meta_schema)
-        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(staging)))
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
-    try:
-        _run_osm2pgsql(path, staging, info, cfg)
-        try:
-            coast = build_land_water(staging, extract.bbox, info)
-        except psycopg2.Error as exc:
-            raise IngestError(f"the coastline step (land and water polygons) failed on {path}: {exc}") from exc
-        _swap_in(region, staging, extract, path, time.monotonic() - started, info)
-    except Exception:
+
+    def register() -> Callable[[], None] | None:
+        if not adhoc:
+            return None
+        return register_adhoc_region(region, path, digest, paths.adhoc_registry, paths.lock("regions"))
+
+    with advisory_lock(info, f"ingest:{region}", what=f"ingest of {region!r}"):
+        with cursor(info) as cur:  # refuse a schema that is not loc2vec's before anything is imported
+            ensure_meta(cur, info.meta_schema)
+            check_replaceable(cur, info.meta_schema, region, where)
+            check_replaceable(cur, info.meta_schema, staging, where)
+        current = get_import(region, info)
+        if current is not None and current.sha256 == digest and not force:
+            if current.current:
+                register()  # imported already (e.g. by another project on this database): this project must know it too
+                msg = f"region {region!r} is up to date (sha256 {digest[:12]}…, imported {current.imported_at:%Y-%m-%d %H:%M})"
+                log.info(msg)
+                return IngestResult(region, False, digest, 0.0, msg)
+            log.info(
+                "region %r was imported with import format %d: re-importing it with format %d (land and water polygons)",
+                region,
+                current.import_format,
+                IMPORT_FORMAT,
+            )
+
+        extract = inspect_extract(path)
+        started = time.monotonic()
         with cursor(info) as cur:
-            cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(staging)))
-        raise
+            drop_owned_schema(cur, info.meta_schema, staging, where)  # a killed ingest's leftover
+            cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
+            mark_owned(cur, info.meta_schema, staging, "staging")
+        try:
+            _run_osm2pgsql(path, staging, info, cfg)
+            try:
+                coast = build_land_water(staging, extract.bbox, info)
+            except psycopg2.Error as exc:
+                raise IngestError(f"the coastline step (land and water polygons) failed on {path}: {exc}") from exc
+            _swap_in(region, staging, extract, path, time.monotonic() - started, info, register)
+        except BaseException:
+            _drop_staging(staging, info)
+            raise
     seconds = time.monotonic() - started
-    if adhoc:
-        register_adhoc_region(region, path, digest, paths.adhoc_registry)
     sea = f"{coast.water_km2:.2f} km² of sea" if coast.has_coastline else "no coastline"
     msg = f"imported {path.name} into schema {region!r} in {seconds:.1f}s (OSM data of {extract.osm_timestamp}; {sea})"
     log.info(msg)
     return IngestResult(region, True, digest, seconds, msg)
 
 
-def _swap_in(region: str, staging: str, extract: ExtractInfo, path: Path, seconds: float, info: ConnInfo) -> None:
-    """Replace the live schema by the staging one and record the import, in one transaction."""
-    with cursor(info) as cur:
-        for table in TABLES:
-            cur.execute(sql.SQL("ANALYZE {}.{}").format(sql.Identifier(staging), sql.Identifier(table)))
-        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(region)))
-        cur.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(staging), sql.Identifier(region)))
-        cur.execute(
-            sql.SQL(
-                """INSERT INTO {}.imports (region, source, sha256, osm_timestamp, imported_at, import_seconds,
-                                           west, south, east, north, import_format)
-                   VALUES (%s, %s, %s, %s, now(), %s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (region) DO UPDATE SET
-                     source = EXCLUDED.source, sha256 = EXCLUDED.sha256,
-                     osm_timestamp = EXCLUDED.osm_timestamp, imported_at = EXCLUDED.imported_at,
-                     import_seconds = EXCLUDED.import_seconds, west = EXCLUDED.west,
-                     south = EXCLUDED.south, east = EXCLUDED.east, north = EXCLUDED.north,
-                     import_format = EXCLUDED.import_format"""
-            ).format(sql.Identifier(info.meta_schema)),
-            (region, str(path), extract.sha256, extract.osm_timestamp, seconds, *extract.bbox, IMPORT_FORMAT),
-        )
+def _drop_staging(staging: str, info: ConnInfo) -> None:
+    """Remove a failed import's staging schema; a failure here is logged, never hides the import's error."""
+    try:
+        with cursor(info) as cur:
+            drop_owned_schema(cur, info.meta_schema, staging, info.redacted())
+    except Exception as exc:  # the next ingest drops it
+        log.warning("could not drop the staging schema %r (the next ingest will): %s", staging, exc)
+
+
+def _swap_in(
+    region: str,
+    staging: str,
+    extract: ExtractInfo,
+    path: Path,
+    seconds: float,
+    info: ConnInfo,
+    register: Callable[[], Callable[[], None] | None],
+) -> None:
+    """Replace the live schema by the staging one, record the import and register the region: one unit.
+
+    The database work is one transaction; `register` (the ad-hoc registry file) runs last inside it,
+    so a registry that cannot be written rolls the swap back, and a commit that fails undoes the
+    registration.
+    """
+    conn = connect(info)
+    try:
+        with conn.cursor() as cur:
+            for table in TABLES:
+                cur.execute(sql.SQL("ANALYZE {}.{}").format(sql.Identifier(staging), sql.Identifier(table)))
+            drop_owned_schema(cur, info.meta_schema, region, info.redacted())
+            rename_owned_schema(cur, info.meta_schema, staging, region, "import")
+            cur.execute(
+                sql.SQL(
+                    """INSERT INTO {}.imports (region, source, sha256, osm_timestamp, imported_at, import_seconds,
+                                               west, south, east, north, import_format)
+                       VALUES (%s, %s, %s, %s, now(), %s, %s, %s, %s, %s, %s)
+                       ON CONFLICT (region) DO UPDATE SET
+                         source = EXCLUDED.source, sha256 = EXCLUDED.sha256,
+                         osm_timestamp = EXCLUDED.osm_timestamp, imported_at = EXCLUDED.imported_at,
+                         import_seconds = EXCLUDED.import_seconds, west = EXCLUDED.west,
+                         south = EXCLUDED.south, east = EXCLUDED.east, north = EXCLUDED.north,
+                         import_format = EXCLUDED.import_format"""
+                ).format(sql.Identifier(info.meta_schema)),
+                (region, str(path), extract.sha256, extract.osm_timestamp, seconds, *extract.bbox, IMPORT_FORMAT),
+            )
+        try:
+            undo = register()
+        except IngestError as exc:
+            raise IngestError(f"{exc}; the import was rolled back (the previous one, if any, is intact)") from exc
+        try:
+            conn.commit()
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.close()
 
 
 def write_record(region: str, out: Path, info: ConnInfo) -> Path:

@@ -28,7 +28,10 @@ data/metatiles/<region>/<key>.npy (core/paths.py; opened with mmap, so a country
 memory: only the pages a batch touches are read), written atomically, and an index.json with
 each metatile's Mercator bounds, scale and mpp and the parameters it was rendered with (tile
 geometry, grid, channel definitions, the region's import): if any of them changes, the old
-metatiles are deleted and re-rendered on demand.
+metatiles are deleted and re-rendered on demand. The import is named by its extract's sha256 and import
+format, never by when it happened: the directory is a DVC output, so the same extract must give the same
+bytes on every machine and after a re-import (the wall-clock import time made `render@R` stale everywhere
+but on the machine that rendered it).
 
 Rendering fans out over the configured task runner (orchestration/): in-process with a spawned pool of
 Mapnik processes (inline), Prefect threads that hand renders to that pool (threads), or Dask workers

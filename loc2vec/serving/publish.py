@@ -36,6 +36,18 @@ and a spot check of online rows (cells spread over all cells' latest rows, and o
 succeeded; when all match and a spot check agrees with the offline data, nothing is applied or written.
 (Forced, re-materializing the same data rewrites the same values and timestamps: the rows are identical.)
 
+Killed at any point, consumers keep answering: the registry consumers read (data/feast/registry.db) is
+never written in place. A publish copies it to registry.db.staging, applies and materializes against
+the copy, and only when the spot checks pass swaps it in with one `os.replace`. Feast's file registry
+writes in place (truncate, then write) and materialize() flips every feature view to MATERIALIZING
+in it first; a kill -9 mid-materialize used to leave the live registry with views in MATERIALIZING,
+and every consumer lookup then failed until the next publish. Now a killed publish leaves only a stale
+staging file (the next publish starts a new one from the live registry). An unreadable live registry is
+rebuilt (apply + full materialization; it is derived state).
+
+An unreadable SQLite online store (a corrupt or truncated online.db) is moved aside to online.db.corrupt
+and rebuilt from the offline store (full materialization): it is derived from the offline Parquet too.
+
 No half-updated online store: Feast writes each feature view's rows in one `online_write_batch` call
 (`materialization.online_write_batch_size` unset, checked below), which both the SQLite store (one
 `with conn:` transaction) and the PostgreSQL store (executemany + one commit) make a single transaction:
@@ -52,9 +64,12 @@ import hashlib
 import importlib
 import json
 import logging
+import os
+import shutil
+import sqlite3
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,7 +89,11 @@ from loc2vec.serving.store import (
     FeatureStoreError,
     StoreSettings,
     describe,
-    feature_store,
+    forget_stores,
+    online_db_path,
+    refresh_cached,
+    registry_path,
+    staged_store,
     store_yaml,
 )
 
@@ -272,6 +291,69 @@ def spot_check(store, latest: pa.Table, n: int = SPOT_CHECK) -> list[str]:
     return bad
 
 
+# ---------------------------------------------------------------- the registry and the online store
+
+
+def _registry_readable(path: Path) -> bool:
+    from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+    try:
+        RegistryProto().ParseFromString(path.read_bytes())
+    except Exception:  # truncated or garbage: protobuf raises DecodeError (or RuntimeWarning-ish errors)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def staged_registry(settings: StoreSettings) -> Iterator[tuple[Any, Any]]:
+    """A FeatureStore on a staged copy of the live registry, and a function that swaps the copy in.
+
+    Leaving the block without swapping (an error, a skipped publish) discards the copy; the live registry,
+    which consumers read, is only ever replaced whole (os.replace).
+    """
+    live = registry_path(settings)
+    staged = live.with_name(live.name + ".staging")
+    staged.unlink(missing_ok=True)  # a killed publish's
+    if live.is_file():
+        if _registry_readable(live):
+            shutil.copyfile(live, staged)
+        else:
+            log.warning("the Feast registry %s is unreadable: rebuilding it (apply + full materialization)", live)
+    store = staged_store(settings, staged)
+
+    def swap_in() -> None:
+        os.replace(staged, live)
+        refresh_cached(settings)
+
+    try:
+        yield store, swap_in
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def repair_online_store(settings: StoreSettings) -> str | None:
+    """Move an unreadable SQLite online store aside (it is rebuilt from the offline store); returns why, or None."""
+    path = online_db_path(settings)
+    if path is None or not path.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+        problem = None if result == "ok" else str(result)
+    except sqlite3.DatabaseError as exc:
+        problem = str(exc)
+    if problem is None:
+        return None
+    aside = path.with_name(path.name + ".corrupt")
+    forget_stores()  # cached stores hold connections to the damaged file
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm", "-journal"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    reason = f"the SQLite online store {path} was unreadable ({problem}): moved to {aside.name}, rebuilt"
+    log.warning("%s from the offline store", reason)
+    return reason
+
+
 # ---------------------------------------------------------------- publish
 
 
@@ -424,46 +506,50 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
         path, offline_changed, table = update_offline(None if files is None else list(files), settings)
         if table.num_rows == 0:
             raise PublishError(f"{path} holds no rows: nothing to publish")
-        store = feature_store(settings)
-        _check_single_batch(store)
-        objects = load_definitions()
-        parts = partition_digests(table)
-        state = {
-            "offline_digest": file_digest(path),
-            "definitions_digest": definitions_digest(),
-            "store_digest": hashlib.sha256(store_yaml(settings).encode()).hexdigest(),
-            "partitions": _state_partitions(parts),
-        }
-        latest = latest_rows(table)
-        report: dict[str, Any] = {
-            **describe(settings),
-            "offline_path": str(path),
-            "offline_rows": table.num_rows,
-            "offline_rewritten": offline_changed,
-            "cells": latest.num_rows,
-            "model_versions": sorted(set(table.column("model_version").to_pylist()), key=_version_key),
-        }
-        plan = _plan(_read_state(settings), state, parts, store, latest, force)
-        if plan.reason is None:
-            log.info("publish (%s): data, definitions and store unchanged: nothing to do", kind)
-            return {
-                **report,
-                "skipped": True,
-                "applied": False,
-                "materialized": None,
-                "seconds": round(time.perf_counter() - started, 2),
+        repaired = repair_online_store(settings)
+        with staged_registry(settings) as (store, swap_in):
+            _check_single_batch(store)
+            objects = load_definitions()
+            parts = partition_digests(table)
+            state = {
+                "offline_digest": file_digest(path),
+                "definitions_digest": definitions_digest(),
+                "store_digest": hashlib.sha256(store_yaml(settings, password=False).encode()).hexdigest(),
+                "partitions": _state_partitions(parts),
             }
-        log.info("publish (%s, %s): %s", kind, plan.mode, plan.reason)
-        report["reason"] = plan.reason
-        t0 = time.perf_counter()
-        _apply(store, objects)
-        report["apply_s"] = round(time.perf_counter() - t0, 2)
-        report["materialized"], written = _materialize(store, table, latest, plan)
-        bad = spot_check(store, latest)  # cells spread over all of them, written or not
-        if plan.mode == "window":
-            bad += spot_check(store, written)  # and over those written
-        if bad:
-            raise PublishError(f"online store disagrees with the offline data after materializing: {bad[:5]}")
+            latest = latest_rows(table)
+            report: dict[str, Any] = {
+                **describe(settings),
+                "offline_path": str(path),
+                "offline_rows": table.num_rows,
+                "offline_rewritten": offline_changed,
+                "cells": latest.num_rows,
+                "model_versions": sorted(set(table.column("model_version").to_pylist()), key=_version_key),
+            }
+            plan = _plan(_read_state(settings), state, parts, store, latest, force or repaired is not None)
+            if repaired is not None:
+                plan.reason = repaired
+            if plan.reason is None:
+                log.info("publish (%s): data, definitions and store unchanged: nothing to do", kind)
+                return {
+                    **report,
+                    "skipped": True,
+                    "applied": False,
+                    "materialized": None,
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+            log.info("publish (%s, %s): %s", kind, plan.mode, plan.reason)
+            report["reason"] = plan.reason
+            t0 = time.perf_counter()
+            _apply(store, objects)
+            report["apply_s"] = round(time.perf_counter() - t0, 2)
+            report["materialized"], written = _materialize(store, table, latest, plan)
+            bad = spot_check(store, latest)  # cells spread over all of them, written or not
+            if plan.mode == "window":
+                bad += spot_check(store, written)  # and over those written
+            if bad:
+                raise PublishError(f"online store disagrees with the offline data after materializing: {bad[:5]}")
+            swap_in()
         _write_state(settings, state)
     report.update(skipped=False, applied=True, seconds=round(time.perf_counter() - started, 2))
     log.info(
@@ -476,6 +562,34 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
         report["seconds"],
     )
     return report
+
+
+def published_record(settings: StoreSettings, files: Iterable[Path] | None = None) -> dict[str, Any]:
+    """What the store serves for the regions of `files` (default: every published region): the publish
+    stage's DVC output.
+
+    Made from the recorded state (written only after a publish succeeded), not from what this run did,
+    so it is the same whether the run materialized or found everything in place, on any machine: no
+    timings, no paths. (The publish report, on stdout, has those.)
+
+    Raises:
+        PublishError: nothing was published to this store yet.
+    """
+    state = _read_state(settings)
+    if not state.get("partitions"):
+        raise PublishError(f"nothing published to the {settings.kind} store yet: run `loc2vec publish`")
+    regions = None if files is None else {str(r) for f in files for r in _file_regions(Path(f))}
+    parts = [p for p in state["partitions"] if regions is None or p["region"] in regions]
+    return {
+        "online_store": settings.kind,
+        "regions": sorted({p["region"] for p in parts}),
+        "partitions": parts,
+        "definitions_digest": state.get("definitions_digest"),
+    }
+
+
+def _file_regions(path: Path) -> list[str]:
+    return sorted(set(pq.read_table(path, columns=["region"]).column("region").to_pylist()))
 
 
 def _version_key(v: str) -> tuple[int, str]:
@@ -496,11 +610,12 @@ def materialize_incremental_only(settings: StoreSettings) -> dict[str, Any]:
         offline = settings.paths.offline_store
         if not offline.is_file():
             raise PublishError(f"no offline data at {offline}: run `loc2vec publish` first")
-        store = feature_store(settings)
-        _check_single_batch(store)
-        if not store.list_feature_views():
-            raise PublishError(f"nothing applied to the {settings.kind} store yet: run `loc2vec publish` first")
-        end = datetime.now(UTC)
-        t0 = time.perf_counter()
-        store.materialize_incremental(end_date=end)
+        with staged_registry(settings) as (store, swap_in):
+            _check_single_batch(store)
+            if not store.list_feature_views():
+                raise PublishError(f"nothing applied to the {settings.kind} store yet: run `loc2vec publish` first")
+            end = datetime.now(UTC)
+            t0 = time.perf_counter()
+            store.materialize_incremental(end_date=end)
+            swap_in()
         return {**describe(settings), "end": end.isoformat(), "materialize_s": round(time.perf_counter() - t0, 2)}

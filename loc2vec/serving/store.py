@@ -48,6 +48,8 @@ class StoreSettings:
         info: the database (the PostgreSQL online store lives there).
         postgres_schema: the schema of Feast's online tables in that database.
         h3_resolution: the resolution of the published cells (lookups use the same).
+        reader: the read-only role consumers' lookups connect as (None: `info`'s role); publishing
+            always writes as `info`'s.
     """
 
     kind: str
@@ -55,10 +57,18 @@ class StoreSettings:
     info: ConnInfo
     postgres_schema: str = "feast"
     h3_resolution: int = 11
+    reader: ConnInfo | None = None
 
     @classmethod
     def from_config(
-        cls, publish: PublishConfig, embed: EmbedConfig, paths: ProjectPaths, info: ConnInfo, kind: str | None = None
+        cls,
+        publish: PublishConfig,
+        embed: EmbedConfig,
+        paths: ProjectPaths,
+        info: ConnInfo,
+        kind: str | None = None,
+        *,
+        reader: ConnInfo | None = None,
     ) -> StoreSettings:
         """The store params describe; `kind` (e.g. a --online-store option), else $LOC2VEC_ONLINE_STORE, wins.
 
@@ -70,7 +80,7 @@ class StoreSettings:
             raise ConfigError(
                 f"online store must be one of {sorted(STORE_FILES)} (${ONLINE_STORE_ENV}), got {chosen!r}"
             )
-        return cls(chosen, paths, info, publish.postgres_schema, embed.h3_resolution)
+        return cls(chosen, paths, info, publish.postgres_schema, embed.h3_resolution, reader)
 
     @property
     def feast_dir(self) -> Path:
@@ -78,23 +88,25 @@ class StoreSettings:
         return self.paths.feast
 
 
-def _template_vars(settings: StoreSettings) -> dict[str, str]:
-    info = settings.info
+def _template_vars(settings: StoreSettings, info: ConnInfo, *, password: bool = True) -> dict[str, str]:
     return {
         "LOC2VEC_PG_HOST": info.host,
         "LOC2VEC_PG_PORT": str(info.port),
         "LOC2VEC_PG_DATABASE": info.dbname,
         "LOC2VEC_PG_USER": info.user,
-        "LOC2VEC_PG_PASSWORD": info.password or "",
+        "LOC2VEC_PG_PASSWORD": (info.password or "") if password else "",
         "LOC2VEC_FEAST_SCHEMA": settings.postgres_schema,
     }
 
 
-def store_yaml(settings: StoreSettings) -> str:
-    """The effective feature_store.yaml text of a store (variables filled in)."""
+def store_yaml(settings: StoreSettings, *, consumer: bool = False, password: bool = True) -> str:
+    """The effective feature_store.yaml text of a store (variables filled in): as the publisher writes it,
+    or, `consumer`, as consumers read it (the read-only role, when settings name one); without the
+    password when `password` is false (what identifies the store: publish records its digest)."""
     name = STORE_FILES[settings.kind]
     text = (SOURCE_REPO / name).read_text()
-    values = _template_vars(settings) if "${" in text else {}
+    info = settings.reader if consumer and settings.reader is not None else settings.info
+    values = _template_vars(settings, info, password=password) if "${" in text else {}
 
     def fill(m: re.Match[str]) -> str:
         if m.group(1) not in values:
@@ -108,8 +120,57 @@ _STORES: dict[tuple[str, str], FeatureStore] = {}
 _LOCK = threading.Lock()
 
 
+def _config_data(settings: StoreSettings, *, consumer: bool = False) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(store_yaml(settings, consumer=consumer))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{STORE_FILES[settings.kind]}: expected a mapping")
+    return data
+
+
+def _resolve(settings: StoreSettings, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else (settings.paths.feature_repo / p).resolve()
+
+
+def registry_path(settings: StoreSettings) -> Path:
+    """The store's (file) registry, which consumers read."""
+    registry = _config_data(settings)["registry"]
+    return _resolve(settings, registry["path"] if isinstance(registry, dict) else registry)
+
+
+def online_db_path(settings: StoreSettings) -> Path | None:
+    """The SQLite online store's file, or None for another online store."""
+    online = _config_data(settings).get("online_store") or {}
+    if online.get("type") != "sqlite":
+        return None
+    return _resolve(settings, online.get("path", "data/online.db"))
+
+
+def _build(settings: StoreSettings, registry: Path | None = None, *, consumer: bool = False) -> FeatureStore:
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+    data = _config_data(settings, consumer=consumer)
+    if registry is not None:
+        current = data["registry"]
+        data["registry"] = {**current, "path": str(registry)} if isinstance(current, dict) else str(registry)
+    repo = settings.paths.feature_repo  # relative paths in the yaml resolve against it
+    repo.mkdir(exist_ok=True)
+    settings.feast_dir.mkdir(parents=True, exist_ok=True)
+    config = RepoConfig(**data)
+    config.repo_path = repo
+    return FeatureStore(repo_path=str(repo), config=config)
+
+
+def _key(settings: StoreSettings) -> tuple[str, str]:
+    return (str(settings.paths.root), hashlib.sha256(store_yaml(settings, consumer=True).encode()).hexdigest())
+
+
 def feature_store(settings: StoreSettings) -> FeatureStore:
-    """The project's FeatureStore (cached per project root and effective config).
+    """The project's FeatureStore (cached per project root and effective config), as consumers read it
+    (connected as the read-only role, when the settings name one).
 
     Args:
         settings: which store (StoreSettings.from_config).
@@ -117,22 +178,29 @@ def feature_store(settings: StoreSettings) -> FeatureStore:
     Returns:
         A feast.FeatureStore whose relative paths resolve against the project's feature_repo.
     """
-    import yaml
-    from feast import FeatureStore
-    from feast.repo_config import RepoConfig
-
-    text = store_yaml(settings)
-    key = (str(settings.paths.root), hashlib.sha256(text.encode()).hexdigest())
+    key = _key(settings)
     with _LOCK:
         store = _STORES.get(key)
         if store is None:
-            repo = settings.paths.feature_repo  # relative paths in the yaml resolve against it
-            repo.mkdir(exist_ok=True)
-            settings.feast_dir.mkdir(parents=True, exist_ok=True)
-            config = RepoConfig(**yaml.safe_load(text))
-            config.repo_path = repo
-            store = _STORES[key] = FeatureStore(repo_path=str(repo), config=config)
+            store = _STORES[key] = _build(settings, consumer=True)
     return store
+
+
+def staged_store(settings: StoreSettings, registry: Path) -> FeatureStore:
+    """A FeatureStore like `feature_store(settings)` but with its registry at `registry` (not cached).
+
+    Publishing applies and materializes against a staged copy of the registry and swaps it in when
+    done (serving/publish.py), so consumers never read a registry that a killed publish left behind.
+    """
+    return _build(settings, registry)
+
+
+def refresh_cached(settings: StoreSettings) -> None:
+    """Make this process's cached store re-read its registry (after a publish swapped a new one in)."""
+    with _LOCK:
+        store = _STORES.get(_key(settings))
+    if store is not None:
+        store.refresh_registry()
 
 
 def forget_stores() -> None:

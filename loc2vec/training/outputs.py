@@ -2,6 +2,11 @@
 
 Everything is written to a temporary directory and swapped in, so the model directory is always one
 run's complete output.
+
+The summary is a DVC metric (git-tracked, its hash in dvc.lock), so it holds only what the data and
+params determine: no wall-clock time, no MLflow run id. Those describe one run, not its result; they go
+to run.json beside it (git-ignored, not a DVC output) and to MLflow, so re-running the same training
+leaves `git status` clean.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from loc2vec.training.early_stopping import TrainState
 from loc2vec.training.model import Encoder, count_parameters
 
 log = logging.getLogger(__name__)
+RUN_FILE = "run.json"  # this run's provenance (wall-clock time, MLflow run): not a DVC output
 
 
 def write_outputs(
@@ -35,7 +41,8 @@ def write_outputs(
 
     `run` describes the run (regions, wall_s, device, source, n_train_locations, n_val_locations, signature);
     returns the summary as written: that, what the state says (steps, best and first validation, final loss,
-    why it stopped), the parameter count, the MLflow run and `extra`.
+    why it stopped), the parameter count and `extra`; plus this run's provenance (wall_s, the MLflow run),
+    which is written to run.json instead.
     """
     from loc2vec.training.figures import training_curves
 
@@ -55,17 +62,17 @@ def write_outputs(
         "first_val_triplet_accuracy": None if first_val is None else round(first_val, 4),
         "final_train_loss": round(float(history["loss"].tail(10).mean()), 5),
         "stopped": state.stopped_reason,
-        "wall_s": run["wall_s"],
         "device": run["device"],
         "parameters": count_parameters(model),
         **{k: run[k] for k in ("source", "n_train_locations", "n_val_locations", "signature")},
-        "mlflow_run_id": state.mlflow_run_id,
         **(extra or {}),
     }
+    provenance = {"wall_s": run["wall_s"], "mlflow_run_id": state.mlflow_run_id}
     (tmp / "summary.json").write_text(json.dumps(full, indent=1))
+    (tmp / RUN_FILE).write_text(json.dumps(provenance, indent=1))
     swap_dir(tmp, out)
-    log.info("training done: %s", full)
-    return full
+    log.info("training done: %s", {**full, **provenance})
+    return {**full, **provenance}
 
 
 def load_encoder(model_dir: Path, device: str = "cpu") -> Encoder:
