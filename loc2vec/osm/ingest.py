@@ -96,6 +96,14 @@ def register_adhoc_region(name: str, pbf: Path, sha256: str, registry_file: Path
     return undo
 
 
+def _registered_adhoc(region: str, registry_file: Path) -> bool:
+    """Whether the region is in the ad-hoc registry (params.yaml's own entries win over it)."""
+    if not registry_file.is_file():
+        return False
+    data = read_yaml(registry_file) or {}
+    return isinstance(data, dict) and region in data
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGKILL when its parent dies, so a killed ingest takes osm2pgsql with it."""
     with contextlib.suppress(OSError, AttributeError):
@@ -162,7 +170,9 @@ def ingest(
         raise IngestError(f"unknown region {region!r} (known: {known}); pass --pbf PATH to register a new one")
 
     digest = sha256_file(path)
-    adhoc = pbf is not None and region not in regions.registry
+    # Brought with --pbf and not one of params.yaml's regions (new, or registered ad hoc before): the
+    # registry must name this extract from now on, or a later ingest without --pbf would re-import the old one.
+    adhoc = pbf is not None and (region not in regions.registry or _registered_adhoc(region, paths.adhoc_registry))
     where = info.redacted()
     staging = region + STAGING_SUFFIX
 

@@ -1,0 +1,76 @@
+"""The same samples train the same model on any machine (CPU): `loc2vec train` on two simulated machines.
+
+Two machines differ in what the libraries see: how many cores (torch's default thread count) and which
+instructions (oneDNN, ATen, MKL and numpy pick their kernels by CPU). Here machine A is this one with two
+cores and its AVX-512; machine B has one core (`taskset`) and only AVX2 (the libraries' own caps:
+ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, NPY_DISABLE_CPU_FEATURES). With the
+default `compute:` params (2 threads, kernels capped at AVX2: cli/numerics.py) both write byte-identical
+model.pt; with `compute: {cpu_isa: native, cpu_threads: 0}` they train different models, which is what two
+machines did before (and shows the simulation is real).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from loc2vec.cli.numerics import ISA_ENV, THREAD_ENV
+
+from .conftest import REPO
+from .fixtures.trained import patched_params
+
+STEPS = 8
+TRAIN = {
+    "sample": {"n_locations": 160, "block_m": 400.0, "seed": 7},
+    "triplets": {"locations_per_batch": 8, "pairs_per_location": 4},
+    "train": {"max_steps": STEPS, "val_every": STEPS, "val_batches": 1, "warmup_steps": 2, "prefetch": 1},
+}
+AVX2_MACHINE = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+}
+MACHINES = {"A: 2 cores, AVX-512": ("0,1", {}), "B: 1 core, AVX2 only": ("0", AVX2_MACHINE)}
+
+
+@pytest.fixture(scope="module")
+def samples(project: Path, region: str) -> Iterator[Path]:
+    from .fixtures.project import write_samples
+
+    with patched_params(project, {**TRAIN, "pipeline": {"regions": [region]}}):
+        write_samples(region)
+        yield project
+
+
+def _train_on(machine: str, out: Path) -> str:
+    """`loc2vec train` as on `machine`: its cores (CPU affinity) and instruction caps; returns model.pt's sha256."""
+    cpus, caps = MACHINES[machine]
+    env = {k: v for k, v in os.environ.items() if k not in {*THREAD_ENV, *ISA_ENV["avx2"], *AVX2_MACHINE}}
+    env.update(caps)  # a fresh process on that machine: nothing pinned by this test process
+    cmd = ["taskset", "-c", cpus, sys.executable, "-m", "loc2vec.cli", "train", "--no-mlflow", "--no-resume"]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()
+
+
+def test_pinned_cpu_training_is_byte_identical_across_machines(samples: Path, tmp_path: Path) -> None:
+    digests = {m: _train_on(m, tmp_path / m[0]) for m in MACHINES}
+    assert len(set(digests.values())) == 1, digests
+    a, b = (torch.load(tmp_path / m[0] / "model.pt", weights_only=True) for m in MACHINES)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_unpinned_training_differs_between_machines(samples: Path, project: Path, tmp_path: Path) -> None:
+    """Why the pin exists: the machine's own thread count and kernels change the weights."""
+    with patched_params(project, {"compute": {"cpu_isa": "native", "cpu_threads": 0}}):
+        digests = {m: _train_on(m, tmp_path / m[0]) for m in MACHINES}
+    assert len(set(digests.values())) == 2, digests
