@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loc2vec.cli.numerics import pin_cpu_numerics
 from loc2vec.core.config import ComputeConfig
+from loc2vec.core.numerics import pin_cpu_numerics
 
 # The CPU numerics every `loc2vec` command runs with (params compute:, defaults), set before torch or numpy
 # is imported: tests compare what they compute in-process with what CLI subprocesses compute.

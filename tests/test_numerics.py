@@ -4,7 +4,7 @@ Two machines differ in what the libraries see: how many cores (torch's default t
 instructions (oneDNN, ATen, MKL and numpy pick their kernels by CPU). Here machine A is this one with two
 cores and its AVX-512; machine B has one core (`taskset`) and only AVX2 (the libraries' own caps:
 ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, NPY_DISABLE_CPU_FEATURES). With the
-default `compute:` params (2 threads, kernels capped at AVX2: cli/numerics.py) both write byte-identical
+default `compute:` params (2 threads, kernels capped at AVX2: core/numerics.py) both write byte-identical
 model.pt; with `compute: {cpu_isa: native, cpu_threads: 0}` they train different models, which is what two
 machines did before (and shows the simulation is real).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loc2vec.cli.numerics import ISA_ENV, THREAD_ENV
+from loc2vec.core.numerics import ISA_ENV, THREAD_ENV
 
 from .conftest import REPO
 from .fixtures.trained import patched_params

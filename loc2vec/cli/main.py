@@ -54,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     from loc2vec.cli.errors import report
-    from loc2vec.cli.numerics import pin_cpu_numerics
     from loc2vec.cli.project import Project
+    from loc2vec.core.numerics import pin_cpu_numerics
 
     try:
         if args.params:  # DDP workers and other subprocesses read the same file

@@ -412,7 +412,7 @@ class ExploreConfig(Section):
 
 
 class ComputeConfig(Section):
-    """CPU numerics every command runs with (cli/numerics.py): the same bytes on any x86-64 machine."""
+    """CPU numerics every command runs with (core/numerics.py): the same bytes on any x86-64 machine."""
 
     cpu_threads: int = Field(2, ge=0)  # torch/OpenMP/MKL threads; 0 = the machine's cores (faster, machine-specific)
     cpu_isa: Literal["avx2", "native"] = "avx2"  # avx2: kernels capped at AVX2 everywhere; native: the CPU's best
