@@ -58,7 +58,8 @@ BAD_PARAMS = [
     ("negative-steps", {"train": {"max_steps": -1}}, "train.max_steps"),
     ("unknown-pipeline-region", {"pipeline": {"regions": ["atlantis"]}}, "atlantis"),
     ("bad-isa", {"compute": {"cpu_isa": "avx9"}}, "compute.cpu_isa"),
-    ("same-roles", {"db": {"user": "x", "reader": "Bad-Role"}}, "db.reader"),
+    ("bad-role", {"db": {"reader": "Bad-Role"}}, "db.reader: a role name"),
+    ("same-roles", {"db": {"user": "loc2vec", "reader": "loc2vec"}}, "db: user and reader must be different roles"),
     ("not-a-mapping", "- just\n- a list\n", "expected a mapping"),
 ]
 

@@ -251,8 +251,8 @@ def test_killed_embed_keeps_the_previous_embeddings(
     assert out.read_bytes() == before, "the previous embeddings are intact"
 
     run_cli(*args)
-    rerun = out.read_bytes()
-    assert rerun != before or embed_world["reruns"], "the re-run wrote v2's embeddings"
+    rerun = out.read_bytes() + out.with_suffix(".json").read_bytes()  # the Parquet and its record (DVC outputs)
+    assert out.read_bytes() != before or embed_world["reruns"], "the re-run wrote v2's embeddings"
     assert set(pq.read_table(out).column("model_version").to_pylist()) == {"2"}
     embed_world["reruns"].append(rerun)
     assert len(set(embed_world["reruns"])) == 1, "every re-run after a kill writes the same bytes"
@@ -366,3 +366,15 @@ def test_corrupt_sqlite_online_store_is_rebuilt_by_publish(project: Path, world:
     world["probe"].answer()
     assert json.loads(run_cli("publish", "--online-store", "sqlite", "--force").stdout)["applied"]
     world["probe"].answer()
+
+
+def test_publish_record_depends_only_on_what_is_served(tmp_path: Path, publish_world: dict) -> None:
+    """The publish stage's DVC output is the same whether the run materialized or found everything in place."""
+    args = ["publish", "--online-store", "sqlite", "--embeddings", str(publish_world["file"])]
+    forced = json.loads(run_cli(*args, "--force", "--record", str(tmp_path / "forced.json")).stdout)
+    skipped = json.loads(run_cli(*args, "--record", str(tmp_path / "skipped.json")).stdout)
+    assert not forced["skipped"] and skipped["skipped"]
+    assert (tmp_path / "forced.json").read_bytes() == (tmp_path / "skipped.json").read_bytes()
+    record = json.loads((tmp_path / "forced.json").read_text())
+    assert record["regions"] == [FAULT] and record["partitions"]
+    assert not {"seconds", "apply_s", "materialized", "feast_dir", "offline_path"} & set(record)

@@ -12,6 +12,7 @@ machines did before (and shows the simulation is real).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,10 @@ def test_pinned_cpu_training_is_byte_identical_across_machines(samples: Path, tm
     a, b = (torch.load(tmp_path / m[0] / "model.pt", weights_only=True) for m in MACHINES)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # The DVC outputs beside it too: the summary (a metric) and the curve hold no wall-clock time or run id.
+    for name in ("summary.json", "train_curve.csv", "model_config.json"):
+        assert (tmp_path / "A" / name).read_bytes() == (tmp_path / "B" / name).read_bytes(), name
+    assert "wall_s" in json.loads((tmp_path / "A" / "run.json").read_text()), "provenance goes beside, untracked"
 
 
 def test_unpinned_training_differs_between_machines(samples: Path, project: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loc2vec.core.errors import ConfigError
-from loc2vec.core.names import validate_region_name
+from loc2vec.core.names import REGION_NAME_RE, validate_region_name
 
 PARAMS_ENV = "LOC2VEC_PARAMS"
 KINDS: tuple[str, ...] = ("visits", "transport", "uniform")  # sampling's kinds of location
@@ -107,7 +107,19 @@ class DBConfig(Section):
     meta_schema: str = "loc2vec_meta"
 
     _meta = field_validator("meta_schema")(validate_region_name)
-    _roles = field_validator("user", "reader")(validate_region_name)
+
+    @field_validator("user", "reader")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if not REGION_NAME_RE.fullmatch(value) or len(value) > 63:
+            raise ValueError(f"a role name: lower-case letters, digits and '_', starting with a letter; got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _two_roles(self) -> DBConfig:
+        if self.user == self.reader:
+            raise ValueError(f"user and reader must be different roles, both are {self.user!r}")
+        return self
 
 
 class IngestConfig(Section):
@@ -533,7 +545,11 @@ def _error_lines(exc: ValidationError) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+        value = err.get("input")
+        # A scalar is shown; a whole section is not (it is long, and may hold a password).
+        shown = err["type"] not in ("missing", "extra_forbidden") and not isinstance(value, dict | list)
+        shown = shown and "password" not in key
+        got = f" (got {value!r})" if shown else ""
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{key}: {msg}{got}")
