@@ -249,6 +249,8 @@ def test_transient_failure_is_retried_and_the_pipeline_succeeds(
     params_before = (dvc_repo / "params.yaml").read_text()
     proxy = DropFirstProxy(("127.0.0.1", 5433))
     dsn = os.environ["LOC2VEC_PG_DSN"].replace("port=5433", f"port={proxy.port}")
+    # The generated pgpass file names the server's port; a DSN through a proxy carries its password itself.
+    dsn += f" password={load_project().info.password}"
     monkeypatch.setenv("LOC2VEC_PG_DSN", dsn)
     monkeypatch.setenv("PGSSLMODE", "disable")  # one TCP connection per connect: the first one is the dropped one
     try:

@@ -130,11 +130,12 @@ def test_channel_drop_switches_whole_channels_off() -> None:
     assert (per_channel.amax(dim=1) == 255).all(), "a tile never loses every channel"
 
 
-def _run_fit(resume: bool) -> dict:
-    from loc2vec.training.trainer import Trainer
-
-    p = load_project()
-    return Trainer.from_params(p.params, list(p.params.pipeline.regions), p.info).fit(resume=resume, tracker=None)
+def _run_fit(resume: bool) -> None:
+    """`loc2vec train` in its own process, like the killed run: every run computes with the CPU numerics the
+    command line pins (core/numerics.py), whatever earlier tests did to this process's torch state."""
+    cmd = [sys.executable, "-m", "loc2vec.cli", "train", "--no-mlflow", *([] if resume else ["--no-resume"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _final_state(project: Path) -> dict:
