@@ -289,6 +289,26 @@ class EmbedConfig(Section):
     batch_size: int = Field(256, ge=1)  # tiles per forward pass (fixed, so the same cells always share a batch)
     tag_counts: bool = True  # per-cell OSM category counts (PostGIS)
     max_cells: int = Field(2_000_000, ge=1)  # refuse (and say so) rather than run for hours on 2 cores
+    # dense: the conv trunk once per metatile window, the head at each cell (embedding/dense.py);
+    # per_tile: one cut tile per cell through the whole encoder (embedding/encode.py; the reference)
+    method: Literal["dense", "per_tile"] = "dense"
+    dense_stride: int = 16  # px between the trunk's sampled positions: a power of two dividing the trunk's 32
+    dense_position: Literal["snap", "bilinear"] = "bilinear"  # a tile corner between grid positions
+    dense_window_px: int = Field(2048, ge=32)  # tile corners per window side (px; a multiple of 32)
+
+    @field_validator("dense_stride")
+    @classmethod
+    def _stride(cls, value: int) -> int:
+        if value < 1 or value & (value - 1) or value > 32:
+            raise ValueError(f"a power of two from 1 to 32 (the trunk's stride), got {value}")
+        return value
+
+    @field_validator("dense_window_px")
+    @classmethod
+    def _window(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"a multiple of 32 px (the trunk's stride), got {value}")
+        return value
 
 
 class PublishConfig(Section):

@@ -8,11 +8,15 @@ or within radius/2 of a road, rail or path. Candidates come from the land polygo
 coastline, not from the bbox. Liechtenstein at resolution 11: 145,625 candidates, 89,492 on mapped land;
 Monaco: 20,310 candidates (33,668 in its bbox), 16,049 on mapped land.
 
-How (embedding/encode.py): tiles come from the fast path (``ensure_metatiles`` + ``cut_tiles``, angle 0, no shift),
-encoded in fixed batches under ``torch.no_grad`` with the model in eval mode. In the same
-pass each tile gives its ``histogram`` (fraction of non-zero pixels per channel: the evaluation's
-naive baseline), and PostGIS gives ``tag_counts`` (OSM features by category within the tile radius:
-the second baseline, see TAG_COUNT_NAMES).
+How (``embed.method``): ``dense`` (embedding/dense.py, the default) runs the encoder's convolutional trunk once
+over each metatile, in windows, and its dense head at each cell's tile corner on the trunk's output grid
+(sampled every ``embed.dense_stride`` px, the corner bilinearly interpolated between grid positions);
+``per_tile`` (embedding/encode.py, the reference and the path for arbitrary points) cuts each cell's tile
+from the fast path (``ensure_metatiles`` + ``cut_tiles``, angle 0, no shift) and encodes it in fixed
+batches. Both run under ``torch.no_grad`` with the model in eval mode, and give each cell's ``histogram``
+(fraction of non-zero pixels per channel of its tile: the evaluation's naive baseline); PostGIS gives
+``tag_counts`` (OSM features by category within the tile radius: the second baseline, see TAG_COUNT_NAMES).
+`loc2vec bench embed` measures both side by side (speed, and cosine agreement of dense with per-tile).
 
 Why these timestamps: ``event_timestamp`` is when the embeddings became valid: the later of the model
 version's registration time and the region's import time (an embedding cannot exist before both
@@ -40,6 +44,7 @@ from loc2vec.core.config import EmbedConfig, OrchestrateConfig
 from loc2vec.core.names import validate_region_name
 from loc2vec.core.paths import ProjectPaths
 from loc2vec.embedding.cells import EmbedError, select_cells
+from loc2vec.embedding.dense import DenseSettings, encode_dense
 from loc2vec.embedding.encode import encode_cells
 from loc2vec.embedding.store import SCHEMA, list_array, write_parquet_atomic
 from loc2vec.embedding.tag_counts import TAG_COUNTS, tag_counts
@@ -135,10 +140,22 @@ def embed_region(
     # Encode in metatile order (memory-mapped pages are read once), output in cell order.
     order = np.lexsort((np.arange(len(cells)), np.asarray(index.keys_for(lats, lons))))
     t0 = time.perf_counter()
-    runner = runner_kind(orchestrate)  # chunks of whole batches on the configured task runner
-    emb_o, hist_o = encode_cells(
-        encoder, index, lats[order], lons[order], cfg.batch_size, progress, cfg=orchestrate, kind=runner
-    )
+    runner = runner_kind(orchestrate)  # chunks (whole batches, or metatiles) on the configured task runner
+    if cfg.method == "dense":
+        emb_o, hist_o = encode_dense(
+            encoder,
+            index,
+            lats[order],
+            lons[order],
+            DenseSettings.from_config(cfg),
+            progress,
+            cfg=orchestrate,
+            kind=runner,
+        )
+    else:
+        emb_o, hist_o = encode_cells(
+            encoder, index, lats[order], lons[order], cfg.batch_size, progress, cfg=orchestrate, kind=runner
+        )
     encode_s = timings["encode_s"] = time.perf_counter() - t0
     emb, hist = np.empty_like(emb_o), np.empty_like(hist_o)
     emb[order], hist[order] = emb_o, hist_o
@@ -185,7 +202,8 @@ def embed_region(
     stats = {
         **record,
         "path": str(path),
-        "cells_per_s": round(n / encode_s, 1),  # tiles cut + encoded per second
+        "method": cfg.method,
+        "cells_per_s": round(n / encode_s, 1),  # cells encoded per second (per_tile: tiles cut + encoded)
         "cells_per_s_end_to_end": round(n / total, 1),
         "seconds": round(total, 1),
         "torch_threads": torch.get_num_threads(),

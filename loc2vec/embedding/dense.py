@@ -1,0 +1,332 @@
+"""Dense embedding: the encoder's convolutional trunk once per metatile window, its dense head at every cell.
+
+Why: neighbouring cells' tiles overlap about 19-fold (a 128² px tile against a ~880 px H3 cell at
+resolution 11), so cutting and encoding one tile per cell (embedding/encode.py, the per-tile path)
+computes every convolution ~19 times over. The trunk (5 × [3×3 conv → 2×2 max-pool → BN → LeakyReLU],
+then two 1×1 convs) is translation-equivariant with a stride of B = 32 px (one halving per pool): run
+over a large window, its output at position (i, j) is what it computes for the B×B block at input px
+(B·i, B·j), and a tile whose top-left corner lies on that grid is a 4×4 window of it. The dense head
+(flatten → 192 → 16) then runs once per cell, on the cell's window.
+
+**Positions** (``embed.dense_stride``, ``embed.dense_position``). A cell's tile corner (where the
+per-tile path's cut starts, in metatile px) lies on the B-px grid only by chance. The last pools are
+run with stride 1 instead of 2 and the convs after them dilated (shift-and-stitch, "à trous"), so the
+trunk's output is sampled every ``dense_stride`` px: every phase of the pooling grid at that step, in
+one pass, for a fraction of what running the trunk once per phase would cost (stride 16 costs what 32
+does: only the last pool changes; 8 dilates the last conv too, ~1.25× the FLOPs and measured ~1.6× the
+time, 4 ~2.7× the FLOPs). The corner is then snapped to the nearest grid position (``snap``: off by
+≤ stride/2 px per axis), or the four 4×4 windows around it are bilinearly interpolated before the head
+(``bilinear``). The head's taps are B/stride grid positions apart. Measured on Liechtenstein
+(benchmarks/README.md): the agreement with per-tile is limited by the padding, not the position (median
+cosine 0.992 at every stride; the 5th percentile 0.91 at 32 snapped, 0.944–0.949 at 16 or 8 bilinear),
+so the default is 16, bilinear.
+
+**Padding.** The per-tile path pads every 3×3 conv with zeros at the tile's edge; over a window the
+convs see the real neighbourhood instead. The zero padding reaches one position inward per conv at
+that conv's own resolution, and each pool halves it back to one: so for a tile on the grid, the inner
+2×2 of its 4×4 trunk window is the same computation on both paths (equal up to float summation order),
+and only the outer ring of 12 positions differs (tests/test_dense.py asserts both). How much that moves
+the embedding is measured (`loc2vec bench embed`: ``dense.padding_cosine_*``, per-tile at the snapped
+corner vs dense there, apart from the snapping).
+
+**Windows.** A metatile's cells are processed in windows of ``embed.dense_window_px`` px of tile
+corners (fitted to the cells they hold, so sparse edges cost little), each with a halo of B px: the
+trunk's reach beyond a tile is 1+2+4+8+16 = 31 px, so the window's own zero padding never reaches a
+result, and a cell's embedding does not depend on how the windows fall (up to float summation order).
+A 2336² px × 12 metatile in float32 is 262 MB before the first conv: a 2048 px window (a whole metatile
+core, the default) adds ~0.8 GB to a task's peak memory, 1024 px ~0.25 GB, 512 px ~0.12 GB; larger
+windows cost less time (one halo each, and fewer, larger convolutions).
+
+**Histograms** (the ``histogram`` baseline: non-zero fraction per channel of the cell's tile) come from
+column prefix sums of each window, over the same 128×128 px the per-tile cut reads when the Mercator
+scale of the location and of its metatile row agree (|k/k_row − 1| ≤ 3·10⁻⁴: the cut then repeats or
+skips one pixel column or row in a few tiles in a hundred; `loc2vec bench embed` reports how many).
+
+Deterministic on CPU: the windows are a function of the cells and the settings only, so every task
+runner (one task per metatile) computes the same windows; like the per-tile path, the bytes depend on
+torch's thread count (see embedding/encode.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from loc2vec.core.config import EmbedConfig, OrchestrateConfig
+from loc2vec.orchestration.runners import RunnerKind, map_tasks, runner_kind
+from loc2vec.raster.channels import N_CHANNELS
+from loc2vec.raster.cutter import tile_affines
+from loc2vec.raster.metatiles import MetatileIndex, check_locations
+from loc2vec.raster.render import RenderError
+from loc2vec.training.model import Encoder, to_input
+
+Position = Literal["snap", "bilinear"]
+
+
+@dataclass(frozen=True)
+class DenseSettings:
+    """How the dense path samples the trunk: grid step (px), snap or interpolate, window side (px of corners)."""
+
+    stride: int = 16
+    position: Position = "bilinear"
+    window_px: int = 2048
+
+    @classmethod
+    def from_config(cls, cfg: EmbedConfig) -> DenseSettings:
+        """params `embed:` dense_stride, dense_position, dense_window_px."""
+        return cls(stride=cfg.dense_stride, position=cfg.dense_position, window_px=cfg.dense_window_px)
+
+
+def block_px(model: Encoder) -> int:
+    """The trunk's stride B (px): one halving per conv block."""
+    return 2 ** len(model.cfg.conv_channels)
+
+
+def _check(model: Encoder, stride: int) -> None:
+    if model.training:
+        raise ValueError("the dense path needs the encoder in eval mode (dropout off, BatchNorm's running stats)")
+    block = block_px(model)
+    if stride < 1 or block % stride:
+        raise ValueError(f"dense stride {stride} must divide the trunk's stride {block} (a power of two)")
+
+
+def _layer(m: nn.Module, x: torch.Tensor, spacing: int, step: int, stride: int) -> tuple[torch.Tensor, int, int]:
+    """One trunk module over a map whose grid positions are `spacing` px apart, sampled every `step` px."""
+    if isinstance(m, nn.Dropout2d):
+        return x, spacing, step  # the identity in eval mode
+    if isinstance(m, nn.Conv2d):
+        if m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1:
+            raise ValueError(f"unsupported conv for the dense path: {m}")
+        d = spacing // step
+        weight = m.weight.contiguous(memory_format=torch.channels_last)
+        pad = (m.padding[0] * d, m.padding[1] * d) if isinstance(m.padding, tuple) else m.padding
+        return F.conv2d(x, weight, m.bias, padding=pad, dilation=d), spacing, step
+    if isinstance(m, nn.MaxPool2d):
+        if m.kernel_size not in (2, (2, 2)) or m.stride not in (2, (2, 2)) or m.padding not in (0, (0, 0)):
+            raise ValueError(f"unsupported pool for the dense path: {m}")
+        if 2 * spacing <= stride:
+            return F.max_pool2d(x, 2), 2 * spacing, 2 * spacing
+        d = spacing // step  # a 2×2 max at stride 1 over taps d apart (max_pool2d with dilation: ~7× slower)
+        x = torch.maximum(x[..., :-d, :], x[..., d:, :])
+        return torch.maximum(x[..., :-d], x[..., d:]).contiguous(memory_format=torch.channels_last), 2 * spacing, step
+    if isinstance(m, nn.LeakyReLU):
+        return F.leaky_relu_(x, m.negative_slope), spacing, step
+    if isinstance(m, nn.BatchNorm2d):
+        return m(x), spacing, step  # eval: running statistics
+    raise ValueError(f"unsupported module for the dense path: {m}")
+
+
+def dense_trunk(model: Encoder, x: torch.Tensor, stride: int) -> torch.Tensor:
+    """`model.features` over a large (N, C, H, W) input, sampled every `stride` input px.
+
+    Output position (i, j) holds the trunk's features of the B×B block (B = block_px) whose top-left corner
+    is input px (stride·i, stride·j), computed with the input's real neighbourhood (zero padding only at
+    the input's own edge). With stride == B this is ``model.features(x)``. Pools up to `stride` run as in
+    the encoder; the later ones run with stride 1 and the convs after them are dilated by
+    (grid spacing / stride), which keeps every phase of the pooling grid.
+
+    `x` is float in [0, 1], or uint8 tiles (converted as `to_input` does). Every op runs in channels_last
+    memory (torch's CPU max-pool is ~9× faster there than on NCHW maps of a few channels), activations in
+    place: the maps are large, and each fresh copy costs its page faults. (Running the first block over row
+    strips, to keep its maps in cache, was measured 1.5–3× slower: many small convolutions cost more.)
+    """
+    _check(model, stride)
+    x = x.contiguous(memory_format=torch.channels_last)
+    x = to_input(x) if x.dtype == torch.uint8 else x
+    spacing, step = 1, 1  # px between the features' grid positions, and between their samples
+    for m in model.features:
+        x, spacing, step = _layer(m, x, spacing, step, stride)
+    return x
+
+
+def windows_at(fmap: torch.Tensor, rows: np.ndarray, cols: np.ndarray, taps: int, step: int) -> torch.Tensor:
+    """(N, C, taps, taps) windows of a (C, H, W) trunk map starting at (rows, cols), taps `step` positions apart."""
+    offsets = torch.arange(taps) * step
+    r = torch.as_tensor(rows, dtype=torch.int64)[:, None] + offsets
+    c = torch.as_tensor(cols, dtype=torch.int64)[:, None] + offsets
+    hwc = fmap.permute(1, 2, 0)  # a view: channels_last maps gather whole C-vectors
+    return hwc[r[:, :, None], c[:, None, :]].permute(0, 3, 1, 2)
+
+
+def head_at(
+    model: Encoder,
+    fmap: torch.Tensor,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    stride: int,
+    frac: tuple[np.ndarray, np.ndarray] | None = None,
+) -> torch.Tensor:
+    """(N, D) embeddings of the tiles whose corners are at grid positions (rows, cols) of a `dense_trunk` map.
+
+    `frac` = (row, col) fractions in [0, 1): the tile corner lies that far towards the next grid
+    position, and the four windows around it are bilinearly interpolated before the head.
+    """
+    _check(model, stride)
+    taps, step = model.cfg.feature_size, block_px(model) // stride
+    if frac is None:
+        return model.head(windows_at(fmap, rows, cols, taps, step))
+    fy, fx = (torch.as_tensor(f, dtype=fmap.dtype)[:, None, None, None] for f in frac)
+    win = windows_at(fmap, rows, cols, taps, step).mul((1 - fy) * (1 - fx))
+    win += windows_at(fmap, rows, cols + 1, taps, step).mul_((1 - fy) * fx)
+    win += windows_at(fmap, rows + 1, cols, taps, step).mul_(fy * (1 - fx))
+    win += windows_at(fmap, rows + 1, cols + 1, taps, step).mul_(fy * fx)
+    return model.head(win)
+
+
+def tile_corners(index: MetatileIndex, lats: np.ndarray, lons: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(metatile key, corner col, corner row) of each location's tile (angle 0, no shift), in metatile px.
+
+    The corner is pixel (0, 0)'s centre minus half a pixel (continuous; the per-tile cut starts at the
+    pixel under that centre, ⌊corner + ½⌋).
+    """
+    lats, lons = check_locations(index.region, lats, lons, index.bbox)
+    keys = np.asarray(index.keys_for(lats, lons))
+    unique, inverse = np.unique(keys, return_inverse=True)
+    metas = []
+    for key in unique.tolist():
+        if key not in index.entries:
+            raise RenderError(
+                f"metatile {key} of region {index.region!r} is not rendered: call ensure_metatiles() with these "
+                "locations first"
+            )
+        metas.append(index.entries[key])
+    minx, maxy, upx = (np.array([getattr(m, f) for m in metas])[inverse] for f in ("minx", "maxy", "units_per_px"))
+    n = len(lats)
+    aff = tile_affines(lats, lons, np.zeros(n), np.zeros((n, 2)), index.grid.size, minx, maxy, upx, index.grid.mpp)
+    return keys, aff[:, 0] - 0.5, aff[:, 3] - 0.5
+
+
+def _crop(array: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """array[y0:y1, x0:x1] of an (H, W, C) array, zeros where the range leaves it."""
+    out = np.zeros((y1 - y0, x1 - x0, array.shape[2]), dtype=array.dtype)
+    sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, array.shape[0]), max(x0, 0), min(x1, array.shape[1])
+    if sy0 < sy1 and sx0 < sx1:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = array[sy0:sy1, sx0:sx1]
+    return out
+
+
+def _box_counts(window: np.ndarray, ys: np.ndarray, xs: np.ndarray, size: int) -> np.ndarray:
+    """(N, C) non-zero pixels per channel of the size×size boxes at (ys, xs) (ys ≥ 1) of an (H, W, C) uint8 window.
+
+    Column prefix sums down the window (one contiguous row added at a time: numpy's and torch's cumsum over a
+    leading axis walk it element by element, ~4× slower here), then per box the difference of its bottom and
+    top prefix rows, summed over its `size` columns.
+    """
+    if len(ys) and ys.min() < 1:
+        raise ValueError("a box touches the window's first row")
+    prefix = (window != 0).astype(np.uint16)  # a column of a window holds < 2^16 pixels
+    for i in range(1, prefix.shape[0]):
+        np.add(prefix[i], prefix[i - 1], out=prefix[i])
+    cols = xs[:, None] + np.arange(size)
+    bottom = prefix[(ys + size - 1)[:, None], cols].astype(np.int32)
+    return (bottom - prefix[(ys - 1)[:, None], cols]).sum(axis=1, dtype=np.int32)
+
+
+def _window_ids(positions: np.ndarray, per_window: int) -> np.ndarray:
+    """Which of the equal windows spanning the positions' range each position falls in: as few as hold at
+    most per_window + 1 positions each (a metatile core of window_px px spans window_px / stride + 1)."""
+    lo, hi = int(positions.min()), int(positions.max()) + 1
+    count = max(1, -(-(hi - lo - 1) // per_window))
+    return (positions - lo) * count // (hi - lo)
+
+
+def encode_metatile(
+    model: Encoder, array: np.ndarray, xs: np.ndarray, ys: np.ndarray, settings: DenseSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings (n, D), histograms (n, 12)) float32 of the tiles with corners (xs, ys) (metatile px) of one
+    (H, W, 12) uint8 metatile, window by window (see the module doc)."""
+    s, block, size = settings.stride, block_px(model), model.cfg.input_size
+    _check(model, s)
+    if settings.window_px % block:
+        raise ValueError(f"dense window_px {settings.window_px} must be a multiple of {block}")
+    per_window = settings.window_px // s  # grid positions per window side
+    gx, gy = np.asarray(xs, dtype=np.float64) / s, np.asarray(ys, dtype=np.float64) / s
+    if settings.position == "snap":
+        ax, ay = np.rint(gx).astype(np.int64), np.rint(gy).astype(np.int64)
+        frac = None
+    else:
+        ax, ay = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
+        frac = (gy - ay, gx - ax)
+    # the per-tile path's crop: the pixel under pixel (0, 0)'s centre
+    px, py = np.floor(np.asarray(xs) + 0.5).astype(np.int64), np.floor(np.asarray(ys) + 0.5).astype(np.int64)
+    n = len(gx)
+    emb = np.empty((n, model.cfg.embedding_dim), dtype=np.float32)
+    counts = np.empty((n, array.shape[2]), dtype=np.int32)
+    wid = _window_ids(ay, per_window) * n + _window_ids(ax, per_window)
+    for w in np.unique(wid).tolist():
+        sel = np.flatnonzero(wid == w)
+        reach = 1 if frac is not None else 0  # bilinear reads the next grid position too
+        # the window: its cells' corners (fitted), one block of halo each side; starts on the grid (pools align)
+        gy0, gx0 = int(ay[sel].min()), int(ax[sel].min())
+        y0, x0 = gy0 * s - block, gx0 * s - block
+        y1 = (int(ay[sel].max()) + reach) * s + size + block
+        x1 = (int(ax[sel].max()) + reach) * s + size + block
+        window = _crop(array, y0, y1, x0, x1)
+        counts[sel] = _box_counts(window, py[sel] - y0, px[sel] - x0, size)
+        x = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)  # channels_last memory
+        with torch.no_grad():
+            fmap = dense_trunk(model, x, s)[0]
+            rows, cols = ay[sel] - gy0 + block // s, ax[sel] - gx0 + block // s
+            sub = None if frac is None else (frac[0][sel], frac[1][sel])
+            emb[sel] = head_at(model, fmap, rows, cols, s, sub).float().numpy()
+    hist = (counts.astype(np.float32) / np.float32(size * size)).astype(np.float32)
+    return emb, hist
+
+
+def encode_dense_chunk(
+    index: MetatileIndex, model: Encoder, key: str, xs: np.ndarray, ys: np.ndarray, settings: DenseSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """`encode_metatile` on one metatile of the index (a task: `index` travels without its memory maps)."""
+    return encode_metatile(model, index.array(key), xs, ys, settings)
+
+
+def encode_dense(
+    model: Encoder,
+    index: MetatileIndex,
+    lats: np.ndarray,
+    lons: np.ndarray,
+    settings: DenseSettings,
+    progress: bool = True,
+    *,
+    cfg: OrchestrateConfig,
+    kind: RunnerKind | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings (n, D), histograms (n, 12)) float32 of the locations, dense: one task per metatile on the
+    configured runner, assembled in the locations' order."""
+    kind = kind or runner_kind(cfg)
+    model = model.eval()
+    keys, xs, ys = tile_corners(index, np.asarray(lats), np.asarray(lons))
+    n = len(keys)
+    emb = np.empty((n, model.cfg.embedding_dim), dtype=np.float32)
+    hist = np.empty((n, N_CHANNELS), dtype=np.float32)
+    groups = [np.flatnonzero(keys == k) for k in np.unique(keys).tolist()]
+    bar = tqdm(total=n, desc=f"embed dense ({kind})", unit="cell", disable=not progress)
+
+    def store(i: int, result: tuple[np.ndarray, np.ndarray]) -> None:
+        emb[groups[i]], hist[groups[i]] = result
+        bar.update(len(groups[i]))
+
+    with bar:
+        map_tasks(
+            encode_dense_chunk,
+            [
+                {"index": index, "model": model, "key": str(keys[g[0]]), "xs": xs[g], "ys": ys[g], "settings": settings}
+                for g in groups
+            ],
+            store,
+            flow_name="loc2vec-embed",
+            run_name=f"{index.region}-{n}-dense",
+            task_name="encode-metatile",
+            task_run_name=index.region + "-{key}",
+            cfg=cfg,
+            kind=kind,
+        )
+    if not np.isfinite(emb).all():
+        raise ValueError("the model produced non-finite embeddings")
+    return emb, hist

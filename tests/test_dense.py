@@ -1,0 +1,177 @@
+"""The dense embedding path (embedding/dense.py) against the per-tile reference (embedding/encode.py).
+
+Hand-built cases check the shift-and-stitch trunk and the head at a position exactly: on a tile alone the
+dense trunk *is* the encoder at every stride, and for a tile inside a larger canvas whose corner lies on
+the grid, the inner 2×2 of its 4×4 trunk window is the per-tile computation (only the outer ring sees the
+neighbourhood where the per-tile path sees zero padding). On the real test region, dense embeddings
+agree with per-tile ones cell by cell, histograms equal per-tile's, and the result is deterministic and
+does not depend on how the windows fall.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from loc2vec.core.config import EmbedConfig, ModelConfig
+from loc2vec.embedding.dense import DenseSettings, dense_trunk, encode_dense, head_at, tile_corners, windows_at
+from loc2vec.training.model import Encoder, to_input
+
+from .fixtures.project import ensure_metatiles, load_project
+
+STRIDES = (32, 16, 8, 4, 2, 1)
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # float summation order: a dilated or larger conv sums in another order
+
+
+def _encoder(seed: int = 0) -> Encoder:
+    """A seeded untrained encoder whose BatchNorms are not the identity (running statistics and affine
+    parameters drawn, some scales negative: a max-pool does not commute with them)."""
+    torch.manual_seed(seed)
+    model = Encoder(ModelConfig())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(-1.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def _canvas(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """An (H, W, 12) uint8 map-like raster: mostly empty, with filled rectangles and anti-aliased noise."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((height, width, 12), np.uint8)
+    for _ in range(60):
+        c, y, x = rng.integers(12), rng.integers(height), rng.integers(width)
+        out[y : y + rng.integers(2, 60), x : x + rng.integers(2, 60), c] = rng.integers(100, 256)
+    noise = rng.random((height, width, 12)) < 0.02
+    out[noise] = rng.integers(1, 256, noise.sum())
+    return out
+
+
+def _input(array: np.ndarray) -> torch.Tensor:
+    return to_input(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).unsqueeze(0))
+
+
+@pytest.mark.parametrize("stride", STRIDES)
+def test_trunk_on_a_tile_alone_is_the_encoder(stride: int) -> None:
+    """On a tile alone (zero padding at its edge, as the per-tile path pads) every stride's map, read every
+    32/stride positions, is the encoder's 4×4 map, and the head at position (0, 0) is the embedding."""
+    model = _encoder()
+    tile = _input(_canvas(128, 128, seed=stride))
+    with torch.no_grad():
+        expected = model.features(tile)
+        fmap = dense_trunk(model, tile, stride)
+        step = 32 // stride
+        torch.testing.assert_close(fmap[..., ::step, ::step][..., :4, :4], expected, **TOL)
+        torch.testing.assert_close(head_at(model, fmap[0], np.array([0]), np.array([0]), stride), model(tile), **TOL)
+    if stride == 32:
+        assert fmap.shape == expected.shape
+
+
+@pytest.mark.parametrize(("stride", "corner"), [(32, (96, 64)), (16, (80, 48)), (8, (72, 104)), (4, (36, 92))])
+def test_tile_on_the_grid_inside_a_canvas(stride: int, corner: tuple[int, int]) -> None:
+    """A tile whose corner lies on the stride's grid: the inner 2×2 of its trunk window equals the per-tile
+    map (the same inputs, no padding reaches them), the outer ring differs (the per-tile path sees zero
+    padding where the canvas has content), and `head_at` is the head on that window."""
+    model = _encoder(seed=1)
+    canvas = _canvas(320, 320, seed=2)
+    y, x = corner
+    assert y % stride == 0 and x % stride == 0
+    with torch.no_grad():
+        per_tile = model.features(_input(canvas[y : y + 128, x : x + 128]))[0]
+        fmap = dense_trunk(model, _input(canvas), stride)[0]
+        window = windows_at(fmap, np.array([y // stride]), np.array([x // stride]), 4, 32 // stride)[0]
+        torch.testing.assert_close(window[:, 1:3, 1:3], per_tile[:, 1:3, 1:3], **TOL)
+        ring = torch.ones(4, 4, dtype=torch.bool)
+        ring[1:3, 1:3] = False
+        assert (window[:, ring] - per_tile[:, ring]).abs().max() > 1e-3, "the ring sees the canvas"
+        emb = head_at(model, fmap, np.array([y // stride]), np.array([x // stride]), stride)
+        torch.testing.assert_close(emb, model.head(window[None]), **TOL)
+        # bilinear with zero fractions is the snapped window; half-way is the mean of the two windows' heads' input
+        zero = (np.zeros(1), np.zeros(1))
+        torch.testing.assert_close(
+            head_at(model, fmap, np.array([y // stride]), np.array([x // stride]), stride, zero), emb
+        )
+        half = head_at(
+            model, fmap, np.array([y // stride]), np.array([x // stride]), stride, (np.zeros(1), np.full(1, 0.5))
+        )
+        nxt = windows_at(fmap, np.array([y // stride]), np.array([x // stride + 1]), 4, 32 // stride)[0]
+        torch.testing.assert_close(half, model.head(((window + nxt) / 2)[None]), **TOL)
+
+
+def test_config_validates_the_dense_settings() -> None:
+    assert EmbedConfig().method in ("dense", "per_tile")
+    assert EmbedConfig(method="per_tile", dense_stride=4, dense_position="snap", dense_window_px=512).dense_stride == 4
+    for bad in ({"method": "tiles"}, {"dense_stride": 12}, {"dense_stride": 64}, {"dense_window_px": 100},
+                {"dense_position": "nearest"}):  # fmt: skip
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            EmbedConfig(**bad)
+    with pytest.raises(ValueError, match="eval mode"):
+        dense_trunk(Encoder(ModelConfig()).train(), torch.zeros(1, 12, 128, 128), 8)
+
+
+@pytest.fixture(scope="module")
+def cells(project: Path, region: str) -> dict:
+    """The test region's H3 cells at resolution 10 (as embed selects them), their metatiles and a trained encoder."""
+    from loc2vec.embedding.cells import select_cells
+
+    from .fixtures.trained import load_fixture_encoder
+
+    p = load_project()
+    cfg = p.params.embed.model_copy(update={"h3_resolution": 10})
+    _, lats, lons = select_cells(region, cfg, p.params.render.radius_m, p.info)
+    index = ensure_metatiles(region, lats, lons, project=p)
+    return {
+        "lats": lats,
+        "lons": lons,
+        "index": index,
+        "model": load_fixture_encoder(region),
+        "orchestrate": p.params.orchestrate,
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_dense_agrees_with_per_tile_on_the_test_region(cells: dict) -> None:
+    from loc2vec.embedding.encode import encode
+
+    lats, lons, index, model = cells["lats"], cells["lons"], cells["index"], cells["model"]
+    assert len(lats) > 300
+    per_tile, per_tile_hist = encode(model, index, lats, lons, 64, progress=False)
+    for settings, median, p05 in [(DenseSettings(), 0.98, 0.9), (DenseSettings(32, "snap", 512), 0.97, 0.85)]:
+        emb, hist = encode_dense(
+            model, index, lats, lons, settings, progress=False, cfg=cells["orchestrate"], kind="inline"
+        )
+        cos = _cosine(emb, per_tile)
+        assert np.median(cos) >= median and np.percentile(cos, 5) >= p05, (
+            settings,
+            np.median(cos),
+            np.percentile(cos, 5),
+        )
+        # the same 128² px as the cut, but where the location's and its metatile row's scales make the cut
+        # repeat or skip a pixel row or column
+        diff = np.abs(hist - per_tile_hist).max(axis=1)
+        assert (diff == 0).mean() > 0.9 and diff.max() <= 2 * 128 / 128**2, (settings, (diff == 0).mean(), diff.max())
+
+
+def test_dense_is_deterministic_and_independent_of_the_windows(cells: dict) -> None:
+    lats, lons, index, model = cells["lats"], cells["lons"], cells["index"], cells["model"]
+
+    def run(settings: DenseSettings) -> np.ndarray:
+        return encode_dense(model, index, lats, lons, settings, progress=False, cfg=cells["orchestrate"], kind="inline")
+
+    first, again = run(DenseSettings()), run(DenseSettings())
+    assert first[0].tobytes() == again[0].tobytes() and first[1].tobytes() == again[1].tobytes()
+    small = run(DenseSettings(window_px=256))  # more, smaller windows: the same embeddings up to summation order
+    np.testing.assert_allclose(small[0], first[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(small[1], first[1])
+    keys, xs, ys = tile_corners(index, lats, lons)
+    assert len(np.unique(keys)) >= 2, "several metatiles: several tasks"
