@@ -217,7 +217,8 @@ def test_killed_ingest_keeps_the_previous_import(world: dict, tmp_path: Path, ta
 
 EMBED_POINTS = [
     ("loc2vec.raster.metatiles:MetatileIndex.save", "after", 1),  # one metatile rendered and indexed, others not
-    ("loc2vec.embedding.encode:encode", "after", 1),  # every cell encoded, nothing written
+    # cells encoded (the dense path, embed.method's default: its first metatile), nothing written
+    ("loc2vec.embedding.dense:encode_metatile", "after", 1),
     ("pyarrow.parquet:write_table", "after", 1),  # the new Parquet complete beside the old, not swapped in
 ]
 
