@@ -308,6 +308,7 @@ class LabelConfig(Section):
     seed: int = 0
     transport_per_class: int = Field(250, ge=1)
     venue_per_class: int = Field(80, ge=1)
+    building_per_class: int = Field(150, ge=1)  # building_type (evaluation/leakfree.py): at most this many per group
     min_per_class: int = Field(20, ge=1)  # venue groups with fewer POIs are dropped
     min_mode_length_m: float = 1000.0  # transport modes with a shorter network are dropped
     label_time: str = "now"  # "now" or an ISO-8601 time (UTC if no offset)
@@ -353,9 +354,34 @@ DEFAULT_FEATURESETS: tuple[str, ...] = (
 )
 
 
+SUITE_BASELINES: tuple[str, ...] = (
+    "latlon",
+    "histogram",
+    "tag_counts",
+    "random_encoder",
+    "random_wide",
+    "nearest_way",
+)
+
+
+class SuiteConfig(Section):
+    """evaluate.suite: the added-value suite (evaluation/suite.py, `loc2vec evaluate --suite`)."""
+
+    baselines: tuple[str, ...] = SUITE_BASELINES  # candidates for best_baseline (nearest_way: transport tasks only)
+    classifiers: tuple[Literal["logreg", "hgb"], ...] = ("logreg", "hgb")
+    inner_folds: int = Field(3, ge=2)  # spatial folds inside each training fold that choose best_baseline
+    random_wide_features: int = Field(2048, ge=2, le=16384)  # random_wide: 2 features per random filter
+    random_wide_seed: int = 0
+    hgb_max_iter: int = Field(100, ge=1)  # HistGradientBoosting: boosting rounds
+    hgb_learning_rate: float = Field(0.1, gt=0)
+    hgb_max_leaf_nodes: int = Field(15, ge=2)
+    tile_batch: int = Field(64, ge=1)  # masked tiles rendered and encoded per batch
+
+
 class EvaluateConfig(Section):
     labels: LabelConfig = LabelConfig()
     split: SplitConfig = SplitConfig()
+    suite: SuiteConfig = SuiteConfig()
     featuresets: tuple[str, ...] = DEFAULT_FEATURESETS
     knn_k: int = Field(10, ge=1)
     logreg_c: float = Field(1.0, gt=0)

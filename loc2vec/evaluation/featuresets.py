@@ -227,7 +227,7 @@ TAG_COLUMNS: tuple[str, ...] = (
     *(f"poi_{g}" for g in VENUE_GROUPS),
     *(f"area_{c}" for c in LAND_COVER),
 )
-_POI_COLS = "amenity, shop, tourism, leisure, railway, public_transport, tags"
+POI_COLUMNS = "amenity, shop, tourism, leisure, railway, public_transport, tags"
 
 
 def _counts(filters: Mapping[str, str]) -> sql.Composable:
@@ -263,7 +263,7 @@ def tag_count_features(points: pd.DataFrame, mode: Mode, ctx: EvaluationContext)
             lines=_counts({**TRANSPORT_MODES, **EXTRA_LINES}),
             pois=_counts(VENUE_GROUPS),
             areas=_counts(LAND_COVER),
-            cols=sql.SQL(_POI_COLS),
+            cols=sql.SQL(POI_COLUMNS),
         )
         ids = group["osm_id"].fillna(0).astype("int64").tolist()
         with cursor(ctx.info) as cur:
