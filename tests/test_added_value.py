@@ -70,3 +70,13 @@ def test_paired_lift_of_identical_predictions_is_zero() -> None:
     pred = np.where(rng.random(200) < 0.7, y, rng.integers(0, 3, 200))
     value, ci = paired_lift(y, pred, pred, rng.integers(0, 20, 200), 200, 0)
     assert value == 0.0 and ci == [0.0, 0.0]
+
+
+def test_tree_width_cap_never_drops_the_added_featureset(cfg: EvaluateConfig) -> None:
+    """hgb_max_dims cuts each featureset, not best_baseline+loc2vec's concatenation (which would lose loc2vec)."""
+    cfg = cfg.model_copy(update={"suite": cfg.suite.model_copy(update={"classifiers": ("hgb",), "hgb_max_dims": 3})})
+    data = _task("planted")
+    wide = np.hstack([data.historical["weak"], np.random.default_rng(2).normal(0, 1, (N, 5))])  # 8 > 3 columns
+    data.historical["weak"] = data.online["weak"] = wide
+    _, _, lift = score_added_value(data, ["loc2vec", "weak"], ["latlon", "weak"], cfg, 100.0)
+    assert lift["hgb"]["best_baseline"] == "weak" and lift["hgb"]["ci95"][0] > 0, lift["hgb"]

@@ -73,8 +73,6 @@ def _fit_predict(kind: str, cfg: EvaluateConfig, x_train: np.ndarray, y_train: n
     OpenMP threads: on 2 busy cores, 2 threads spin against each other (measured 6.6 s vs 0.7 s per fit)."""
     if len(set(y_train)) < 2:
         raise Loc2VecError("a fold trains on fewer than two classes; change evaluate.split")
-    if kind == "hgb":  # a tree fit costs rows × columns × rounds: wide random banks are cut to their first filters
-        x_train, x_test = x_train[:, : cfg.suite.hgb_max_dims], x_test[:, : cfg.suite.hgb_max_dims]
     with threadpool_limits(cfg.suite.hgb_threads if kind == "hgb" else None, user_api="openmp"):
         return suite_classifier(kind, cfg).fit(x_train, y_train).predict(x_test)
 
@@ -107,6 +105,7 @@ def choose_baseline(
     best, best_score = baselines[0], -1.0
     for name in baselines:
         x = data.historical[name][rows]
+        x = x[:, : cfg.suite.hgb_max_dims] if kind == "hgb" else x
         pred = np.empty(len(y), dtype=object)
         tested = np.concatenate([f.test for f in inner])
         for f in inner:
@@ -187,9 +186,16 @@ def score_added_value(
         preds[(name, kind)] = pred[tested]
 
     def alone(name: str):
-        return lambda f: (data.historical[name][f.train], data.online[name][f.test])
+        return lambda f: (cols(data.historical[name][f.train]), cols(data.online[name][f.test]))
 
     for kind in cfg.suite.classifiers:
+        # a tree fit costs rows × columns × rounds: each featureset (never a concatenation, which would drop
+        # loc2vec's columns) is cut to its first hgb_max_dims columns (random_wide: its first filters)
+        width = cfg.suite.hgb_max_dims if kind == "hgb" else None
+
+        def cols(x: np.ndarray, width: int | None = width) -> np.ndarray:
+            return x if width is None else x[:, :width]
+
         for name in featuresets:
             pooled(name, kind, alone(name))
         if not lift:
@@ -202,8 +208,8 @@ def score_added_value(
         def best_plus(f: Fold, chosen: dict[int, str] = chosen) -> tuple[np.ndarray, np.ndarray]:
             b = chosen[id(f)]
             return (
-                np.hstack([data.historical[b][f.train], data.historical[REFERENCE][f.train]]),
-                np.hstack([data.online[b][f.test], data.online[REFERENCE][f.test]]),
+                np.hstack([cols(data.historical[b][f.train]), cols(data.historical[REFERENCE][f.train])]),
+                np.hstack([cols(data.online[b][f.test]), cols(data.online[REFERENCE][f.test])]),
             )
 
         pooled(BEST, kind, best)
