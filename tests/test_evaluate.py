@@ -330,3 +330,27 @@ def test_consumer_classifiers_train_historical_and_serve_online(published: str, 
         TransportModeClassifier(cfg, ctx).fit_from_feast(
             labels.assign(event_timestamp=pd.Timestamp("2001-01-01", tz="UTC"))
         )
+
+
+def test_consumer_suite_adds_nearest_way_and_the_lift(published: str, region: str, tmp_path: Path) -> None:
+    """`evaluate --suite consumer`: the consumer tasks through Feast, nearest_way for transport, the lift rows."""
+    from loc2vec.evaluation.added_value import BEST, BEST_PLUS
+    from loc2vec.evaluation.suite import run_suite
+
+    p = load_project()
+    out = tmp_path / "consumer.json"
+    cfg = p.params.evaluate.model_copy(update={"bootstrap": 100})
+    result = run_suite("consumer", region, out, cfg, evaluation_context(p), encoder=None, track=False)
+    tasks = result["tasks"]
+    assert set(tasks) == {"transport", "venue"} and out.with_suffix(".png").is_file()
+    base = {"loc2vec", "latlon", "histogram", "tag_counts", "random_encoder", BEST, BEST_PLUS, "lift"}
+    assert set(tasks["transport"]) == base | {"nearest_way"} and set(tasks["venue"]) == base
+    for table in tasks.values():
+        for kind in ("logreg", "hgb"):
+            lift = table["lift"][kind]
+            assert lift["ci95"][0] <= lift["lift"] <= lift["ci95"][1]
+    # nearest_way reads the way under a point on a way: the strongest transport baseline, as an engineer expects
+    assert tasks["transport"]["nearest_way"]["logreg"]["macro_f1"] > tasks["transport"]["latlon"]["logreg"]["macro_f1"]
+    assert result["meta"]["consumer_lift"] == pytest.approx(
+        (tasks["transport"]["lift"]["logreg"]["lift"] + tasks["venue"]["lift"]["logreg"]["lift"]) / 2
+    )

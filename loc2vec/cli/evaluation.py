@@ -16,6 +16,8 @@ def cmd_evaluate(args: argparse.Namespace, project: Project) -> int:
 
     params = project.params
     region = one_region(args.region, params)
+    if args.suite:
+        return cmd_suite(args, project, region)
     result = evaluate(
         region,
         Path(args.out) if args.out else project.paths.evaluation(region),
@@ -28,9 +30,51 @@ def cmd_evaluate(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def cmd_suite(args: argparse.Namespace, project: Project, region: str) -> int:
+    """`evaluate --suite S`: the added-value suite (evaluation/suite.py) with the given or champion encoder."""
+    from loc2vec.evaluation.context import EvaluationContext
+    from loc2vec.evaluation.suite import run_suite
+
+    params = project.params
+    encoder, model = None, {}
+    if args.suite != "consumer":
+        if args.model:
+            from loc2vec.training.outputs import load_encoder
+
+            encoder, model = load_encoder(Path(args.model)), {"path": str(Path(args.model).resolve())}
+        else:
+            from loc2vec.training.registry import load_model, resolve_alias
+
+            ref = resolve_alias(project.paths, params.train.registered_model)
+            encoder, model = load_model(project.paths, ref, params.model), {"name": ref.name, "version": ref.version}
+    default = project.paths.evaluation(region)
+    train = regions(args.train_regions, params, default=[]) or []
+    stem = f"{region}.{args.suite}" + (f".from-{'-'.join(train)}" if train else "")
+    result = run_suite(
+        args.suite,
+        region,
+        Path(args.out) if args.out else default.with_name(f"{stem}.json"),
+        params.evaluate,
+        EvaluationContext.from_params(params, project.info),
+        encoder=encoder,
+        train_regions=train,
+        model=model,
+        track=not args.no_track,
+    )
+    print(json.dumps(result["tasks"], indent=1, default=str))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate", help="transport and venue classifiers on loc2vec vs baseline featuresets")
     s.add_argument("--region", required=True, help="the region to test on")
     s.add_argument("--train-regions", help="train the classifiers on these regions (cross-region transfer)")
-    s.add_argument("--out", help="metrics JSON (default data/evaluate/REGION.json)")
+    s.add_argument("--out", help="metrics JSON (default data/evaluate/REGION.json, REGION.SUITE.json with --suite)")
+    s.add_argument(
+        "--suite",
+        choices=("leakfree", "consumer", "all"),
+        help="the added-value suite: leak-free tasks and/or the consumer tasks, baselines, lift (a PNG chart beside)",
+    )
+    s.add_argument("--model", help="--suite: a model directory (model.pt + model_config.json); default: the champion")
+    s.add_argument("--no-track", action="store_true", help="--suite: do not log to MLflow")
     s.set_defaults(func=cmd_evaluate)

@@ -279,6 +279,10 @@ class TrainConfig(Section):
 
 class PromoteConfig(Section):
     min_delta: float = Field(0.0, ge=0, lt=1)  # the candidate must beat the champion's gate score by more
+    # suite: mean leak-free loc2vec logreg macro-F1 + lift_weight × mean consumer logreg lift (evaluation/suite_gate.py)
+    # consumer: mean logreg macro-F1 of the consumer tasks (transport, venue), the gate before #16
+    score: Literal["suite", "consumer"] = "suite"
+    lift_weight: float = Field(1.0, ge=0)
 
 
 # ---------------------------------------------------------------- embedding and serving
@@ -328,6 +332,7 @@ class LabelConfig(Section):
     seed: int = 0
     transport_per_class: int = Field(250, ge=1)
     venue_per_class: int = Field(80, ge=1)
+    building_per_class: int = Field(150, ge=1)  # building_type (evaluation/leakfree.py): at most this many per group
     min_per_class: int = Field(20, ge=1)  # venue groups with fewer POIs are dropped
     min_mode_length_m: float = 1000.0  # transport modes with a shorter network are dropped
     label_time: str = "now"  # "now" or an ISO-8601 time (UTC if no offset)
@@ -373,9 +378,40 @@ DEFAULT_FEATURESETS: tuple[str, ...] = (
 )
 
 
+SuiteBaseline = Literal["latlon", "histogram", "tag_counts", "random_encoder", "random_wide", "nearest_way"]
+SUITE_BASELINES: tuple[SuiteBaseline, ...] = (
+    "latlon",
+    "histogram",
+    "tag_counts",
+    "random_encoder",
+    "random_wide",
+    "nearest_way",
+)
+
+
+class SuiteConfig(Section):
+    """evaluate.suite: the added-value suite (evaluation/suite.py, `loc2vec evaluate --suite`)."""
+
+    baselines: tuple[SuiteBaseline, ...] = (
+        SUITE_BASELINES  # candidates for best_baseline (nearest_way: transport tasks only)
+    )
+    classifiers: tuple[Literal["logreg", "hgb"], ...] = ("logreg", "hgb")
+    inner_folds: int = Field(3, ge=2)  # spatial folds inside each training fold that choose best_baseline
+    random_wide_features: int = Field(1024, ge=2, le=16384)  # random_wide: 2 features per random filter
+    random_wide_seed: int = 0
+    hgb_max_iter: int = Field(50, ge=1)  # HistGradientBoosting: boosting rounds (per class)
+    hgb_learning_rate: float = Field(0.2, gt=0)
+    hgb_max_leaf_nodes: int = Field(15, ge=2)
+    hgb_threads: int = Field(1, ge=1)  # OpenMP threads per tree fit (more only on idle cores)
+    hgb_max_dims: int = Field(256, ge=1)  # the tree model sees at most this many columns (random_wide's first filters)
+    tile_batch: int = Field(64, ge=1)  # masked tiles rendered and encoded per batch
+    per_region_standardise: bool = False  # transfer: z-score each featureset within each region first
+
+
 class EvaluateConfig(Section):
     labels: LabelConfig = LabelConfig()
     split: SplitConfig = SplitConfig()
+    suite: SuiteConfig = SuiteConfig()
     featuresets: tuple[str, ...] = DEFAULT_FEATURESETS
     knn_k: int = Field(10, ge=1)
     logreg_c: float = Field(1.0, gt=0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loc2vec.core.config import ModelConfig, OrchestrateConfig, Params
+from loc2vec.core.config import ModelConfig, OrchestrateConfig, Params, RenderConfig
 from loc2vec.core.paths import ProjectPaths
 from loc2vec.evaluation.labels import LabelSource
 from loc2vec.osm.db import ConnInfo
@@ -28,6 +28,7 @@ class EvaluationContext:
         orchestrate: the task runner rendering missing metatiles.
         model: the architecture of the untrained `random_encoder`.
         radius_m: the tile radius (tag-count discs, label margins, the fold buffer).
+        render: the tile geometry (the leak-free suite renders masked tiles with it; None: params' default).
     """
 
     store: StoreSettings
@@ -37,6 +38,7 @@ class EvaluationContext:
     orchestrate: OrchestrateConfig
     model: ModelConfig
     radius_m: float
+    render: RenderConfig | None = None
 
     @classmethod
     def from_params(cls, params: Params, info: ConnInfo, online_store: str | None = None) -> EvaluationContext:
@@ -59,6 +61,7 @@ class EvaluationContext:
             orchestrate=params.orchestrate,
             model=params.model,
             radius_m=params.render.radius_m,
+            render=params.render,
         )
 
     @property

@@ -68,7 +68,7 @@ def spatial_folds(
     return out
 
 
-def _macro_f1_codes(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> float:
+def macro_f1_codes(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> float:
     """scores()'s macro-F1 on integer codes: F1 = 2·TP / (support + predicted), over classes with support."""
     cm = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
     support, predicted = cm.sum(axis=1), cm.sum(axis=0)
@@ -95,7 +95,7 @@ def block_bootstrap(
     for b in range(n):
         rows = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
         for key, p in p_codes.items():
-            samples[key][b] = _macro_f1_codes(y_codes[rows], p[rows], k)
+            samples[key][b] = macro_f1_codes(y_codes[rows], p[rows], k)
 
     def interval(values: np.ndarray) -> list[float]:
         return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
@@ -106,7 +106,7 @@ def block_bootstrap(
         ci.setdefault(name, {})[kind] = interval(samples[(name, kind)])
         if name != reference and (reference, kind) in samples:
             diff = samples[(reference, kind)] - samples[(name, kind)]
-            point = _macro_f1_codes(y_codes, p_codes[(reference, kind)], k) - _macro_f1_codes(
+            point = macro_f1_codes(y_codes, p_codes[(reference, kind)], k) - macro_f1_codes(
                 y_codes, p_codes[(name, kind)], k
             )
             versus.setdefault(name, {})[kind] = {

@@ -180,11 +180,33 @@ def encoder_features(points: pd.DataFrame, encoder, ctx: EvaluationContext, batc
     """
     import torch
 
-    from loc2vec.raster.cutter import cut_tiles
-    from loc2vec.raster.metatiles import ensure_metatiles
     from loc2vec.training.model import to_input
 
-    dim = encoder.cfg.embedding_dim
+    def run(tiles: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():  # not inference_mode: the cutter's worker threads fill a normal tensor
+            return encoder(to_input(tiles)).numpy()
+
+    return cell_tile_features(points, run, encoder.cfg.embedding_dim, ctx, batch_size)
+
+
+def cell_tile_features(
+    points: pd.DataFrame, fn: Callable[[Any], np.ndarray], dim: int, ctx: EvaluationContext, batch_size: int = 64
+) -> np.ndarray:
+    """(n, dim): `fn` of batches of each point's cell tile (uint8 torch tensors cut from the region's metatiles).
+
+    Args:
+        points: points with region and h3_cell.
+        fn: (b, 12, s, s) uint8 tensor → (b, dim) array.
+        dim: the width of fn's output.
+        ctx: metatile geometry, paths, database and runner.
+        batch_size: tiles per call.
+
+    Returns:
+        Row-aligned features (each distinct cell computed once).
+    """
+    from loc2vec.raster.cutter import cut_tiles
+    from loc2vec.raster.metatiles import ensure_metatiles
+
     out = np.full((len(points), dim), np.nan)
     for region, group in points.groupby("region", sort=True):
         cells, inverse = np.unique(group["h3_cell"].to_numpy(dtype=str), return_inverse=True)
@@ -205,8 +227,7 @@ def encoder_features(points: pd.DataFrame, encoder, ctx: EvaluationContext, batc
             sl = slice(i, i + batch_size)
             n = len(lats[sl])
             tiles = cut_tiles(index, lats[sl], lons[sl], np.zeros(n), np.zeros((n, 2)), device="cpu")
-            with torch.no_grad():  # not inference_mode: the cutter's worker threads fill a normal tensor
-                emb[sl] = encoder(to_input(tiles)).numpy()
+            emb[sl] = fn(tiles)
         out[np.flatnonzero(points["region"].to_numpy() == region)] = emb[inverse]
     return out
 
@@ -227,7 +248,7 @@ TAG_COLUMNS: tuple[str, ...] = (
     *(f"poi_{g}" for g in VENUE_GROUPS),
     *(f"area_{c}" for c in LAND_COVER),
 )
-_POI_COLS = "amenity, shop, tourism, leisure, railway, public_transport, tags"
+POI_COLUMNS = "amenity, shop, tourism, leisure, railway, public_transport, tags"
 
 
 def _counts(filters: Mapping[str, str]) -> sql.Composable:
@@ -263,7 +284,7 @@ def tag_count_features(points: pd.DataFrame, mode: Mode, ctx: EvaluationContext)
             lines=_counts({**TRANSPORT_MODES, **EXTRA_LINES}),
             pois=_counts(VENUE_GROUPS),
             areas=_counts(LAND_COVER),
-            cols=sql.SQL(_POI_COLS),
+            cols=sql.SQL(POI_COLUMNS),
         )
         ids = group["osm_id"].fillna(0).astype("int64").tolist()
         with cursor(ctx.info) as cur:

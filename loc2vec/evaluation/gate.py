@@ -8,7 +8,9 @@ none yet); ``loc2vec promote`` then scores candidate and champion the way ``loc2
 scores published embeddings — the transport and venue classifiers (logistic regression, blocked
 spatial K-fold, evaluation/run.py) on the very tile each model would publish for a label's H3 cell
 — over the pipeline's regions, and moves ``champion`` only when the candidate's mean macro-F1 beats
-the champion's by more than ``promote.min_delta``.
+the champion's by more than ``promote.min_delta``. With ``promote.score: suite`` (the default) the score is
+the added-value suite's instead (evaluation/suite_gate.py): the mean leak-free loc2vec macro-F1 plus
+``promote.lift_weight`` × the mean consumer lift, so a model that only wins on leaky tasks is not promoted.
 
 Both versions get the score as the model-version tag ``gate_score``. The decision is written to
 data/model/promotion.json: a DVC metric of the train stage, and the embed stage's dependency, so
@@ -40,6 +42,10 @@ from loc2vec.training.model import Encoder
 from loc2vec.training.registry import CANDIDATE, CHAMPION, ModelRef, load_model, resolve_alias
 
 log = logging.getLogger(__name__)
+SCORE_FORMULAS: dict[str, str] = {
+    "suite": "mean leak-free loc2vec logreg macro-F1 + {w:g} × mean consumer logreg lift over best_baseline",
+    "consumer": "mean logreg macro-F1 of the consumer tasks (transport, venue)",
+}
 
 
 def _encoder_feature(encoder: Encoder, ctx: EvaluationContext, batch_size: int) -> FeatureFn:
@@ -94,7 +100,13 @@ def promote(
     refs = {"candidate": candidate}
     if champion.version != candidate.version:
         refs["champion"] = champion
-    scores = gate_scores(refs, regions, evaluate_cfg, ctx)
+    if cfg.score == "suite":
+        from loc2vec.evaluation.suite_gate import suite_gate_scores
+
+        encoders = {key: load_model(ctx.paths, ref, ctx.model) for key, ref in refs.items()}
+        scores = suite_gate_scores(encoders, regions, evaluate_cfg, ctx, cfg.lift_weight)
+    else:
+        scores = gate_scores(refs, regions, evaluate_cfg, ctx)
     scores.setdefault("champion", scores["candidate"])
     client = MlflowClient()
     for key, ref in refs.items():
@@ -115,6 +127,7 @@ def promote(
         "champion_score": scores["champion"]["score"],
         "candidate_lead": round(lead, 4),
         "min_delta": cfg.min_delta,
+        "score_formula": SCORE_FORMULAS[cfg.score].format(w=cfg.lift_weight),
         "candidate_tasks": scores["candidate"]["tasks"],
         "champion_tasks": scores["champion"]["tasks"],
     }

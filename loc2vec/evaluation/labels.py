@@ -129,7 +129,7 @@ def margin_box(
     return box, (float(x0), float(y0), float(x1), float(y1))
 
 
-def _finish(
+def finish_labels(
     region: str, task: str, df: pd.DataFrame, cfg: LabelConfig, rng: np.random.Generator, res: int
 ) -> pd.DataFrame:
     """Jitter, H3 cells, ids and the observation time; one row per label in a stable order."""
@@ -201,7 +201,7 @@ def transport_labels(region: str, cfg: LabelConfig, source: LabelSource) -> pd.D
     if len(parts) < 2:
         raise ConfigError(f"region {region!r} has fewer than two transport modes with enough ways")
     rng = np.random.default_rng([cfg.seed, 1])
-    return _finish(region, "transport", pd.concat(parts, ignore_index=True), cfg, rng, source.h3_resolution)
+    return finish_labels(region, "transport", pd.concat(parts, ignore_index=True), cfg, rng, source.h3_resolution)
 
 
 # ---------------------------------------------------------------- venue
@@ -245,7 +245,7 @@ def venue_labels(region: str, cfg: LabelConfig, source: LabelSource) -> pd.DataF
     if len(parts) < 2:
         raise ConfigError(f"region {region!r} has fewer than two venue groups with ≥ {cfg.min_per_class} POIs")
     rng = np.random.default_rng([cfg.seed, 3])
-    return _finish(region, "venue", pd.concat(parts, ignore_index=True), cfg, rng, source.h3_resolution)
+    return finish_labels(region, "venue", pd.concat(parts, ignore_index=True), cfg, rng, source.h3_resolution)
 
 
 def make_labels(region: str, task: str, cfg: LabelConfig, source: LabelSource) -> pd.DataFrame:

@@ -137,6 +137,30 @@ N_CHANNELS = len(CHANNELS)
 assert N_CHANNELS == 12, "the encoder expects 12 channels"
 
 
+# Masking (evaluation/: a label's own object hidden from its scene). osm2pgsql keeps nodes in planet_osm_point and
+# ways (id) and relations (-id) in planet_osm_line/planet_osm_polygon: each table reads the id to hide from a
+# Mapnik render variable (`!@name!`, substituted per render), 0 hiding nothing.
+HIDE_VARIABLES: dict[str, str] = {
+    "planet_osm_point": "hide_node",
+    "planet_osm_line": "hide_way",
+    "planet_osm_polygon": "hide_way",
+}
+
+
+def maskable_sql(channel: Channel) -> str:
+    """The channel's SQL with each OSM table filtered by its hide variable (see HIDE_VARIABLES).
+
+    Used only by maskable renderers: the plain SQL (and with it the metatiles' channel digest) is unchanged.
+    """
+    out = channel.sql
+    for table, var in HIDE_VARIABLES.items():
+        out = out.replace(
+            f"{{schema}}.{table} ",
+            f"(SELECT * FROM {{schema}}.{table} WHERE osm_id <> !@{var}!) AS {table} ",
+        )
+    return out
+
+
 def channel_index(name: str) -> int:
     try:
         return CHANNEL_NAMES.index(name)

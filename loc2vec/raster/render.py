@@ -18,6 +18,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
+from typing import Literal
 from xml.sax.saxutils import escape, quoteattr
 
 import mapnik
@@ -28,7 +29,7 @@ from loc2vec.core.errors import Loc2VecError
 from loc2vec.core.geo import lonlat_to_mercator, mercator_scale
 from loc2vec.core.names import validate_region_name
 from loc2vec.osm.db import ConnInfo, ImportRecord, require_import
-from loc2vec.raster.channels import CHANNELS, Channel
+from loc2vec.raster.channels import CHANNEL_NAMES, CHANNELS, HIDE_VARIABLES, Channel, maskable_sql
 
 log = logging.getLogger(__name__)
 _WORLD_3857 = "-20037508.34,-20037508.34,20037508.34,20037508.34"
@@ -59,8 +60,14 @@ def _symbolizer(channel: Channel, px_per_m: float, size: int) -> str:
     )
 
 
-def channel_map_xml(channel: Channel, schema: str, info: ConnInfo, px_per_m: float, buffer_px: int, size: int) -> str:
-    """Mapnik XML for one channel: one layer from PostGIS, drawn white on transparent."""
+def channel_map_xml(
+    channel: Channel, schema: str, info: ConnInfo, px_per_m: float, buffer_px: int, size: int, maskable: bool = False
+) -> str:
+    """Mapnik XML for one channel: one layer from PostGIS, drawn white on transparent.
+
+    `maskable` filters each OSM table by an id given per render (channels.maskable_sql, HiddenObject).
+    """
+    query = maskable_sql(channel) if maskable else channel.sql
     params = {
         "type": "postgis",
         "host": info.host,  # the wheel's libpq looks for sockets in /tmp: always explicit
@@ -68,7 +75,7 @@ def channel_map_xml(channel: Channel, schema: str, info: ConnInfo, px_per_m: flo
         "dbname": info.dbname,
         "user": info.user,
         "password": info.password or "",
-        "table": f"({channel.sql.format(schema=_quote_ident(schema))}) AS t",
+        "table": f"({query.format(schema=_quote_ident(schema))}) AS t",
         "geometry_field": "way",
         "srid": "3857",
         "extent": _WORLD_3857,
@@ -90,6 +97,48 @@ def _quote_ident(name: str) -> str:
     return f'"{name}"'
 
 
+MAX_OSM_ID = 2**62  # far above any OSM id; anything larger (or not an int) is refused before it reaches SQL
+
+
+@dataclass(frozen=True)
+class HiddenObject:
+    """One OSM object left out of a render (an evaluation label's own object), by its osm2pgsql id.
+
+    Attributes:
+        table: "point" (a node, planet_osm_point) or "way" (planet_osm_line/polygon: a way's id, or
+            minus a relation's id, as osm2pgsql stores them).
+        osm_id: the id in that table (validated: a non-zero int, so it is safe inside Mapnik's SQL).
+        keep_channels: channels that still draw it (building_type keeps the footprint in `buildings`).
+    """
+
+    table: Literal["point", "way"]
+    osm_id: int
+    keep_channels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.table not in ("point", "way"):
+            raise RenderError(f"hidden object table must be 'point' or 'way', got {self.table!r}")
+        if isinstance(self.osm_id, bool) or not isinstance(self.osm_id, int | np.integer):
+            raise RenderError(f"hidden object id must be an integer, got {self.osm_id!r}")
+        if not 0 < abs(int(self.osm_id)) < MAX_OSM_ID:
+            raise RenderError(f"hidden object id must be a non-zero OSM id, got {self.osm_id!r}")
+        object.__setattr__(self, "osm_id", int(self.osm_id))
+        unknown = [c for c in self.keep_channels if c not in CHANNEL_NAMES]
+        if unknown:
+            raise RenderError(f"unknown channels {unknown} in keep_channels")
+
+    def variables(self, channel: str) -> dict[str, int]:
+        """Mapnik render variables hiding this object from `channel` (0 hides nothing)."""
+        hide = 0 if channel in self.keep_channels else self.osm_id
+        return {
+            var: hide if (table == "planet_osm_point") == (self.table == "point") else 0
+            for table, var in HIDE_VARIABLES.items()
+        }
+
+
+NOTHING_HIDDEN: dict[str, int] = dict.fromkeys(HIDE_VARIABLES.values(), 0)
+
+
 @dataclass(frozen=True)
 class TileSpec:
     radius_m: float
@@ -103,8 +152,9 @@ class TileSpec:
 class TileRenderer:
     """The 12 channel maps of one region, built once; renders tiles on demand (one per process)."""
 
-    def __init__(self, region: str, spec: TileSpec, info: ConnInfo, buffer_px: int):
+    def __init__(self, region: str, spec: TileSpec, info: ConnInfo, buffer_px: int, maskable: bool = False):
         self.region = validate_region_name(region)
+        self.maskable = maskable
         self.spec = spec
         self.info = info
         self.record: ImportRecord = require_import(region, self.info)
@@ -113,23 +163,34 @@ class TileRenderer:
         self._maps: list[mapnik.Map] = []
         for channel in CHANNELS:
             m = mapnik.Map(spec.size, spec.size)
-            mapnik.load_map_from_string(m, channel_map_xml(channel, region, self.info, px_per_m, buffer_px, spec.size))
+            xml = channel_map_xml(channel, region, self.info, px_per_m, buffer_px, spec.size, maskable)
+            mapnik.load_map_from_string(m, xml)
             self._maps.append(m)
         self._image = mapnik.Image(spec.size, spec.size)
         self._lock = threading.Lock()  # Mapnik maps are not thread-safe; processes scale, threads don't
 
     def render(
-        self, lat: float, lon: float, angle_deg: float = 0.0, shift_m: tuple[float, float] = (0.0, 0.0)
+        self,
+        lat: float,
+        lon: float,
+        angle_deg: float = 0.0,
+        shift_m: tuple[float, float] = (0.0, 0.0),
+        hidden: HiddenObject | None = None,
     ) -> np.ndarray:
+        """The (12, size, size) uint8 tile; `hidden` (maskable renderers only) is left out of it."""
+        if hidden is not None and not self.maskable:
+            raise RenderError("this renderer cannot hide objects: get_renderer(..., maskable=True)")
         size = self.spec.size
         k = mercator_scale(lat)
         x, y = lonlat_to_mercator(lon, lat)
         x, y, r = x + shift_m[0] * k, y + shift_m[1] * k, self.spec.radius_m * k
         box = mapnik.Box2d(x - r, y - r, x + r, y + r)
-        variables = {"angle": float(angle_deg)}
         out = np.empty((len(self._maps), size, size), dtype=np.uint8)
         with self._lock:
             for i, m in enumerate(self._maps):
+                variables: dict[str, float | int] = {"angle": float(angle_deg)}
+                if self.maskable:
+                    variables.update(hidden.variables(CHANNELS[i].name) if hidden else NOTHING_HIDDEN)
                 m.zoom_to_box(box)
                 self._image.clear()
                 mapnik.render_with_vars(m, self._image, variables)
@@ -141,13 +202,16 @@ class TileRenderer:
 _RENDERERS: dict[tuple, TileRenderer] = {}
 
 
-def get_renderer(region: str, render: RenderConfig, info: ConnInfo) -> TileRenderer:
-    """The per-process renderer for a region and tile geometry (maps are parsed once, then reused)."""
+def get_renderer(region: str, render: RenderConfig, info: ConnInfo, maskable: bool = False) -> TileRenderer:
+    """The per-process renderer for a region and tile geometry (maps are parsed once, then reused).
+
+    `maskable` renderers can leave one OSM object out of each render (HiddenObject); the pipeline's are not.
+    """
     spec = TileSpec(radius_m=float(render.radius_m), size=int(render.size))
-    key = (os.getpid(), region, spec, render.buffer_px, info)
+    key = (os.getpid(), region, spec, render.buffer_px, info, maskable)
     renderer = _RENDERERS.get(key)
     if renderer is None:
-        renderer = _RENDERERS[key] = TileRenderer(region, spec, info, render.buffer_px)
+        renderer = _RENDERERS[key] = TileRenderer(region, spec, info, render.buffer_px, maskable)
     return renderer
 
 
@@ -171,9 +235,11 @@ def render_tile(
     info: ConnInfo,
     angle_deg: float = 0.0,
     shift_m: tuple[float, float] = (0.0, 0.0),
+    hidden: HiddenObject | None = None,
 ) -> np.ndarray:
     """Render the (12, size, size) uint8 tile around (lat, lon), rotated CCW by angle_deg and with
-    its centre moved shift_m = (east, north) metres, from the region's PostGIS import.
+    its centre moved shift_m = (east, north) metres, from the region's PostGIS import; `hidden` is
+    left out of it (evaluation's masked scenes).
 
     The tile geometry is `render` (params.render: what training and embedding see). The moved centre
     must stay inside the region's extent: a tile of nothing is an error, not an empty array.
@@ -181,7 +247,7 @@ def render_tile(
     validate_location(lat, lon)
     if not all(math.isfinite(v) for v in (angle_deg, *shift_m)):
         raise RenderError(f"angle and shift must be finite, got angle={angle_deg}, shift={shift_m}")
-    renderer = get_renderer(region, render, info)
+    renderer = get_renderer(region, render, info, maskable=hidden is not None)
     validate_location(lat, lon, renderer.record)
     if shift_m != (0.0, 0.0):
         from loc2vec.core.geo import offset_m
@@ -192,4 +258,4 @@ def render_tile(
         except RenderError as exc:
             shift = tuple(float(v) for v in shift_m)
             raise RenderError(f"the shift {shift} m moves the tile centre out of the region: {exc}") from None
-    return renderer.render(lat, lon, angle_deg, (float(shift_m[0]), float(shift_m[1])))
+    return renderer.render(lat, lon, angle_deg, (float(shift_m[0]), float(shift_m[1])), hidden)

@@ -1,0 +1,314 @@
+"""The added-value suite: what the embedding adds over the baselines an engineer would use (`evaluate --suite`).
+
+Suites:
+
+* ``leakfree`` – venue_context, transport_context, building_type (evaluation/leakfree.py). Every
+  featureset of a label comes from its masked scene (evaluation/scene.py): ``loc2vec`` (the given
+  encoder on the masked tile rendered at the point), ``histogram``, ``tag_counts`` (log1p),
+  ``random_encoder`` (the same architecture untrained, seeded), ``random_wide`` (evaluation/tilefeatures.py),
+  ``latlon`` and, for transport_context, ``nearest_way``.
+* ``consumer`` – the consumer tasks transport and venue as `loc2vec evaluate` scores them (loc2vec and the
+  histogram from Feast: historical for training rows, online for tested rows), plus ``nearest_way``
+  for transport; random_wide is not computed there (it needs the cell tiles, not the Feast features).
+* ``all`` – both.
+
+Each task is scored by evaluation/added_value.py (every featureset, best_baseline, best_baseline+loc2vec,
+the lift and its interval) under blocked spatial CV, or trained on ``train_regions`` and tested on the
+region (transfer; ``suite.per_region_standardise`` z-scores each featureset within each region first).
+
+Output JSON: ``tasks.<task>.<featureset>.<classifier>.{accuracy, macro_f1}``,
+``tasks.<task>.lift.<classifier> = {best_baseline, lift, ci95, chosen_per_fold}``, and ``meta`` (per task:
+counts, folds, block-bootstrap intervals of every macro-F1, seconds; ``leakfree_score`` = mean loc2vec
+logreg macro-F1 over the leak-free tasks; ``consumer_lift`` = mean logreg lift over the consumer tasks).
+A PNG chart of macro-F1 per featureset with intervals is written beside it; both go to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from loc2vec.core.atomic import write_text
+from loc2vec.core.config import EvaluateConfig, RenderConfig
+from loc2vec.core.errors import ConfigError, Loc2VecError
+from loc2vec.core.names import validate_region_name
+from loc2vec.core.tracking import setup_mlflow
+from loc2vec.evaluation.added_value import REFERENCE, score_added_value
+from loc2vec.evaluation.context import EvaluationContext
+from loc2vec.evaluation.cv import Fold, block_bootstrap, spatial_folds
+from loc2vec.evaluation.featuresets import Featurizer
+from loc2vec.evaluation.labels import TASKS, class_counts
+from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, TRANSPORT_TASKS, building_coverage, make_leakfree_labels
+from loc2vec.evaluation.run import TaskData, prepare_task
+from loc2vec.evaluation.scene import histogram, nearest_way, scene_tag_counts, tile_features
+from loc2vec.evaluation.tilefeatures import RandomWide, encoder_tiles, untrained_encoder
+from loc2vec.osm.db import require_import
+from loc2vec.sampling.split import assign_blocks
+from loc2vec.training.model import Encoder
+
+log = logging.getLogger(__name__)
+
+SUITES: dict[str, tuple[str, ...]] = {"leakfree": LEAKFREE_TASKS, "consumer": TASKS, "all": (*LEAKFREE_TASKS, *TASKS)}
+CONSUMER_BASELINES: tuple[str, ...] = ("latlon", "histogram", "tag_counts", "random_encoder", "nearest_way")
+
+
+def task_baselines(task: str, cfg: EvaluateConfig) -> list[str]:
+    """The suite's baselines that apply to a task (nearest_way: transport tasks; random_wide: leak-free ones)."""
+    out: list[str] = [b for b in cfg.suite.baselines if b != "nearest_way" or task in TRANSPORT_TASKS]
+    return [b for b in out if b in CONSUMER_BASELINES] if task in TASKS else out
+
+
+def scene_featuresets(
+    labels: pd.DataFrame, task: str, cfg: EvaluateConfig, ctx: EvaluationContext, encoder: Encoder
+) -> dict[str, np.ndarray]:
+    """Every featureset of the labels, all from their masked scenes (row-aligned, float).
+
+    Args:
+        labels: leak-free labels (with hidden_table, hidden_id).
+        task: the leak-free task.
+        cfg: params `evaluate` (suite, random_encoder_seed).
+        ctx: the database, tile radius and geometry.
+        encoder: the model measured (`loc2vec`).
+
+    Returns:
+        {featureset: (n, d)}.
+    """
+    s = cfg.suite
+    wanted = {REFERENCE, *task_baselines(task, cfg)}
+    fns = {"loc2vec": encoder_tiles(encoder), "histogram": histogram}
+    if "random_encoder" in wanted:
+        fns["random_encoder"] = encoder_tiles(untrained_encoder(encoder.cfg, cfg.random_encoder_seed))
+    if "random_wide" in wanted:
+        fns["random_wide"] = RandomWide(s.random_wide_features, s.random_wide_seed)
+    out = tile_features(labels, fns, ctx.render or RenderConfig(), ctx.info, s.tile_batch)
+    out["tag_counts"] = np.log1p(scene_tag_counts(labels, ctx.info, ctx.radius_m))
+    out["latlon"] = labels[["lat", "lon"]].to_numpy(float)
+    if "nearest_way" in wanted:
+        out["nearest_way"] = nearest_way(labels, ctx.info, ctx.radius_m)
+    return {k: v for k, v in out.items() if k in wanted}
+
+
+def _per_region_standardise(features: dict[str, np.ndarray], regions: np.ndarray) -> dict[str, np.ndarray]:
+    """Each featureset z-scored within each region (transfer: regions differ in density and mix)."""
+    out = {}
+    for name, x in features.items():
+        z = x.copy()
+        for r in np.unique(regions):
+            rows = regions == r
+            z[rows] = (x[rows] - x[rows].mean(axis=0)) / np.where(x[rows].std(axis=0) > 0, x[rows].std(axis=0), 1.0)
+        out[name] = z
+    return out
+
+
+def prepare_leakfree(
+    task: str,
+    region: str,
+    train_regions: Sequence[str],
+    cfg: EvaluateConfig,
+    ctx: EvaluationContext,
+    encoder: Encoder,
+) -> TaskData:
+    """Labels → masked-scene featuresets → folds (spatial blocks, or train regions → region).
+
+    Args:
+        task: a leak-free task.
+        region: the evaluated region.
+        train_regions: train on these instead (transfer); empty: blocked spatial CV in `region`.
+        cfg: params `evaluate`.
+        ctx: the database and tile geometry.
+        encoder: the model measured.
+
+    Returns:
+        The task's data; features are the same on both paths (no feature store involved).
+    """
+    source = ctx.labels
+    frames = [make_leakfree_labels(r, task, cfg.labels, source) for r in (*train_regions, region)]
+    labels = pd.concat(frames, ignore_index=True)
+    start = time.perf_counter()
+    feats = scene_featuresets(labels, task, cfg, ctx, encoder)
+    seconds = time.perf_counter() - start
+    ok = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in feats.values()])
+    is_eval = (labels["region"] == region).to_numpy()
+    if train_regions:  # a class never seen in the training regions cannot be predicted: not scored
+        ok &= labels["label"].isin(set(labels.loc[~is_eval & ok, "label"])).to_numpy()
+    labels, is_eval = labels[ok].reset_index(drop=True), is_eval[ok]
+    feats = {k: v[ok] for k, v in feats.items()}
+    if train_regions and cfg.suite.per_region_standardise:
+        feats = _per_region_standardise(feats, labels["region"].to_numpy())
+    bbox = require_import(region, ctx.info).bbox
+    if train_regions:
+        folds = [Fold(np.flatnonzero(~is_eval), np.flatnonzero(is_eval))]
+    else:
+        folds = spatial_folds(labels, cfg.split, bbox, ctx.radius_m)
+    blocks, _ = assign_blocks(
+        labels["lat"].to_numpy(float), labels["lon"].to_numpy(float), bbox, cfg.split.block_m, cfg.split.seed
+    )
+    tested = np.unique(np.concatenate([f.test for f in folds]))
+    meta: dict[str, Any] = {
+        "n_labels": int(len(ok)),
+        "n_dropped_missing_features_or_class": int((~ok).sum()),
+        "n_tested": int(len(tested)),
+        "folds": len(folds),
+        "mean_train_per_fold": float(np.mean([len(f.train) for f in folds])),
+        "classes": sorted(set(labels["label"].iloc[tested])),
+        "class_counts_tested": class_counts(labels.iloc[tested]),
+        "class_counts_train_regions": class_counts(labels[~is_eval]) if train_regions else None,
+        "feature_dims": {k: int(v.shape[1]) for k, v in feats.items()},
+        "seconds_scenes": round(seconds, 1),
+    }
+    if task == "building_type":
+        meta["building_coverage"] = {r: building_coverage(r, source) for r in (*train_regions, region)}
+    return TaskData(labels, folds, feats, feats, np.asarray(blocks), meta)
+
+
+def prepare_consumer(
+    task: str, region: str, train_regions: Sequence[str], cfg: EvaluateConfig, ctx: EvaluationContext
+) -> TaskData:
+    """A consumer task as `loc2vec evaluate` prepares it (Feast), with nearest_way added for transport."""
+    featurizer = Featurizer.default(cfg, ctx)
+    featurizer.base["nearest_way"] = lambda points, mode, service: nearest_way(points, ctx.info, ctx.radius_m)
+    names = (REFERENCE, *task_baselines(task, cfg))
+    return prepare_task(
+        task, region, list(train_regions) or None, cfg.model_copy(update={"featuresets": names}), featurizer, ctx
+    )
+
+
+def run_suite(
+    suite: str,
+    region: str,
+    out: Path,
+    cfg: EvaluateConfig,
+    ctx: EvaluationContext,
+    *,
+    encoder: Encoder | None,
+    train_regions: Sequence[str] = (),
+    model: dict[str, str] | None = None,
+    track: bool = True,
+) -> dict[str, Any]:
+    """Run a suite on a region; write the JSON and its chart (same stem, .png); log both to MLflow.
+
+    Args:
+        suite: "leakfree", "consumer" or "all".
+        region: the evaluated region.
+        out: the JSON to write (atomically).
+        cfg: params `evaluate`.
+        ctx: the evaluation context.
+        encoder: the model measured on masked tiles (leak-free tasks; the consumer tasks read Feast).
+        train_regions: train on these regions instead (transfer).
+        model: what `encoder` is ({name, version} or {path}), recorded in meta.
+        track: log to MLflow.
+
+    Returns:
+        The JSON written.
+    """
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; suites are {', '.join(SUITES)}")
+    validate_region_name(region)
+    train_regions = [validate_region_name(r) for r in train_regions if r]
+    if region in train_regions:
+        raise ConfigError(f"--train-regions must not include the evaluated region {region!r}")
+    tasks: dict[str, Any] = {}
+    metas: dict[str, Any] = {}
+    for task in SUITES[suite]:
+        start = time.perf_counter()
+        if task in LEAKFREE_TASKS:
+            if encoder is None:
+                raise Loc2VecError("the leak-free suite needs an encoder (--model DIR, or a registered champion)")
+            data = prepare_leakfree(task, region, train_regions, cfg, ctx, encoder)
+        else:
+            data = prepare_consumer(task, region, train_regions, cfg, ctx)
+        baselines = task_baselines(task, cfg)
+        table, preds, lift = score_added_value(data, [REFERENCE, *baselines], baselines, cfg, ctx.radius_m)
+        tasks[task] = {**table, "lift": lift}
+        meta = dict(data.meta)
+        if cfg.bootstrap:
+            tested = np.concatenate([f.test for f in data.folds])
+            y = data.labels["label"].to_numpy()[tested]
+            meta["bootstrap"] = block_bootstrap(y, preds, data.blocks[tested], cfg.bootstrap, cfg.split.seed)
+        meta["seconds"] = round(time.perf_counter() - start, 1)
+        metas[task] = meta
+        log.info(
+            "%s %s: loc2vec %.3f, best baseline %s, lift %+.3f %s (%.0f s)",
+            region,
+            task,
+            table[REFERENCE]["logreg"]["macro_f1"] if "logreg" in table[REFERENCE] else float("nan"),
+            lift[next(iter(lift))]["best_baseline"],
+            lift[next(iter(lift))]["lift"],
+            lift[next(iter(lift))]["ci95"],
+            meta["seconds"],
+        )
+    result: dict[str, Any] = {"tasks": tasks}
+    result["meta"] = {
+        "suite": suite,
+        "region": region,
+        "train_regions": train_regions or None,
+        "split": "regions" if train_regions else "spatial_blocks",
+        "model": model or {},
+        "leakfree_score": suite_score(tasks, LEAKFREE_TASKS),
+        "consumer_lift": mean_lift(tasks, TASKS),
+        "tasks": metas,
+    }
+    path = Path(out)
+    write_text(path, json.dumps(result, indent=2) + "\n")
+    from loc2vec.evaluation.chart import suite_chart
+
+    chart = suite_chart(result, path.with_suffix(".png"))
+    if track:
+        log_suite(result, [path, chart], cfg, ctx)
+    return result
+
+
+def suite_score(tasks: dict[str, Any], names: Sequence[str], classifier: str = "logreg") -> float | None:
+    """Mean loc2vec macro-F1 of a classifier over the named tasks present (None if none is)."""
+    values = [tasks[t][REFERENCE][classifier]["macro_f1"] for t in names if t in tasks]
+    return float(np.mean(values)) if values else None
+
+
+def mean_lift(tasks: dict[str, Any], names: Sequence[str], classifier: str = "logreg") -> float | None:
+    """Mean lift of best_baseline+loc2vec over best_baseline over the named tasks present (None if none is)."""
+    values = [tasks[t]["lift"][classifier]["lift"] for t in names if t in tasks and classifier in tasks[t]["lift"]]
+    return float(np.mean(values)) if values else None
+
+
+def metrics_of(result: dict[str, Any]) -> dict[str, float]:
+    """Flat numeric metrics of a suite result (MLflow names: `+` spelled `_plus_`)."""
+    out: dict[str, float] = {}
+    for task, table in result["tasks"].items():
+        for fs, by_kind in table.items():
+            for kind, v in by_kind.items():
+                if fs == "lift":
+                    out[f"{task}.lift.{kind}"] = float(v["lift"])
+                    out[f"{task}.lift.{kind}.ci95_low"], out[f"{task}.lift.{kind}.ci95_high"] = map(float, v["ci95"])
+                else:
+                    out[f"{task}.{fs.replace('+', '_plus_')}.{kind}.macro_f1"] = float(v["macro_f1"])
+    for key in ("leakfree_score", "consumer_lift"):
+        if result["meta"][key] is not None:
+            out[key] = float(result["meta"][key])
+    return out
+
+
+def log_suite(result: dict[str, Any], files: Sequence[Path], cfg: EvaluateConfig, ctx: EvaluationContext) -> str:
+    """One MLflow run in the evaluation experiment: params, flat metrics, the JSON and the chart."""
+    mlflow = setup_mlflow(cfg.experiment, ctx.paths)
+    meta = result["meta"]
+    with mlflow.start_run(run_name=f"suite-{meta['suite']}-{meta['region']}") as run:
+        mlflow.log_params(
+            {
+                "suite": meta["suite"],
+                "region": meta["region"],
+                "train_regions": ",".join(meta["train_regions"] or []) or "-",
+                "model": json.dumps(meta["model"])[:500],
+                "suite_config": json.dumps(cfg.suite.model_dump(mode="json"))[:500],
+            }
+        )
+        mlflow.log_metrics(metrics_of(result))
+        for f in files:
+            mlflow.log_artifact(str(f))
+        return str(run.info.run_id)

@@ -1,0 +1,131 @@
+"""`loc2vec evaluate --suite leakfree` end to end on the real test region: JSON shape, lift rows, chart, MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loc2vec.core.config import ModelConfig
+from loc2vec.evaluation.added_value import BEST, BEST_PLUS
+from loc2vec.evaluation.leakfree import LEAKFREE_TASKS
+
+from .fixtures.project import load_project
+from .fixtures.trained import patched_params
+
+SMALL = {
+    "labels": {
+        "seed": 3, "transport_per_class": 25, "venue_per_class": 20, "building_per_class": 20, "min_per_class": 8,
+    },
+    "split": {"block_m": 600.0, "folds": 3, "seed": 1},
+    "bootstrap": 100,
+    "suite": {"random_wide_features": 64, "hgb_max_iter": 10, "inner_folds": 2},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained, seeded encoder saved the way training saves one (what is tested is the suite, not the model)."""
+    from loc2vec.training.model import Encoder
+
+    out = tmp_path_factory.mktemp("model")
+    torch.manual_seed(5)
+    cfg = ModelConfig()
+    torch.save(Encoder(cfg).state_dict(), out / "model.pt")
+    (out / "model_config.json").write_text(cfg.model_dump_json())
+    return out
+
+
+@pytest.fixture(scope="module")
+def suite_result(project: Path, region: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("suite") / "test_li.leakfree.json"
+    with patched_params(project, {"evaluate": SMALL}):
+        cmd = [sys.executable, "-m", "loc2vec.cli", "evaluate", "--suite", "leakfree", "--region", region]
+        done = subprocess.run([*cmd, "--model", str(model_dir), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    result["_out"] = str(out)
+    result["_stdout"] = done.stdout
+    return result
+
+
+def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict) -> None:
+    tasks = suite_result["tasks"]
+    assert list(tasks) == list(LEAKFREE_TASKS)
+    for task, table in tasks.items():
+        expected = {"loc2vec", "latlon", "histogram", "tag_counts", "random_encoder", "random_wide", BEST, BEST_PLUS}
+        if task == "transport_context":
+            expected.add("nearest_way")
+        assert set(table) == expected | {"lift"}, task
+        for name in expected:
+            for kind in ("logreg", "hgb"):
+                assert 0.0 <= table[name][kind]["macro_f1"] <= 1.0
+        for kind in ("logreg", "hgb"):
+            lift = table["lift"][kind]
+            assert lift["best_baseline"] in expected - {"loc2vec", BEST, BEST_PLUS}
+            assert set(lift["chosen_per_fold"]) <= expected and len(lift["chosen_per_fold"]) == 3
+            low, high = lift["ci95"]
+            assert low <= lift["lift"] <= high
+            assert lift["lift"] == pytest.approx(table[BEST_PLUS][kind]["macro_f1"] - table[BEST][kind]["macro_f1"])
+        meta = suite_result["meta"]["tasks"][task]
+        assert meta["feature_dims"]["random_wide"] == 64 and meta["feature_dims"]["loc2vec"] == 16
+        assert meta["bootstrap"]["macro_f1_ci95"]["loc2vec"]["logreg"][0] <= table["loc2vec"]["logreg"]["macro_f1"]
+    assert "nearest_way" not in tasks["venue_context"], "nearest_way is a transport baseline"
+    coverage = suite_result["meta"]["tasks"]["building_type"]["building_coverage"]["test_li"]
+    assert coverage["untyped"] > 0 and coverage["residential"] > 0
+    assert suite_result["meta"]["leakfree_score"] == pytest.approx(
+        sum(tasks[t]["loc2vec"]["logreg"]["macro_f1"] for t in LEAKFREE_TASKS) / 3
+    )
+    assert json.loads(suite_result["_stdout"]) == tasks, "stdout is the tasks table alone"
+
+
+def test_suite_writes_a_chart_and_logs_to_mlflow(suite_result: dict) -> None:
+    from mlflow import MlflowClient
+
+    from loc2vec.core.tracking import use_store
+
+    out = Path(suite_result["_out"])
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    p = load_project()
+    use_store(p.paths)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(p.params.evaluate.experiment)
+    runs = client.search_runs([experiment.experiment_id], "params.suite = 'leakfree'")
+    assert runs, "the suite run is logged"
+    run = runs[0]
+    assert run.data.metrics["leakfree_score"] == pytest.approx(suite_result["meta"]["leakfree_score"])
+    assert "venue_context.lift.logreg" in run.data.metrics
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {out.name, png.name}
+
+
+def test_suite_gate_score_is_leakfree_f1_plus_weighted_consumer_lift(project: Path, region: str) -> None:
+    """The gate's formula on the test region: a constant encoder (every tile → one point) loses to a random one."""
+    from loc2vec.evaluation.suite_gate import suite_gate_scores
+    from loc2vec.training.model import Encoder
+
+    from .fixtures.project import evaluation_context
+
+    torch.manual_seed(5)
+    random = Encoder(ModelConfig()).eval()
+    constant = Encoder(ModelConfig()).eval()
+    with torch.no_grad():
+        for p in constant.parameters():
+            p.zero_()
+    with patched_params(project, {"evaluate": SMALL}):
+        proj = load_project()
+        scores = suite_gate_scores(
+            {"random": random, "constant": constant}, [region], proj.params.evaluate, evaluation_context(proj), 0.5
+        )
+    for s in scores.values():
+        assert s["score"] == pytest.approx(s["leakfree"] + 0.5 * s["consumer_lift"], abs=2e-4)
+        assert {f"{region}/{t}" for t in LEAKFREE_TASKS} | {f"{region}/transport.lift", f"{region}/venue.lift"} == set(
+            s["tasks"]
+        )
+    assert scores["constant"]["consumer_lift"] == pytest.approx(0.0, abs=0.02), "a constant adds nothing to a baseline"
+    assert scores["random"]["leakfree"] > scores["constant"]["leakfree"]
+    assert scores["random"]["score"] > scores["constant"]["score"]
