@@ -5,7 +5,7 @@ Which store: ``feature_repo/feature_store.yaml`` (SQLite online store) or, when 
 the database connection (osm.db.conninfo). Relative paths resolve against ``<project root>/feature_repo``,
 so the data is in ``<project root>/data/feast`` for a checkout and a test project alike (core.paths).
 
-Feast is imported lazily (``import feast`` takes 7–8 s).
+Feast is imported lazily, the fast way (serving/feast_import.py: 1.5 s instead of 7–8 s, without torch).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class StoreSettings:
         h3_resolution: the resolution of the published cells (lookups use the same).
         reader: the read-only role consumers' lookups connect as (None: `info`'s role); publishing
             always writes as `info`'s.
+        retain_versions: a model version keeps its own view and pinned services until this many newer
+            versions are published (serving/versions.py).
     """
 
     kind: str
@@ -58,6 +60,7 @@ class StoreSettings:
     postgres_schema: str = "feast"
     h3_resolution: int = 11
     reader: ConnInfo | None = None
+    retain_versions: int = 3
 
     @classmethod
     def from_config(
@@ -80,7 +83,7 @@ class StoreSettings:
             raise ConfigError(
                 f"online store must be one of {sorted(STORE_FILES)} (${ONLINE_STORE_ENV}), got {chosen!r}"
             )
-        return cls(chosen, paths, info, publish.postgres_schema, embed.h3_resolution, reader)
+        return cls(chosen, paths, info, publish.postgres_schema, embed.h3_resolution, reader, publish.retain_versions)
 
     @property
     def feast_dir(self) -> Path:
@@ -149,6 +152,9 @@ def online_db_path(settings: StoreSettings) -> Path | None:
 
 
 def _build(settings: StoreSettings, registry: Path | None = None, *, consumer: bool = False) -> FeatureStore:
+    from loc2vec.serving.feast_import import import_feast
+
+    import_feast()
     from feast import FeatureStore
     from feast.repo_config import RepoConfig
 

@@ -1,0 +1,312 @@
+"""Consumers in production (#14): version-pinned embeddings, retirement, the CLI, Feast's HTTP feature server
+and the thin client's imports, against the real Feast store (SQLite online store), MLflow and `loc2vec`
+processes.
+
+Tiny untrained Encoders are registered under a model name of this module (v1, v2, … in registration
+order), the test region is embedded with each at a coarse H3 resolution and published with
+`publish.retain_versions: 2`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from .conftest import REPO, VADUZ
+from .fixtures.project import embed, load_project, publish, store_settings
+from .fixtures.registry import register_encoder
+from .fixtures.trained import patched_params
+
+MODEL = "loc2vec-encoder-consumers-test"
+RESOLUTION = 9  # ~175 m cells: ~200 in the test region
+RETAIN = 2
+SCHAAN = (47.1660, 9.5055)
+
+
+def _register(seed: int) -> str:
+    from loc2vec.training.model import Encoder
+
+    torch.manual_seed(seed)
+    return register_encoder(Encoder().eval(), MODEL, "loc2vec-consumers-test")
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "loc2vec.cli", *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def world(project: Path, region: str) -> Iterator[dict]:
+    """Test params (coarse H3, own model name, 2 retained versions) and a clean Feast directory."""
+    import shutil
+
+    from loc2vec.serving.store import forget_stores
+
+    overrides = {
+        "embed": {"h3_resolution": RESOLUTION, "batch_size": 64},
+        "train": {"registered_model": MODEL},
+        "publish": {"retain_versions": RETAIN},
+    }
+    with patched_params(project, overrides):
+        shutil.rmtree(project / "data" / "feast", ignore_errors=True)
+        shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
+        forget_stores()
+        yield {"region": region}
+        forget_stores()
+
+
+def _fresh_store():
+    """A consumer started now: a new FeatureStore reading the registry as it is."""
+    from loc2vec.serving.store import feature_store, forget_stores
+
+    forget_stores()
+    return feature_store(store_settings("sqlite"))
+
+
+def _service_rows(service: str, cells: list[str]) -> dict:
+    store = _fresh_store()
+    return store.get_online_features(
+        features=store.get_feature_service(service), entity_rows={"h3_cell": cells}
+    ).to_dict()
+
+
+def _offline(project: Path, region: str) -> pd.DataFrame:
+    return pd.read_parquet(project / "data" / "embeddings" / f"{region}.parquet").set_index("h3_cell")
+
+
+def test_pinned_version_survives_a_new_champion(world: dict, project: Path) -> None:
+    """Publish v1, train a classifier on pinned v1 features, publish v2 as champion: the pinned service returns
+    v1 bit for bit and the classifier's predictions are unchanged; `latest` returns v2."""
+    from sklearn.linear_model import LogisticRegression
+
+    from loc2vec.serving.lookup import get_location_embeddings, historical_features
+
+    v1 = world["v1"] = _register(1)
+    embed(world["region"])
+    report = publish(kind="sqlite")
+    assert report["served_versions"] == [v1] and report["retired_versions"] == []
+    off1 = _offline(project, world["region"])
+    cells = sorted(off1.index)
+
+    # a consumer trains on its pinned service (point-in-time join), labels from the buildings channel
+    service = f"transport_mode_v{v1}"
+    entity = pd.DataFrame({"h3_cell": cells, "event_timestamp": pd.Timestamp.now(tz="UTC")})
+    train = historical_features(entity, service, store_settings("sqlite"))
+    assert (train["model_version"] == v1).all()
+    x_train = np.stack(train["embedding"].map(np.asarray)).astype(np.float32)
+    np.testing.assert_array_equal(x_train, np.stack(off1.loc[cells, "embedding"]))
+    hist = np.stack(off1.loc[cells, "histogram"])
+    y = (hist[:, 6] > np.median(hist[:, 6])).astype(int)  # buildings: more than the median cell
+    clf = LogisticRegression(max_iter=1000).fit(x_train, y)
+    before = _service_rows(service, cells)
+    predicted = clf.predict(np.asarray(before["embedding"], np.float32))
+
+    v2 = world["v2"] = _register(2)  # the new champion
+    embed(world["region"])
+    report = publish(kind="sqlite")
+    assert report["served_versions"] == [v1, v2] and report["materialized"]["mode"] == "window", report["reason"]
+    off2 = _offline(project, world["region"])
+    assert not np.array_equal(np.stack(off2.loc[cells, "embedding"]), np.stack(off1.loc[cells, "embedding"]))
+
+    after = _service_rows(service, cells)
+    assert after["embedding"] == before["embedding"], "the pinned service returns v1, bit for bit"
+    assert set(after["model_version"]) == {v1}
+    assert after["histogram"] == before["histogram"] and after["tag_counts"] == before["tag_counts"]
+    np.testing.assert_array_equal(clf.predict(np.asarray(after["embedding"], np.float32)), predicted)
+    again = historical_features(entity, service, store_settings("sqlite"))
+    np.testing.assert_array_equal(np.stack(again["embedding"].map(np.asarray)).astype(np.float32), x_train)
+
+    latest = _service_rows("latest", cells)
+    assert set(latest["model_version"]) == {v2}
+    np.testing.assert_array_equal(np.asarray(latest["embedding"], np.float32), np.stack(off2.loc[cells, "embedding"]))
+    assert _service_rows(f"transport_mode_v{v2}", cells)["embedding"] == latest["embedding"]
+
+    settings = store_settings("sqlite")
+    pinned = get_location_embeddings([VADUZ[0]], [VADUZ[1]], settings, version=v1).iloc[0]
+    newest = get_location_embeddings([VADUZ[0]], [VADUZ[1]], settings).iloc[0]
+    assert (pinned["model_version"], newest["model_version"]) == (v1, v2)
+    np.testing.assert_array_equal(np.float32(pinned["embedding"]), off1.loc[pinned["h3_cell"], "embedding"])
+    np.testing.assert_array_equal(np.float32(newest["embedding"]), off2.loc[newest["h3_cell"], "embedding"])
+    assert publish(kind="sqlite")["skipped"], "idempotent with versions"
+
+
+def test_old_version_retired_after_retain_versions_newer(world: dict, project: Path) -> None:
+    """v3 published with retain_versions 2: v1's view, services, online table and file go; v2 is untouched."""
+    from loc2vec.serving.catalog import VersionNotServedError, served_versions
+    from loc2vec.serving.lookup import get_location_embeddings
+
+    v1, v2 = world["v1"], world["v2"]
+    cells = sorted(_offline(project, world["region"]).index)
+    pinned_v2 = _service_rows(f"transport_mode_v{v2}", cells)
+    v1_file = load_project().paths.version_offline_store(v1)
+    assert v1_file.is_file()
+
+    v3 = world["v3"] = _register(3)
+    embed(world["region"])
+    report = publish(kind="sqlite")
+    assert report["served_versions"] == [v2, v3] and report["retired_versions"] == [v1]
+
+    store = _fresh_store()
+    assert served_versions(store) == [v2, v3]
+    names = {s.name for s in store.list_feature_services()}
+    assert names == {"latest", f"transport_mode_v{v2}", f"venue_v{v2}", f"transport_mode_v{v3}", f"venue_v{v3}"}
+    with sqlite3.connect(project / "data" / "feast" / "online.db") as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert f"loc2vec_location_embedding_v{v1}" not in tables, "its online rows are gone"
+    assert {f"loc2vec_location_embedding_v{v2}", f"loc2vec_location_embedding_v{v3}"} <= tables
+    assert not v1_file.exists()
+    offline = pd.read_parquet(project / "data" / "feast" / "embeddings.parquet")
+    assert v1 in set(offline["model_version"]), "the offline history keeps every version"
+
+    assert _service_rows(f"transport_mode_v{v2}", cells)["embedding"] == pinned_v2["embedding"]
+    with pytest.raises(VersionNotServedError, match=f"model version {v1} is not served"):
+        get_location_embeddings([VADUZ[0]], [VADUZ[1]], store_settings("sqlite"), version=v1)
+    assert publish(kind="sqlite")["skipped"]
+
+
+def test_cli_services_and_features(world: dict, project: Path, tmp_path: Path) -> None:
+    v2, v3 = world["v2"], world["v3"]
+    services = json.loads(_run_cli("services", "--online-store", "sqlite", "--json").stdout)
+    pins = {s["name"]: s["model_version"] for s in services}
+    assert pins == {
+        "latest": None,
+        f"transport_mode_v{v2}": v2,
+        f"venue_v{v2}": v2,
+        f"transport_mode_v{v3}": v3,
+        f"venue_v{v3}": v3,
+    }
+
+    lat, lon = (str(v) for v in VADUZ)
+    pinned = json.loads(_run_cli("features", "--lat", lat, "--lon", lon, "--version", v2).stdout)
+    newest = json.loads(_run_cli("features", "--lat", lat, "--lon", lon).stdout)
+    assert (pinned["model_version"], newest["model_version"]) == (v2, v3)
+    offline = pd.read_parquet(project / "data" / "feast" / "embeddings.parquet")
+    row = offline[(offline["h3_cell"] == pinned["h3_cell"]) & (offline["model_version"] == v2)].iloc[0]
+    np.testing.assert_array_equal(np.float32(pinned["embedding"]), row["embedding"])
+
+    points = tmp_path / "points.csv"
+    points.write_text(f"name,lat,lon\nvaduz,{VADUZ[0]},{VADUZ[1]}\nschaan,{SCHAAN[0]},{SCHAAN[1]}\n")
+    out = _run_cli("features", "--csv", str(points), "--version", v2).stdout
+    rows = list(csv.DictReader(out.splitlines()))
+    assert [r["model_version"] for r in rows] == [v2, v2] and rows[0]["h3_cell"] == pinned["h3_cell"]
+    assert json.loads(rows[0]["embedding"]) == pinned["embedding"]
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "loc2vec.cli", "features", "--lat", lat, "--lon", lon, "--version", world["v1"]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and f"model version {world['v1']} is not served" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture()
+def server(world: dict, tmp_path: Path) -> Iterator[str]:
+    """`loc2vec serve --port P` as a real process; its base URL once /health answers."""
+    port = _free_port()
+    path = tmp_path / "serve.log"
+    with open(path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loc2vec.cli", "serve", "--online-store", "sqlite", "--port", str(port)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield _wait_healthy(f"http://127.0.0.1:{port}", proc, path)
+        finally:
+            proc.terminate()  # gunicorn's master stops its workers
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return base
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def test_feature_server_over_http(world: dict, project: Path, server: str) -> None:
+    """The real feature server answers get-online-features for a pinned service and a pinned view, with the
+    values the in-process store serves; it binds 127.0.0.1."""
+    v2 = world["v2"]
+    cells = sorted(_offline(project, world["region"]).index)[:5]
+    got = _post(
+        server + "/get-online-features", {"feature_service": f"transport_mode_v{v2}", "entities": {"h3_cell": cells}}
+    )
+    names = got["metadata"]["feature_names"]
+    columns = {name: got["results"][i]["values"] for i, name in enumerate(names)}
+    expected = _service_rows(f"transport_mode_v{v2}", cells)
+    assert columns["h3_cell"] == cells
+    assert columns["model_version"] == [v2] * len(cells)
+    np.testing.assert_array_equal(
+        np.asarray(columns["embedding"], np.float32), np.asarray(expected["embedding"], np.float32)
+    )
+    assert all(s == "PRESENT" for s in got["results"][names.index("embedding")]["statuses"])
+
+    view = f"location_embedding_v{world['v3']}"
+    got = _post(server + "/get-online-features", {"features": [f"{view}:embedding"], "entities": {"h3_cell": cells}})
+    assert len(got["results"][1]["values"]) == len(cells)
+
+    with socket.socket() as s:  # not on another interface
+        s.settimeout(2)
+        host = socket.gethostbyname(socket.gethostname())
+        if host != "127.0.0.1":
+            assert s.connect_ex((host, int(server.rsplit(":", 1)[1]))) != 0
+
+
+def test_thin_client_imports_no_torch_mapnik_or_sklearn(world: dict) -> None:
+    """`from loc2vec.serving import get_location_embeddings` and a lookup load neither torch, Mapnik nor
+    scikit-learn (a fresh interpreter, checked through sys.modules)."""
+    code = f"""
+import sys
+from loc2vec.serving import get_location_embeddings
+from loc2vec.cli.project import Project
+from loc2vec.serving.store import StoreSettings
+p = Project.load()
+s = StoreSettings.from_config(p.params.publish, p.params.embed, p.paths, p.info, "sqlite", reader=p.reader)
+row = get_location_embeddings([{VADUZ[0]}], [{VADUZ[1]}], s, version="{world["v2"]}").iloc[0]
+print(row["model_version"], sorted(m for m in ("torch", "mapnik", "sklearn") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [world["v2"], "[]"], out.stdout
