@@ -206,14 +206,18 @@ def test_cli_services_and_features(world: dict, project: Path, tmp_path: Path) -
     assert [r["model_version"] for r in rows] == [v2, v2] and rows[0]["h3_cell"] == pinned["h3_cell"]
     assert json.loads(rows[0]["embedding"]) == pinned["embedding"]
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "loc2vec.cli", "features", "--lat", lat, "--lon", lon, "--version", world["v1"]],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and f"model version {world['v1']} is not served" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    no_lon = tmp_path / "no_lon.csv"
+    no_lon.write_text(f"lat,longitude\n{VADUZ[0]},{VADUZ[1]}\n")
+    for args, message in (
+        (["--lat", lat, "--lon", lon, "--version", world["v1"]], f"model version {world['v1']} is not served"),
+        (["--csv", str(no_lon)], "expected a header with columns lat and lon"),
+        ([], "give either --lat and --lon, or --csv FILE"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, "-m", "loc2vec.cli", "features", *args], cwd=REPO, capture_output=True, text=True
+        )
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def _free_port() -> int:
@@ -310,3 +314,84 @@ print(row["model_version"], sorted(m for m in ("torch", "mapnik", "sklearn") if 
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == [world["v2"], "[]"], out.stdout
+
+
+PIPELINE_ONLY = (  # the `pipeline` extra's packages (pyproject.toml) a client install lacks (tqdm comes with Feast)
+    "torch", "mapnik", "sklearn", "mlflow", "prefect", "prefect_dask", "dvc", "zarr", "faiss", "matplotlib",
+    "rich", "PIL", "websockets", "networkx", "pydot", "ruamel",
+)  # fmt: skip
+BLOCKING_RUNNER = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("not in a client install: " + name)
+sys.meta_path.insert(0, Blocker())
+from loc2vec.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_client_cli_without_pipeline_packages(world: dict, tmp_path: Path) -> None:
+    """`loc2vec features` and `services` where none of the pipeline's packages can be imported, run from a
+    directory outside the checkout with only the store templates (LOC2VEC_FEATURE_REPO): the same vector."""
+    import os
+    import shutil
+
+    repo = tmp_path / "feature_repo"
+    repo.mkdir()
+    for name in ("feature_store.yaml", "feature_store.postgres.yaml"):
+        shutil.copy(REPO / "feature_repo" / name, repo / name)
+    runner = tmp_path / "client.py"
+    runner.write_text(f"BLOCKED = {PIPELINE_ONLY!r}\n" + BLOCKING_RUNNER)
+    env = {**os.environ, "LOC2VEC_FEATURE_REPO": str(repo)}
+    lat, lon = (str(v) for v in VADUZ)
+
+    def client(*args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, str(runner), *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    v3 = world["v3"]
+    got = json.loads(client("features", "--lat", lat, "--lon", lon, "--version", v3, "--online-store", "sqlite"))
+    want = json.loads(_run_cli("features", "--lat", lat, "--lon", lon, "--version", v3).stdout)
+    assert got == want and got["model_version"] == v3
+    pins = {s["name"]: s["model_version"] for s in json.loads(client("services", "--json", "--online-store", "sqlite"))}
+    assert pins["latest"] is None and pins[f"transport_mode_v{v3}"] == v3
+
+
+def test_publish_killed_between_swap_and_drop_finishes_retiring(world: dict, project: Path, tmp_path: Path) -> None:
+    """A publish killed after swapping in the registry without v2, before dropping v2's online table: consumers
+    already see v2 retired (and v3, v4 served); the next publish drops the table and records the state."""
+    from loc2vec.serving.catalog import served_versions
+
+    v2, v3 = world["v2"], world["v3"]
+    cells = sorted(_offline(project, world["region"]).index)
+    pinned_v3 = _service_rows(f"transport_mode_v{v3}", cells)
+    v4 = _register(4)
+    embed(world["region"])
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.fixtures.kill_at", "loc2vec.serving.publish:_drop_online", "before", "1"]
+        + ["--", "publish", "--online-store", "sqlite"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+
+    def tables() -> set[str]:
+        with sqlite3.connect(project / "data" / "feast" / "online.db") as conn:
+            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    assert served_versions(_fresh_store()) == [v3, v4], "the swap retired v2 for consumers at once"
+    assert f"loc2vec_location_embedding_v{v2}" in tables(), "killed before its table was dropped"
+    assert _service_rows(f"transport_mode_v{v3}", cells)["embedding"] == pinned_v3["embedding"]
+
+    report = json.loads(_run_cli("publish", "--online-store", "sqlite").stdout)
+    assert report["retired_versions"] == [v2] and report["served_versions"] == [v3, v4]
+    assert f"loc2vec_location_embedding_v{v2}" not in tables()
+    assert not load_project().paths.version_offline_store(v2).exists()
+    assert _service_rows(f"transport_mode_v{v3}", cells)["embedding"] == pinned_v3["embedding"]
+    assert json.loads(_run_cli("publish", "--online-store", "sqlite").stdout)["skipped"]

@@ -1,6 +1,7 @@
 """The Feast store of a project: which feature_store.yaml, filled in, and the FeatureStore object.
 
-Which store: ``feature_repo/feature_store.yaml`` (SQLite online store) or, when LOC2VEC_ONLINE_STORE=postgres
+Which store: ``feature_repo/feature_store.yaml`` (SQLite online store; the directory is
+$LOC2VEC_FEATURE_REPO when set) or, when LOC2VEC_ONLINE_STORE=postgres
 (or params ``publish.online_store: postgres``), ``feature_repo/feature_store.postgres.yaml`` filled in from
 the database connection (osm.db.conninfo). Relative paths resolve against ``<project root>/feature_repo``,
 so the data is in ``<project root>/data/feast`` for a checkout and a test project alike (core.paths).
@@ -26,7 +27,10 @@ from loc2vec.osm.db import ConnInfo
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-SOURCE_REPO = Path(__file__).resolve().parents[2] / "feature_repo"  # the definitions (code)
+FEATURE_REPO_ENV = "LOC2VEC_FEATURE_REPO"
+# The definitions and store templates: the checkout's feature_repo/, or where $LOC2VEC_FEATURE_REPO says (an
+# installed client has no checkout: it needs only the feature_store*.yaml templates, e.g. a copy).
+SOURCE_REPO = Path(os.environ.get(FEATURE_REPO_ENV) or Path(__file__).resolve().parents[2] / "feature_repo").resolve()
 ONLINE_STORE_ENV = "LOC2VEC_ONLINE_STORE"
 STORE_FILES = {"sqlite": "feature_store.yaml", "postgres": "feature_store.postgres.yaml"}
 DEFINITION_MODULES = ("entities", "sources", "features", "services")
