@@ -35,6 +35,7 @@ $(VENV)/.installed: pyproject.toml
 
 db: venv
 	$(L2V) db setup
+	$(L2V) redis start --if-selected
 
 db-stop:
 	$(L2V) db stop

@@ -395,3 +395,50 @@ def test_publish_killed_between_swap_and_drop_finishes_retiring(world: dict, pro
     assert not load_project().paths.version_offline_store(v2).exists()
     assert _service_rows(f"transport_mode_v{v3}", cells)["embedding"] == pinned_v3["embedding"]
     assert json.loads(_run_cli("publish", "--online-store", "sqlite").stdout)["skipped"]
+
+
+@pytest.fixture()
+def redis_store(world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real redis-server of its own (Debian's), started like `loc2vec redis start`; its connection string."""
+    from loc2vec.serving import redis_server
+
+    connection = f"127.0.0.1:{_free_port()}"
+    assert redis_server.start(connection, tmp_path / "redis")
+    monkeypatch.setenv("LOC2VEC_REDIS", connection)
+    try:
+        yield connection
+    finally:
+        assert redis_server.stop(connection)
+
+
+def test_redis_online_store(world: dict, project: Path, redis_store: str) -> None:
+    """Publishing to Redis serves what SQLite serves (pinned and latest), idempotently; retiring a version
+    removes its fields from every cell's hash."""
+    import redis
+
+    from loc2vec.serving.catalog import VersionNotServedError, served_versions
+    from loc2vec.serving.lookup import get_location_embeddings
+
+    report = publish(kind="redis")
+    assert report["online_store"] == "redis" and report["redis"] == redis_store
+    served = report["served_versions"]
+    assert served == served_versions(_fresh_store())
+    lats, lons = [VADUZ[0], SCHAAN[0]], [VADUZ[1], SCHAAN[1]]
+    for version in (None, *served):
+        on_redis = get_location_embeddings(lats, lons, store_settings("redis"), version=version)
+        on_sqlite = get_location_embeddings(lats, lons, store_settings("sqlite"), version=version)
+        assert on_redis["embedding"].tolist() == on_sqlite["embedding"].tolist(), version
+        assert on_redis["model_version"].tolist() == on_sqlite["model_version"].tolist()
+    assert publish(kind="redis")["skipped"]
+
+    oldest = served[0]
+    _register(len(served) + 10)  # a newer version: the oldest served one is retired
+    embed(world["region"])
+    report = publish(kind="redis")
+    assert report["retired_versions"] == [oldest]
+    with pytest.raises(VersionNotServedError):
+        get_location_embeddings(lats, lons, store_settings("redis"), version=oldest)
+    client = redis.Redis(host="127.0.0.1", port=int(redis_store.rsplit(":", 1)[1]))
+    fields = {f for key in client.scan_iter(count=1000) for f in client.hkeys(key)}
+    assert fields and not any(f"location_embedding_v{oldest}".encode() in f for f in fields)
+    assert any(f"location_embedding_v{report['served_versions'][-1]}".encode() in f for f in fields)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from loc2vec.serving.store import StoreSettings
 
-STORE_CHOICES = ["sqlite", "postgres"]
+STORE_CHOICES = ["sqlite", "postgres", "redis"]
 
 
 def store_settings(project: Project, kind: str | None) -> StoreSettings:
@@ -168,6 +168,24 @@ def cmd_similar(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def cmd_redis(args: argparse.Namespace, project: Project) -> int:
+    from loc2vec.serving import redis_server
+
+    settings = store_settings(project, None)
+    if args.if_selected and settings.kind != "redis":
+        return 0
+    if args.action == "start":
+        started = redis_server.start(settings.redis, project.paths.redis_dir)
+        print(f"redis {'started' if started else 'already running'} at {settings.redis.split(',')[0]}")
+    elif args.action == "stop":
+        print("redis stopped" if redis_server.stop(settings.redis) else "redis was not running here")
+    else:
+        up = redis_server.ping(settings.redis)
+        print(f"redis at {settings.redis.split(',')[0]}: {'up' if up else 'down'}")
+        return 0 if up else 2
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("publish", help="feast apply + materialize the embeddings (idempotent)")
     s.add_argument("--embeddings", nargs="+", help="embeddings Parquets to publish (default: the regions')")
@@ -189,6 +207,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="JSON instead of a table")
     s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params/LOC2VEC_ONLINE_STORE")
     s.set_defaults(func=cmd_services)
+
+    s = sub.add_parser("redis", help="a local redis-server for the Redis online store (publish.redis)")
+    s.add_argument("action", choices=["start", "stop", "ping"])
+    s.add_argument("--if-selected", action="store_true", help="only when the online store is redis (make setup)")
+    s.set_defaults(func=cmd_redis)
 
     s = sub.add_parser("serve", help="Feast's feature server (HTTP) on 127.0.0.1")
     s.add_argument("--port", type=int, help="default: params serve.port")

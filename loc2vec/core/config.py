@@ -292,11 +292,14 @@ class EmbedConfig(Section):
 
 
 class PublishConfig(Section):
-    online_store: Literal["sqlite", "postgres"] = "sqlite"  # LOC2VEC_ONLINE_STORE overrides
+    online_store: Literal["sqlite", "postgres", "redis"] = "sqlite"  # LOC2VEC_ONLINE_STORE overrides
     postgres_schema: str = "feast"  # the schema holding Feast's online tables in the project database
     # A model version keeps its own feature view and pinned services (location_embedding_vN, transport_mode_vN)
     # until this many newer versions are published; then it is retired (offline history is kept).
     retain_versions: int = Field(3, ge=1)
+    # The Redis online store (online_store: redis): Feast's connection string, host:port[,password=…][,db=N];
+    # $LOC2VEC_REDIS overrides. `loc2vec redis start` runs a local redis-server for it (127.0.0.1 only).
+    redis: str = "127.0.0.1:6380"
 
     _schema = field_validator("postgres_schema")(validate_region_name)
 

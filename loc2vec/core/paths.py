@@ -166,6 +166,11 @@ class ProjectPaths:
         """Feast's offline source of one model version (its pinned feature view reads only this)."""
         return self.feast / "versions" / f"embeddings_v{validate_model_version(version)}.parquet"
 
+    @property
+    def redis_dir(self) -> Path:
+        """The local redis-server's data and log (`loc2vec redis start`): derived data, rebuilt by publish."""
+        return self.feast / "redis"
+
     def publish_state(self, store_kind: str) -> Path:
         """What the last publish to a store recorded (its idempotence)."""
         return self.feast / f"published_{store_kind}.json"

@@ -49,7 +49,7 @@ def embedding_view(store: Any, version: str | None = None) -> EmbeddingView:
             raise VersionNotServedError(str(exc)) from None
     name = LATEST_VIEW if version is None else pinned_view(str(version))
     try:
-        view = store.get_feature_view(name)
+        view = store.get_feature_view(name, allow_registry_cache=True)  # re-read when the file changes
     except Exception:  # Feast raises FeatureViewNotFoundException (and others for an unreadable registry)
         if version is None:
             raise

@@ -32,7 +32,12 @@ FEATURE_REPO_ENV = "LOC2VEC_FEATURE_REPO"
 # installed client has no checkout: it needs only the feature_store*.yaml templates, e.g. a copy).
 SOURCE_REPO = Path(os.environ.get(FEATURE_REPO_ENV) or Path(__file__).resolve().parents[2] / "feature_repo").resolve()
 ONLINE_STORE_ENV = "LOC2VEC_ONLINE_STORE"
-STORE_FILES = {"sqlite": "feature_store.yaml", "postgres": "feature_store.postgres.yaml"}
+STORE_FILES = {
+    "sqlite": "feature_store.yaml",
+    "postgres": "feature_store.postgres.yaml",
+    "redis": "feature_store.redis.yaml",
+}
+REDIS_ENV = "LOC2VEC_REDIS"
 DEFINITION_MODULES = ("entities", "sources", "features", "services")
 EMBEDDING_FEATURES = ("embedding", "model_name", "model_version")
 _VAR = re.compile(r"\$\{(\w+)\}")
@@ -56,6 +61,7 @@ class StoreSettings:
             always writes as `info`'s.
         retain_versions: a model version keeps its own view and pinned services until this many newer
             versions are published (serving/versions.py).
+        redis: the Redis online store's connection string (host:port[,password=…]).
     """
 
     kind: str
@@ -65,6 +71,7 @@ class StoreSettings:
     h3_resolution: int = 11
     reader: ConnInfo | None = None
     retain_versions: int = 3
+    redis: str = "127.0.0.1:6380"
 
     @classmethod
     def from_config(
@@ -77,17 +84,21 @@ class StoreSettings:
         *,
         reader: ConnInfo | None = None,
     ) -> StoreSettings:
-        """The store params describe; `kind` (e.g. a --online-store option), else $LOC2VEC_ONLINE_STORE, wins.
+        """The store params describe; `kind` (e.g. a --online-store option), else $LOC2VEC_ONLINE_STORE, wins
+        ($LOC2VEC_REDIS over publish.redis).
 
         Raises:
-            ConfigError: the store kind is not one of sqlite, postgres.
+            ConfigError: the store kind is not one of sqlite, postgres, redis.
         """
         chosen = kind or os.environ.get(ONLINE_STORE_ENV) or publish.online_store
         if chosen not in STORE_FILES:
             raise ConfigError(
                 f"online store must be one of {sorted(STORE_FILES)} (${ONLINE_STORE_ENV}), got {chosen!r}"
             )
-        return cls(chosen, paths, info, publish.postgres_schema, embed.h3_resolution, reader, publish.retain_versions)
+        redis = os.environ.get(REDIS_ENV) or publish.redis
+        return cls(
+            chosen, paths, info, publish.postgres_schema, embed.h3_resolution, reader, publish.retain_versions, redis
+        )
 
     @property
     def feast_dir(self) -> Path:
@@ -103,7 +114,13 @@ def _template_vars(settings: StoreSettings, info: ConnInfo, *, password: bool = 
         "LOC2VEC_PG_USER": info.user,
         "LOC2VEC_PG_PASSWORD": (info.password or "") if password else "",
         "LOC2VEC_FEAST_SCHEMA": settings.postgres_schema,
+        "LOC2VEC_REDIS": settings.redis if password else redact_redis(settings.redis),
     }
+
+
+def redact_redis(connection: str) -> str:
+    """A Redis connection string without its password (what identifies the store, and what logs show)."""
+    return ",".join("password=***" if part.startswith("password=") else part for part in connection.split(","))
 
 
 def store_yaml(settings: StoreSettings, *, consumer: bool = False, password: bool = True) -> str:
@@ -224,4 +241,6 @@ def describe(settings: StoreSettings) -> dict[str, Any]:
     out: dict[str, Any] = {"online_store": settings.kind, "feast_dir": str(settings.feast_dir)}
     if settings.kind == "postgres":
         out["postgres"] = settings.info.redacted() + f" schema {settings.postgres_schema}"
+    if settings.kind == "redis":
+        out["redis"] = redact_redis(settings.redis)
     return out
