@@ -1,9 +1,11 @@
-"""Feast serving: materialization rows/s and online retrieval latency (1 and 100 entities), SQLite and PostgreSQL.
+"""Feast serving: materialization rows/s and online retrieval latency (1 and 100 entities), in-process and over
+HTTP, on SQLite, PostgreSQL and Redis in one run.
 
 Works on the published offline data (data/feast/embeddings.parquet, see loc2vec/serving/publish.py) but
 materializes it into a *throwaway* store (a temporary registry + SQLite file; a `feast_bench` schema on
-PostgreSQL, dropped afterwards), so the project's online stores are never touched. PostgreSQL is
-measured when LOC2VEC_ONLINE_STORE=postgres or `postgres=True`.
+PostgreSQL, dropped afterwards; a redis-server of its own on a free port, stopped afterwards), so the
+project's online stores are never touched. $LOC2VEC_BENCH_STORES (e.g. `sqlite,redis`) picks the stores
+(default: all three).
 
 Latency is in-process `FeatureStore.get_online_features` for the location_embedding view (embedding,
 model_name, model_version), random published cells, after a warm-up; `http_1`/`http_100` ask Feast's
@@ -67,8 +69,15 @@ def _throwaway_store(settings: StoreSettings) -> Iterator[tuple[Any, dict]]:
     raw = yaml.safe_load(store_yaml(settings))
     with tempfile.TemporaryDirectory(prefix="loc2vec-bench-") as tmp:
         raw["registry"] = str(Path(tmp) / "registry.db")
+        redis = None
         if settings.kind == "sqlite":
             raw["online_store"]["path"] = str(Path(tmp) / "online.db")
+        elif settings.kind == "redis":
+            from loc2vec.serving import redis_server
+
+            redis = f"127.0.0.1:{_free_port()}"
+            redis_server.start(redis, Path(tmp) / "redis")
+            raw["online_store"]["connection_string"] = redis
         else:
             raw["online_store"]["db_schema"] = BENCH_SCHEMA
         config = RepoConfig(**raw)
@@ -80,6 +89,10 @@ def _throwaway_store(settings: StoreSettings) -> Iterator[tuple[Any, dict]]:
             if settings.kind == "postgres":
                 with cursor(settings.info) as cur:
                     cur.execute(f"DROP SCHEMA IF EXISTS {BENCH_SCHEMA} CASCADE")
+            if redis is not None:
+                from loc2vec.serving import redis_server
+
+                redis_server.stop(redis)
 
 
 def _bench_store(settings: StoreSettings, full, table, n: int, rng: np.random.Generator) -> dict[str, Any]:
@@ -207,9 +220,12 @@ def _bench_http(raw: dict, repo: Path, batches: dict[int, list[list[str]]]) -> d
     return out
 
 
-def run(project: Project, *, region: str | None = None, n: int | None = None, postgres: bool | None = None) -> dict:
-    """Materialization and online latency of the project's published data (`postgres`: also on PostgreSQL;
-    default: when LOC2VEC_ONLINE_STORE=postgres)."""
+STORES_ENV = "LOC2VEC_BENCH_STORES"
+
+
+def run(project: Project, *, region: str | None = None, n: int | None = None, stores: str | None = None) -> dict:
+    """Materialization and online latency of the project's published data on each store (`stores`, else
+    $LOC2VEC_BENCH_STORES, else sqlite,postgres,redis), one after the other in this one run."""
     from loc2vec.serving.publish import PublishError
 
     path = project.paths.offline_store
@@ -221,15 +237,14 @@ def run(project: Project, *, region: str | None = None, n: int | None = None, po
         if table.num_rows == 0:
             raise PublishError(f"region {region!r} is not in {path}")
     n = n or 500
-    if postgres is None:
-        postgres = os.environ.get("LOC2VEC_ONLINE_STORE") == "postgres"
+    kinds = [k.strip() for k in (stores or os.environ.get(STORES_ENV) or "sqlite,postgres,redis").split(",")]
     rng = np.random.default_rng(0)
     result: dict[str, Any] = {
         "region": region or "all",
         "offline_rows": table.num_rows,
         "model_versions": sorted(set(table.column("model_version").to_pylist())),
     }
-    for kind in ("sqlite", "postgres") if postgres else ("sqlite",):
+    for kind in kinds:
         result[kind] = _bench_store(_settings(project, kind), full, table, n, rng)
     return result
 
