@@ -186,6 +186,11 @@ def _build(settings: StoreSettings, registry: Path | None = None, *, consumer: b
     repo = settings.paths.feature_repo  # relative paths in the yaml resolve against it
     repo.mkdir(exist_ok=True)
     settings.feast_dir.mkdir(parents=True, exist_ok=True)
+    offline = data.get("offline_store")
+    if isinstance(offline, dict) and set(offline) == {"type"}:
+        # Given as a mapping, Feast validates it when the config is built, importing the file offline store
+        # and with it dask.dataframe (1.7 s) even for an online lookup; given by name, it resolves on first use.
+        data["offline_store"] = offline["type"]
     config = RepoConfig(**data)
     config.repo_path = repo
     return FeatureStore(repo_path=str(repo), config=config)
