@@ -443,3 +443,33 @@ def test_redis_online_store(world: dict, project: Path, redis_store: str) -> Non
     fields = {f for key in client.scan_iter(count=1000) for f in client.hkeys(key)}
     assert fields and not any(f"location_embedding_v{oldest}".encode() in f for f in fields)
     assert any(f"location_embedding_v{report['served_versions'][-1]}".encode() in f for f in fields)
+
+
+def test_running_server_serves_the_next_publish(world: dict, project: Path, server: str) -> None:
+    """A running feature server picks up a publish (it re-reads the registry every serve.registry_ttl_s):
+    the new version's service answers and the retired one's stops, without a restart."""
+    from loc2vec.serving.catalog import served_versions
+
+    cells = sorted(_offline(project, world["region"]).index)[:3]
+    before = served_versions(_fresh_store())
+    newest = str(
+        max(int(v) for v in pd.read_parquet(load_project().paths.embeddings(world["region"]))["model_version"])
+    )
+    assert newest not in before, "the region was embedded with a version not yet published to SQLite"
+
+    def ask(service: str) -> dict | None:
+        try:
+            return _post(server + "/get-online-features", {"feature_service": service, "entities": {"h3_cell": cells}})
+        except urllib.error.HTTPError:
+            return None
+
+    assert ask(f"transport_mode_v{before[0]}") is not None and ask(f"transport_mode_v{newest}") is None
+    report = publish(kind="sqlite")
+    assert report["served_versions"] == [before[-1], newest] and report["retired_versions"] == [before[0]]
+    deadline = time.monotonic() + 60
+    while (got := ask(f"transport_mode_v{newest}")) is None:
+        assert time.monotonic() < deadline, "the server never served the new version"
+        time.sleep(1)
+    names = got["metadata"]["feature_names"]
+    assert got["results"][names.index("model_version")]["values"] == [newest] * len(cells)
+    assert ask(f"transport_mode_v{before[0]}") is None, "the retired version is gone from the server too"
