@@ -68,6 +68,9 @@ def world(project: Path, region: str) -> Iterator[dict]:
         forget_stores()
         yield {"region": region}
         forget_stores()
+        # leave no published data behind: another module's model would reuse these version numbers
+        shutil.rmtree(project / "data" / "feast", ignore_errors=True)
+        shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
 
 
 def _fresh_store():
@@ -473,3 +476,29 @@ def test_running_server_serves_the_next_publish(world: dict, project: Path, serv
     names = got["metadata"]["feature_names"]
     assert got["results"][names.index("model_version")]["values"] == [newest] * len(cells)
     assert ask(f"transport_mode_v{before[0]}") is None, "the retired version is gone from the server too"
+
+
+def test_versions_of_another_model_are_not_pinned_and_never_reuse_a_number() -> None:
+    """Rows of another registered model (a renamed train.registered_model) stay offline but get no pinned view;
+    a version number served for one model is never re-pointed at another's."""
+    import pyarrow as pa
+
+    from loc2vec.embedding.store import SCHEMA
+    from loc2vec.serving.versions import VersionError, check_same_models, served_versions
+
+    def rows(model: str, version: str, day: int) -> list[dict]:
+        ts = pd.Timestamp(f"2026-01-{day:02d}", tz="UTC")
+        return [
+            {"h3_cell": f"89{day:02d}{i}", "model_name": model, "model_version": version, "h3_resolution": 9}
+            | {"event_timestamp": ts, "created": ts}
+            for i in range(2)
+        ]
+
+    data = rows("old-model", "1", 1) + rows("old-model", "2", 2) + rows("new-model", "1", 3)
+    columns = {f.name: [r.get(f.name) for r in data] for f in SCHEMA}
+    table = pa.table(columns, schema=SCHEMA)
+    served, retired = served_versions(table, retain=3)
+    assert [(v.model_name, v.version) for v in served] == [("new-model", "1")] and retired == []
+    check_same_models(served, {"1": "new-model", "7": "old-model"})
+    with pytest.raises(VersionError, match="consumers pinned to it would silently get another model"):
+        check_same_models(served, {"1": "old-model", "2": "old-model"})

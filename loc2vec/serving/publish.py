@@ -101,6 +101,7 @@ from loc2vec.serving.versions import (
     LATEST_VIEW,
     ServedVersion,
     VersionError,
+    check_same_models,
     pinned_view,
     served_versions,
     version_key,
@@ -649,14 +650,15 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
         path, offline_changed, table = update_offline(None if files is None else list(files), settings)
         if table.num_rows == 0:
             raise PublishError(f"{path} holds no rows: nothing to publish")
+        old = _read_state(settings)
         try:
             served, _ = served_versions(table, settings.retain_versions)
+            check_same_models(served, old.get("served_models", {}))
         except VersionError as exc:
             raise PublishError(str(exc)) from None
         for v in served:  # the pinned views' sources (rewritten only when a version's rows change)
             write_version_file(settings.paths.version_offline_store(v.version), v.rows)
         repaired = repair_online_store(settings)
-        old = _read_state(settings)
         with staged_registry(settings) as (store, swap_in):
             _check_single_batch(store)
             objects = load_definitions(settings, served)
@@ -667,6 +669,7 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
                 "store_digest": hashlib.sha256(store_yaml(settings, password=False).encode()).hexdigest(),
                 "partitions": _state_partitions(parts),
                 "versions": [v.version for v in served],
+                "served_models": {v.version: v.model_name for v in served},
             }
             names = set(state["versions"])
             retired = sorted(

@@ -33,7 +33,8 @@ PINNED_PREFIX = "location_embedding_v"  # as feature_repo/features.py names them
 
 
 class VersionError(Loc2VecError, ValueError):
-    """The offline data cannot be split into versions (a version under two model names or resolutions)."""
+    """The offline data cannot be served by version (a version at two resolutions, or a version number that
+    pinned consumers know as another model's)."""
 
 
 def pinned_view(version: str) -> str:
@@ -76,27 +77,53 @@ def _one(table: pa.Table, column: str, version: str) -> str:
     values = sorted({str(v) for v in table.column(column).unique().to_pylist()})
     if len(values) != 1:
         raise VersionError(
-            f"model version {version} appears with {column} {values} in the offline data: a store serves one "
-            "registered model at one H3 resolution per version (publish another model to another store)"
+            f"model version {version} appears with {column} {values} in the offline data: a pinned version "
+            "has one H3 resolution (re-embed the regions with one embed.h3_resolution)"
         )
     return values[0]
 
 
-def served_versions(table: pa.Table, retain: int) -> tuple[list[ServedVersion], list[str]]:
-    """The newest `retain` model versions of the offline data (oldest first), and the older ones (retired).
+def check_same_models(served: list[ServedVersion], previous: dict[str, str]) -> None:
+    """Refuse to serve a version number that the store served as another model's: consumers pinned to it
+    would silently receive another model's vectors.
 
     Raises:
-        VersionError: a version appears under two model names or H3 resolutions.
+        VersionError: a served version's model name differs from the one recorded for it.
     """
-    versions = sorted({str(v) for v in table.column("model_version").unique().to_pylist()}, key=version_key)
+    for v in served:
+        before = previous.get(v.version)
+        if before is not None and before != v.model_name:
+            raise VersionError(
+                f"version {v.version} of {v.model_name!r} would replace version {v.version} of {before!r} under "
+                f"{v.view}: consumers pinned to it would silently get another model. Publish {v.model_name!r} to "
+                "another store (another data/feast, online store or project), or retire the old versions first"
+            )
+
+
+def served_versions(table: pa.Table, retain: int) -> tuple[list[ServedVersion], list[str]]:
+    """The newest `retain` versions of the current model (the model of the newest row), oldest first, and
+    that model's older versions (retired). Other registered models' rows stay in the offline history and
+    the latest view, with no pinned view: version numbers name one model's versions only.
+
+    Raises:
+        VersionError: a version's rows have two H3 resolutions.
+    """
+    if table.num_rows == 0:
+        return [], []
+    newest = table.take(
+        [int(pc.index(table.column("event_timestamp"), pc.max(table.column("event_timestamp"))).as_py())]
+    )
+    model = str(newest.column("model_name")[0].as_py())
+    rows = table.filter(pc.equal(table.column("model_name"), model))
+    versions = sorted({str(v) for v in rows.column("model_version").unique().to_pylist()}, key=version_key)
     for v in versions:
         validate_model_version(v)
     keep, retired = versions[-retain:], versions[:-retain]
     served = []
-    column = table.column("model_version")
+    column = rows.column("model_version")
     for v in keep:
-        rows = table.filter(pc.equal(column, v))
-        served.append(ServedVersion(v, _one(rows, "model_name", v), int(_one(rows, "h3_resolution", v)), rows))
+        mine = rows.filter(pc.equal(column, v))
+        served.append(ServedVersion(v, model, int(_one(mine, "h3_resolution", v)), mine))
     return served, retired
 
 
