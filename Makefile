@@ -17,7 +17,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # when the recipe runs, after `make setup` has installed it.
 TCMALLOC = LD_PRELOAD="$$(ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1)"
 
-.PHONY: setup system venv db db-stop test run repro lint bench ui-mlflow ui-prefect clean-venv
+.PHONY: setup system venv db db-stop test run repro lint bench serve ui-mlflow ui-prefect clean-venv
 
 setup: system venv db
 
@@ -30,11 +30,12 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[pipeline,dev]'
 	@touch $@
 
 db: venv
 	$(L2V) db setup
+	$(L2V) redis start --if-selected
 
 db-stop:
 	$(L2V) db stop
@@ -58,6 +59,10 @@ repro: setup
 # pipeline.regions, or on REGIONS=a,b (written to params.yaml); it ends with an online feature lookup.
 run: setup
 	$(TCMALLOC) $(L2V) flow pipeline $(if $(REGIONS),--regions $(REGIONS),)
+
+# Feast's feature server over the published store, on 127.0.0.1 (params serve.port; PORT=… overrides).
+serve: venv
+	$(L2V) serve $(if $(PORT),--port $(PORT),)
 
 ui-mlflow: venv
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000

@@ -286,3 +286,9 @@ def print_report(summary: dict[str, Any], project: Project, *, lookup: bool = Tr
     print("\nPrefect UI:  " + prefect_ui + (" (start it with `prefect server start`)" if not api else ""))
     link = (summary.get("mlflow") or {}).get("url")
     print("MLflow UI:   " + (link or cfg.mlflow_ui) + "  (mlflow ui --backend-store-uri sqlite:///mlflow.db)")
+    port = project.params.serve.port
+    print(
+        f"Feature server: make serve  (loc2vec serve --port {port}; `loc2vec services` lists what to ask for), then\n"
+        f"  curl -s -X POST http://127.0.0.1:{port}/get-online-features -H 'Content-Type: application/json' "
+        """-d '{"feature_service": "latest", "entities": {"h3_cell": ["<cell from loc2vec features>"]}}'"""
+    )

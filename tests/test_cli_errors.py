@@ -105,7 +105,7 @@ BAD_ARGUMENTS = [
     ("latitude-range", ["features", "--lat", "100", "--lon", "9"], "latitude"),
     ("latitude-nan", ["features", "--lat", "nan", "--lon", "9"], "latitude"),
     ("not-published", ["features", "--lat", "0.0", "--lon", "0.0"], "("),
-    ("unknown-store", ["features", "--lat", "47", "--lon", "9", "--online-store", "redis"], "redis"),
+    ("unknown-store", ["features", "--lat", "47", "--lon", "9", "--online-store", "memcached"], "memcached"),
 ]
 
 

@@ -30,7 +30,7 @@ from .fixtures.trained import patched_params
 MODEL = "loc2vec-encoder-publish-test"
 RESOLUTION = 9  # ~175 m edge: ~200 cells in the test region
 SOUTH = "test_li_south"  # the second region: the southern half of the test region (Vaduz), overlapping it
-VIEWS = 3  # feature views: location_embedding, tile_histogram, tag_counts
+VIEWS = 3  # the latest views: location_embedding, tile_histogram, tag_counts (+ one view per served model version)
 
 
 def _register(seed: int) -> str:
@@ -220,7 +220,9 @@ def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, pr
 
     report = publish(kind="sqlite")
     assert report["materialized"]["mode"] == "window", report["reason"]
-    assert report["materialized"]["rows_written"] == len(v2) * VIEWS, "the window [t2, now]: v2's cells"
+    assert report["served_versions"] == [setup["v1"], v2_version]
+    # the window [t2, now]: v2's cells in the latest views and in v2's own view; v1's view is left alone
+    assert report["materialized"]["rows_written"] == len(v2) * VIEWS + len(v2)
     offline = pq.read_table(project / "data" / "feast" / "embeddings.parquet").to_pandas()
     assert sorted(offline["model_version"].unique()) == sorted([setup["v1"], v2_version]), "both versions kept"
     assert len(offline) == len(v1) + len(v2)
@@ -236,7 +238,7 @@ def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, pr
         {"h3_cell": [cell] * 3, "event_timestamp": pd.to_datetime(times, utc=True), "label": [0, 1, 2]}
     )
     entity = entity.iloc[[2, 0, 1]].reset_index(drop=True)  # the caller's order must be kept
-    got = historical_features(entity, "transport_mode_v1", sqlite)
+    got = historical_features(entity, "latest", sqlite)
     assert list(got["label"]) == [2, 0, 1] and len(got) == 3
     by_label = got.set_index("label")
     assert by_label.loc[0, "embedding"] is None or pd.isna(by_label.loc[0, "model_version"]), "before t1: nothing"
@@ -248,7 +250,7 @@ def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, pr
 
     # identical (cell, time) rows, e.g. two labels at one place and moment, all get their features
     twice = pd.concat([entity, entity], ignore_index=True).assign(label=range(6))
-    both = historical_features(twice, "transport_mode_v1", sqlite)
+    both = historical_features(twice, "latest", sqlite)
     assert list(both["label"]) == list(range(6))
     assert list(both["model_version"].iloc[3:]) == list(both["model_version"].iloc[:3])
     assert both["model_version"].notna().sum() == 4, "the 2 rows before t1 have nothing; the 4 others all join"
@@ -266,7 +268,9 @@ def test_postgres_online_store(setup: dict, project: Path, monkeypatch: pytest.M
     with cursor(p.info) as cur:
         cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'feast' ORDER BY 1")
         tables = [r[0] for r in cur.fetchall()]
-        assert tables == ["loc2vec_location_embedding", "loc2vec_tag_counts", "loc2vec_tile_histogram"]
+        views = ["location_embedding", "tag_counts", "tile_histogram"]
+        views += [f"location_embedding_v{v}" for v in report["served_versions"]]
+        assert tables == sorted(f"loc2vec_{v}" for v in views)
         cur.execute('SELECT count(DISTINCT entity_key) FROM feast."loc2vec_location_embedding"')
         assert cur.fetchone()[0] == report["cells"]
 
@@ -298,7 +302,8 @@ def test_new_region_materializes_only_its_partition(setup: dict, project: Path, 
     report = publish(kind="sqlite")
     done = report["materialized"]
     assert done["mode"] == "window" and done["changed_partitions"] == 1, report["reason"]
-    assert done["cells"] == len(south) and done["rows_written"] == len(south) * VIEWS, "only the new partition"
+    # only the new partition: its cells in the latest views and in v2's view (south was embedded with v2)
+    assert done["cells"] == len(south) and done["rows_written"] == len(south) * VIEWS + len(south)
     assert pd.Timestamp(done["start"]) == south["event_timestamp"].iloc[0]
     assert report["cells"] == len(set(li["h3_cell"]) | set(south["h3_cell"]))
 
@@ -321,7 +326,9 @@ def test_older_partition_never_overwrites_a_newer_row(setup: dict, project: Path
     assert done["mode"] == "window" and done["changed_partitions"] == 1, report["reason"]
     assert pd.Timestamp(done["start"]) == li["event_timestamp"].iloc[0]
     cells = set(li["h3_cell"]) | set(south["h3_cell"])  # the window holds the newer south partition too
-    assert done["cells"] == len(cells) and done["rows_written"] == len(cells) * VIEWS
+    # the latest views: every cell; v3's view: li's cells; v2's view: the south partition (after the start)
+    assert report["served_versions"][-1] == setup["v3"] and len(report["served_versions"]) == 3
+    assert done["cells"] == len(cells) and done["rows_written"] == len(cells) * VIEWS + len(li) + len(south)
 
     latest = _assert_online_serves_latest(project)
     assert (latest.loc[sorted(both), "region"] == SOUTH).all(), "the newer south rows stay online"
@@ -341,7 +348,9 @@ def test_changed_definitions_or_damaged_online_store_materialize_everything(setu
     report = publish(kind="sqlite")
     done = report["materialized"]
     assert report["reason"] == "changed: definitions" and done["mode"] == "full"
-    assert done["changed_partitions"] == 0 and done["rows_written"] == report["cells"] * VIEWS
+    # every view in full: the latest views and those of v1, v2 (li and south together cover li's cells) and v3
+    assert len(report["served_versions"]) == 3
+    assert done["changed_partitions"] == 0 and done["rows_written"] == report["cells"] * (VIEWS + 3)
     assert json.loads(state_path.read_text())["definitions_digest"] == definitions_digest()
     _assert_online_serves_latest(project)
 

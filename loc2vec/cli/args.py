@@ -30,10 +30,10 @@ LAT = finite("latitude", -90.0, 90.0)
 LON = finite("longitude", -180.0, 180.0)
 
 
-def add_location(parser: argparse.ArgumentParser) -> None:
-    """--lat and --lon, both required."""
-    parser.add_argument("--lat", type=LAT, required=True)
-    parser.add_argument("--lon", type=LON, required=True)
+def add_location(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """--lat and --lon (both required, unless the command takes its locations another way)."""
+    parser.add_argument("--lat", type=LAT, required=required)
+    parser.add_argument("--lon", type=LON, required=required)
 
 
 def split_regions(values: str | Sequence[str] | None) -> list[str]:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from loc2vec.serving.store import StoreSettings
 
-STORE_CHOICES = ["sqlite", "postgres"]
+STORE_CHOICES = ["sqlite", "postgres", "redis"]
 
 
 def store_settings(project: Project, kind: str | None) -> StoreSettings:
@@ -56,10 +56,71 @@ def cmd_publish(args: argparse.Namespace, project: Project) -> int:
 def cmd_features(args: argparse.Namespace, project: Project) -> int:
     from loc2vec.serving.lookup import get_location_embeddings
 
+    if (args.csv is None) == (args.lat is None or args.lon is None):
+        from loc2vec.core.errors import Loc2VecError
+
+        raise Loc2VecError("give either --lat and --lon, or --csv FILE")
+    settings = store_settings(project, args.online_store)
     with result_stream() as out:
-        row = get_location_embeddings([args.lat], [args.lon], store_settings(project, args.online_store)).iloc[0]
+        if args.csv:
+            lats, lons = read_points(Path(args.csv))
+            found = get_location_embeddings(lats, lons, settings, version=args.version)
+            found.assign(embedding=[json.dumps(e) for e in found["embedding"]]).to_csv(out, index=False)
+            return 0
+        row = get_location_embeddings([args.lat], [args.lon], settings, version=args.version).iloc[0]
         values = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
         print(json.dumps(values, default=str), file=out)
+    return 0
+
+
+def read_points(path: Path) -> tuple[list[float], list[float]]:
+    """The lat and lon columns of a CSV file (a header row naming them; other columns are ignored).
+
+    Raises:
+        Loc2VecError: the file is missing, unreadable, or lacks a lat or lon column.
+    """
+    import csv
+
+    from loc2vec.core.errors import Loc2VecError
+
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise Loc2VecError(f"--csv {path}: {exc}") from None
+    if not rows or not {"lat", "lon"} <= set(rows[0]):
+        raise Loc2VecError(f"--csv {path}: expected a header with columns lat and lon and at least one row")
+    try:
+        return [float(r["lat"]) for r in rows], [float(r["lon"]) for r in rows]
+    except (TypeError, ValueError) as exc:
+        raise Loc2VecError(f"--csv {path}: {exc}") from None
+
+
+def cmd_services(args: argparse.Namespace, project: Project) -> int:
+    from loc2vec.serving.catalog import services
+    from loc2vec.serving.store import feature_store
+
+    found = services(feature_store(store_settings(project, args.online_store)))
+    with result_stream() as out:
+        if args.json:
+            print(json.dumps(found, indent=1), file=out)
+        else:
+            for s in found:
+                pinned = f"model version {s['model_version']}" if s["model_version"] else "latest (exploration only)"
+                print(f"{s['name']:<24} {pinned}", file=out)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, project: Project) -> int:
+    from loc2vec.serving.server import serve
+
+    cfg = project.params.serve
+    serve(
+        store_settings(project, args.online_store),
+        args.port or cfg.port,
+        registry_ttl_s=cfg.registry_ttl_s,
+        workers=cfg.workers,
+    )
     return 0
 
 
@@ -107,6 +168,24 @@ def cmd_similar(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def cmd_redis(args: argparse.Namespace, project: Project) -> int:
+    from loc2vec.serving import redis_server
+
+    settings = store_settings(project, None)
+    if args.if_selected and settings.kind != "redis":
+        return 0
+    if args.action == "start":
+        started = redis_server.start(settings.redis, project.paths.redis_dir)
+        print(f"redis {'started' if started else 'already running'} at {settings.redis.split(',')[0]}")
+    elif args.action == "stop":
+        print("redis stopped" if redis_server.stop(settings.redis) else "redis was not running here")
+    else:
+        up = redis_server.ping(settings.redis)
+        print(f"redis at {settings.redis.split(',')[0]}: {'up' if up else 'down'}")
+        return 0 if up else 2
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("publish", help="feast apply + materialize the embeddings (idempotent)")
     s.add_argument("--embeddings", nargs="+", help="embeddings Parquets to publish (default: the regions')")
@@ -117,10 +196,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--record", help="also write what the store serves for these regions (the DVC stage's output)")
     s.set_defaults(func=cmd_publish)
 
-    s = sub.add_parser("features", help="online feature lookup for one location (JSON)")
-    add_location(s)
+    s = sub.add_parser("features", help="online embedding of a location (JSON) or of a CSV of points (CSV)")
+    add_location(s, required=False)
+    s.add_argument("--csv", help="a CSV file with lat and lon columns: one output row per point (CSV on stdout)")
+    s.add_argument("--version", help="the model version to read (pinned); default: the latest (exploration only)")
     s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params/LOC2VEC_ONLINE_STORE")
     s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("services", help="the feature services and the model version each pins")
+    s.add_argument("--json", action="store_true", help="JSON instead of a table")
+    s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params/LOC2VEC_ONLINE_STORE")
+    s.set_defaults(func=cmd_services)
+
+    s = sub.add_parser("redis", help="a local redis-server for the Redis online store (publish.redis)")
+    s.add_argument("action", choices=["start", "stop", "ping"])
+    s.add_argument("--if-selected", action="store_true", help="only when the online store is redis (make setup)")
+    s.set_defaults(func=cmd_redis)
+
+    s = sub.add_parser("serve", help="Feast's feature server (HTTP) on 127.0.0.1")
+    s.add_argument("--port", type=int, help="default: params serve.port")
+    s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params/LOC2VEC_ONLINE_STORE")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("similar", help="the k published cells with the nearest embeddings, across regions")
     add_location(s)

@@ -316,10 +316,24 @@ class EmbedConfig(Section):
 
 
 class PublishConfig(Section):
-    online_store: Literal["sqlite", "postgres"] = "sqlite"  # LOC2VEC_ONLINE_STORE overrides
+    online_store: Literal["sqlite", "postgres", "redis"] = "sqlite"  # LOC2VEC_ONLINE_STORE overrides
     postgres_schema: str = "feast"  # the schema holding Feast's online tables in the project database
+    # A model version keeps its own feature view and pinned services (location_embedding_vN, transport_mode_vN)
+    # until this many newer versions are published; then it is retired (offline history is kept).
+    retain_versions: int = Field(3, ge=1)
+    # The Redis online store (online_store: redis): Feast's connection string, host:port[,password=…][,db=N];
+    # $LOC2VEC_REDIS overrides. `loc2vec redis start` runs a local redis-server for it (127.0.0.1 only).
+    redis: str = "127.0.0.1:6380"
 
     _schema = field_validator("postgres_schema")(validate_region_name)
+
+
+class ServeConfig(Section):
+    """serve: Feast's feature server (`loc2vec serve`), always on 127.0.0.1."""
+
+    port: int = Field(6566, ge=1, le=65535)  # `loc2vec serve --port` overrides
+    registry_ttl_s: int = Field(5, ge=1)  # how soon the server sees a publish's new registry
+    workers: int = Field(1, ge=1)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -518,6 +532,7 @@ class Params(Section):
     promote: PromoteConfig = PromoteConfig()
     embed: EmbedConfig = EmbedConfig()
     publish: PublishConfig = PublishConfig()
+    serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     orchestrate: OrchestrateConfig = OrchestrateConfig()
     compute: ComputeConfig = ComputeConfig()

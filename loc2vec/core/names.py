@@ -50,3 +50,18 @@ def check_region_name(name: str, reserved: Collection[str] = ()) -> str:
     if name in taken or name.startswith("pg_") or "__" in name:
         raise ConfigError(f"invalid region name {name!r}: reserved (pg_*, '__', {', '.join(sorted(taken))})")
     return name
+
+
+MODEL_VERSION_RE = re.compile(r"^[0-9]{1,9}$")
+
+
+def validate_model_version(version: str) -> str:
+    """A registered model version as it names Feast objects and files (`location_embedding_v7`): MLflow's
+    versions are positive integers; anything else would make names that cannot be told apart or parsed.
+
+    Raises:
+        ValueError: not a decimal integer.
+    """
+    if not isinstance(version, str) or not MODEL_VERSION_RE.match(version):
+        raise ValueError(f"invalid model version {version!r}: expected MLflow's decimal version number")
+    return version

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loc2vec.core.config import Params
-from loc2vec.core.names import validate_region_name
+from loc2vec.core.names import validate_model_version, validate_region_name
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,15 @@ class ProjectPaths:
     def offline_store(self) -> Path:
         """Feast's offline source: every published region and model version."""
         return self.feast / "embeddings.parquet"
+
+    def version_offline_store(self, version: str) -> Path:
+        """Feast's offline source of one model version (its pinned feature view reads only this)."""
+        return self.feast / "versions" / f"embeddings_v{validate_model_version(version)}.parquet"
+
+    @property
+    def redis_dir(self) -> Path:
+        """The local redis-server's data and log (`loc2vec redis start`): derived data, rebuilt by publish."""
+        return self.feast / "redis"
 
     def publish_state(self, store_kind: str) -> Path:
         """What the last publish to a store recorded (its idempotence)."""

@@ -27,7 +27,9 @@ from loc2vec.evaluation.featuresets import Featurizer, points_frame
 log = logging.getLogger(__name__)
 
 CLASSIFIERS: tuple[str, ...] = ("logreg", "knn")
-SERVICES: dict[str, str] = {"transport": "transport_mode_v1", "venue": "venue_v1"}
+# `latest`: evaluate scores what was just published, the newest row per cell (the champion's where a region
+# was embedded with it); consumers' own models pin a version (transport_mode_vN, venue_vN) instead.
+SERVICES: dict[str, str] = {"transport": "latest", "venue": "latest"}
 
 
 def make_classifier(kind: str, cfg: EvaluateConfig, n_train: int) -> Pipeline:

@@ -1,8 +1,11 @@
 """Consumers' API: online embeddings of locations, and point-in-time joins of a feature service.
 
-* ``get_location_embeddings(lats, lons, store)`` → one row per location: lat, lon, h3_cell, embedding
-  (16 floats), model_name, model_version. Invalid coordinates raise ``InvalidLocationError``; a location
-  whose cell was never published raises ``LocationNotPublishedError``: never zeros or None.
+* ``get_location_embeddings(lats, lons, store, version=None)`` → one row per location: lat, lon, h3_cell,
+  embedding (16 floats), model_name, model_version. ``version`` pins a model version (its own feature view,
+  unchanged by later publishes); None reads the latest view (exploration). The H3 resolution is the one the
+  view was published with (catalog: registry metadata). Invalid coordinates raise ``InvalidLocationError``;
+  a location whose cell was never published raises ``LocationNotPublishedError``; a version not served
+  raises ``VersionNotServedError``: never zeros or None.
 * ``historical_features(entity_df, service_name, store)`` → the entity rows (same order) with the
   service's features as they were at each row's ``event_timestamp`` (point-in-time correct).
 """
@@ -15,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from loc2vec.core.errors import Loc2VecError
+from loc2vec.serving.catalog import embedding_view
 from loc2vec.serving.store import EMBEDDING_FEATURES, FeatureStoreError, StoreSettings, feature_store
 
 
@@ -57,14 +61,19 @@ def cells_for(lats: np.ndarray, lons: np.ndarray, resolution: int) -> list[str]:
 
 
 def get_location_embeddings(
-    lats: Sequence[float] | np.ndarray, lons: Sequence[float] | np.ndarray, settings: StoreSettings
+    lats: Sequence[float] | np.ndarray,
+    lons: Sequence[float] | np.ndarray,
+    settings: StoreSettings,
+    version: str | None = None,
 ) -> pd.DataFrame:
     """Online embeddings for locations: lat/lon → H3 cell → Feast online store.
 
     Args:
         lats: latitudes in degrees.
         lons: longitudes in degrees, as many.
-        settings: the store (its h3_resolution is the published cells').
+        settings: the store (its h3_resolution is used only when the registry predates the resolution tag).
+        version: the model version to read (pinned: `location_embedding_v<version>`); None: the latest view,
+            whose vectors change when a new champion is published (fine for exploring, not for a model).
 
     Returns:
         One row per location, in order: lat, lon, h3_cell, embedding (list of 16 floats), model_name,
@@ -73,14 +82,16 @@ def get_location_embeddings(
     Raises:
         InvalidLocationError: a coordinate is NaN or out of range.
         LocationNotPublishedError: a location's cell has no published embedding.
+        VersionNotServedError: `version` was never published or has been retired.
         FeatureStoreError: the store cannot be read (not published yet, unreachable).
     """
     lat, lon = check_locations(lats, lons)
-    cells = cells_for(lat, lon, settings.h3_resolution)
     store = feature_store(settings)
     try:
+        view = embedding_view(store, version)
+        cells = cells_for(lat, lon, view.h3_resolution if view.h3_resolution is not None else settings.h3_resolution)
         response = store.get_online_features(
-            features=[f"location_embedding:{f}" for f in EMBEDDING_FEATURES],
+            features=[f"{view.name}:{f}" for f in EMBEDDING_FEATURES],
             entity_rows={"h3_cell": cells},
         ).to_dict()
     except Exception as exc:  # an unapplied registry, a missing table, an unreachable server

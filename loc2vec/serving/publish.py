@@ -83,6 +83,7 @@ import pyarrow.parquet as pq
 from loc2vec.core.atomic import file_lock, write_text
 from loc2vec.core.errors import Loc2VecError
 from loc2vec.embedding.store import SCHEMA, read_embeddings, write_parquet_atomic
+from loc2vec.serving.feast_import import import_feast
 from loc2vec.serving.store import (
     DEFINITION_MODULES,
     SOURCE_REPO,
@@ -95,6 +96,17 @@ from loc2vec.serving.store import (
     registry_path,
     staged_store,
     store_yaml,
+)
+from loc2vec.serving.versions import (
+    LATEST_VIEW,
+    ServedVersion,
+    VersionError,
+    check_same_models,
+    pinned_view,
+    served_versions,
+    version_key,
+    view_version,
+    write_version_file,
 )
 
 log = logging.getLogger(__name__)
@@ -215,33 +227,56 @@ def partition_digests(table: pa.Table) -> dict[tuple[str, ...], dict[str, Any]]:
 # ---------------------------------------------------------------- definitions
 
 
-def load_definitions() -> list[Any]:
-    """The Feast objects in feature_repo/*.py, imported the way `feast apply` does (repo dir on sys.path)."""
-    from feast import Entity, FeatureService, FeatureView
-    from feast.data_source import DataSource
-
+def _definition_modules() -> dict[str, Any]:
+    """The modules of feature_repo/, imported the way `feast apply` does (repo dir on sys.path)."""
+    import_feast()
     repo = str(SOURCE_REPO)
     added = repo not in sys.path
     if added:
         sys.path.insert(0, repo)
     try:
-        modules = []
+        modules = {}
         for name in DEFINITION_MODULES:
             module = importlib.import_module(name)
             if Path(module.__file__ or "").resolve().parent != SOURCE_REPO:
                 raise FeatureStoreError(f"module {name!r} is {module.__file__}, not {SOURCE_REPO / name}.py")
-            modules.append(module)
+            modules[name] = module
     finally:
         if added:
             sys.path.remove(repo)
+    return modules
+
+
+def load_definitions(settings: StoreSettings | None = None, versions: Iterable[ServedVersion] = ()) -> list[Any]:
+    """The Feast objects of feature_repo/*.py, plus, for each served model version, its pinned view (over its
+    own offline file) and pinned services; the latest view is tagged with the newest version's H3 resolution
+    (what a client needs to turn a location into a cell)."""
+    modules = _definition_modules()
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
     objects: list[Any] = []
-    for module in modules:
+    for module in modules.values():
         for attr in sorted(vars(module)):
             obj = getattr(module, attr)
             if isinstance(obj, Entity | DataSource | FeatureView | FeatureService) and not any(
                 obj is o for o in objects
             ):
                 objects.append(obj)
+    versions = list(versions)
+    if not versions:
+        return objects
+    assert settings is not None, "versioned definitions need the store's paths"
+    newest = versions[-1]
+    for i, obj in enumerate(objects):
+        if isinstance(obj, FeatureView) and obj.name == LATEST_VIEW:
+            latest = obj.__copy__()
+            latest.tags = {**obj.tags, **newest.tags, "model_version": ""}
+            objects[i] = latest
+    for v in versions:
+        path = os.path.relpath(settings.paths.version_offline_store(v.version), settings.paths.feature_repo)
+        view = modules["features"].pinned_embedding_view(v.version, path, v.tags)
+        objects += [view.batch_source, view, *modules["services"].pinned_services(view, v.version)]
     return objects
 
 
@@ -265,16 +300,28 @@ def latest_rows(table: pa.Table) -> pa.Table:
     return ordered.filter(pa.array(first))
 
 
-def spot_check(store, latest: pa.Table, n: int = SPOT_CHECK) -> list[str]:
-    """Compare n evenly spread cells' online values with the offline latest rows; returns the mismatches."""
+def spot_check(store, latest: pa.Table, n: int = SPOT_CHECK, versions: dict[str, pa.Table] | None = None) -> list[str]:
+    """Compare n evenly spread cells' online values with the offline latest rows, and, for each served version
+    (`versions`: its view → its latest rows), n of its cells in its own view; returns the mismatches."""
+    bad = _spot_check_latest(store, latest, n)
+    for view, rows in (versions or {}).items():
+        bad += _spot_check_view(store, view, rows, n)
+    return bad
+
+
+def _spread(rows: pa.Table, n: int) -> list[dict[str, Any]]:
+    idx = np.unique(np.linspace(0, rows.num_rows - 1, min(n, rows.num_rows)).astype(int))
+    return rows.take(pa.array(idx)).to_pylist()
+
+
+def _spot_check_latest(store, latest: pa.Table, n: int) -> list[str]:
     if latest.num_rows == 0:
         return []
-    idx = np.unique(np.linspace(0, latest.num_rows - 1, min(n, latest.num_rows)).astype(int))
-    rows = latest.take(pa.array(idx)).to_pylist()
+    rows = _spread(latest, n)
     online = store.get_online_features(
         features=[
-            "location_embedding:embedding",
-            "location_embedding:model_version",
+            f"{LATEST_VIEW}:embedding",
+            f"{LATEST_VIEW}:model_version",
             "tile_histogram:histogram",
             "tag_counts:tag_counts",
         ],
@@ -291,10 +338,34 @@ def spot_check(store, latest: pa.Table, n: int = SPOT_CHECK) -> list[str]:
     return bad
 
 
+def _spot_check_view(store, view: str, latest: pa.Table, n: int) -> list[str]:
+    if latest.num_rows == 0:
+        return []
+    rows = _spread(latest, n)
+    online = store.get_online_features(
+        features=[f"{view}:embedding", f"{view}:model_version"],
+        entity_rows={"h3_cell": [r["h3_cell"] for r in rows]},
+    ).to_dict()
+    bad = []
+    for i, r in enumerate(rows):
+        got = online["embedding"][i]
+        if got is None or not np.array_equal(np.asarray(got, np.float32), np.asarray(r["embedding"], np.float32)):
+            bad.append(f"{view}:{r['h3_cell']}.embedding")
+        if online["model_version"][i] != r["model_version"]:
+            bad.append(f"{view}:{r['h3_cell']}.model_version")
+    return bad
+
+
+def version_latest(served: Iterable[ServedVersion]) -> dict[str, pa.Table]:
+    """Each served version's view → its latest row per cell (what that view must serve)."""
+    return {v.view: latest_rows(v.rows) for v in served}
+
+
 # ---------------------------------------------------------------- the registry and the online store
 
 
 def _registry_readable(path: Path) -> bool:
+    import_feast()
     from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
 
     try:
@@ -407,13 +478,17 @@ def _rows_from(rows: pa.Table, when: datetime, *, before: bool = False) -> pa.Ta
     return rows.filter(pc.less(ts, at) if before else pc.greater_equal(ts, at))
 
 
-def _online_problem(store, rows: pa.Table) -> str | None:
-    """Why the online store does not hold `rows` (a spot check), or None when it does."""
+def _online_problem(store, rows: pa.Table, versions: dict[str, pa.Table] | None = None) -> str | None:
+    """Why the online store does not hold `rows` (and each version view its rows): a spot check; None when it does."""
     try:
-        bad = spot_check(store, rows)
+        bad = spot_check(store, rows, versions=versions)
     except Exception as exc:  # a deleted online.db or dropped table is "not published", not a crash
         return f"online store unreadable ({type(exc).__name__}: {exc})"
     return f"online store differs from the offline data at {bad[:3]}" if bad else None
+
+
+def _versions_before(versions: dict[str, pa.Table], when: datetime) -> dict[str, pa.Table]:
+    return {view: _rows_from(rows, when, before=True) for view, rows in versions.items()}
 
 
 def _plan(
@@ -423,8 +498,11 @@ def _plan(
     store,
     latest: pa.Table,
     force: bool,
+    versions: dict[str, pa.Table] | None = None,
 ) -> _Plan:
-    """Full range, window or nothing (see the module docstring); spot-checks the online store when needed."""
+    """Full range, window, apply only or nothing (see the module docstring); spot-checks the online store
+    when needed. `versions`: each served version's view → its latest rows."""
+    versions = versions or {}
     recorded = _recorded_partitions(old)
     known = recorded or {}
     changed = sorted(k for k, v in parts.items() if known.get(k, {}).get("digest") != v["digest"])
@@ -447,19 +525,33 @@ def _plan(
         return _Plan(
             f"the cells of {len(recelled)} materialized partition(s) changed: {_partition_id(recelled[0])}…", changed
         )
+    was, now = old.get("versions"), new["versions"]
+    added = [v for v in now if v not in (was or [])]
+    # A new version's view is empty: every row of it must be in the window, i.e. none of its partitions
+    # may have been materialized before (then its rows could lie before the window).
+    stale = [v for v in added if any(k[2] == v and k not in changed for k in parts)]
+    if was is None or stale:
+        return _Plan(f"version view(s) {stale or now} new for partitions already published", changed)
+    retired = [v for v in was if v not in now]
     if not changed:
-        problem = _online_problem(store, latest)
-        return _Plan(problem and f"unchanged, but {problem}")
+        problem = _online_problem(store, latest, versions)
+        if problem:
+            return _Plan(f"unchanged, but {problem}")
+        return _Plan(f"retiring version(s) {retired}", mode="apply") if retired else _Plan(None)
     start = min(datetime.fromisoformat(k[-1]) for k in changed)
     what = f"{len(changed)} changed partition(s): {', '.join(_partition_id(k) for k in changed[:3])}"
-    problem = _online_problem(store, _rows_from(latest, start, before=True))  # cells the window leaves alone
+    # the cells the window leaves alone, in every view
+    problem = _online_problem(store, _rows_from(latest, start, before=True), _versions_before(versions, start))
     if problem:
         return _Plan(f"{what}, and outside their window the {problem}", changed)
     return _Plan(what, changed, mode="window", start=start)
 
 
-def _materialize(store, table: pa.Table, latest: pa.Table, plan: _Plan) -> tuple[dict[str, Any], pa.Table]:
-    """Materialize the plan's range; returns the report and the latest rows of the cells it wrote."""
+def _materialize(
+    store, table: pa.Table, latest: pa.Table, versions: dict[str, pa.Table], plan: _Plan
+) -> tuple[dict[str, Any], pa.Table, dict[str, pa.Table]]:
+    """Materialize the plan's range; returns the report and the latest rows of the cells it wrote (in the
+    latest views, and in each version's view)."""
     ts = table.column("event_timestamp")
     start = plan.start if plan.mode == "window" else pc.min(ts).as_py().astimezone(UTC)
     assert start is not None
@@ -468,7 +560,9 @@ def _materialize(store, table: pa.Table, latest: pa.Table, plan: _Plan) -> tuple
     store.materialize(start_date=start, end_date=end)
     seconds = time.perf_counter() - t0
     written = _rows_from(latest, start)  # a cell is written iff it has a row in the window
-    rows = written.num_rows * len(store.list_feature_views())
+    written_versions = {view: _rows_from(rows, start) for view, rows in versions.items()}
+    latest_views = len(store.list_feature_views()) - len(versions)
+    rows = written.num_rows * latest_views + sum(t.num_rows for t in written_versions.values())
     report = {
         "mode": plan.mode,
         "changed_partitions": len(plan.changed),
@@ -479,7 +573,54 @@ def _materialize(store, table: pa.Table, latest: pa.Table, plan: _Plan) -> tuple
         "materialize_s": round(seconds, 2),
         "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
     }
-    return report, written
+    return report, written, written_versions
+
+
+def _retire(store, retired: list[str]) -> None:
+    """Remove retired versions' views, the services pinned to them and their sources from the (staged)
+    registry, in one commit; their online tables are dropped only after the registry is swapped in."""
+    views = {pinned_view(v) for v in retired}
+    # List first: Feast's list_* re-read the registry file, dropping uncommitted deletions.
+    services = [s for s in store.list_feature_services() if any(p.name in views for p in s.feature_view_projections)]
+    found = [v for v in store.list_feature_views() if v.name in views]
+    project, registry = store.project, store.registry
+    for service in services:
+        registry.delete_feature_service(service.name, project, commit=False)
+    for view in found:
+        registry.delete_feature_view(view.name, project, commit=False)
+        with contextlib.suppress(Exception):  # a source another view still uses, or already gone
+            registry.delete_data_source(view.batch_source.name, project, commit=False)
+    registry.commit()
+    store.refresh_registry()
+
+
+def _drop_online(store, settings: StoreSettings, versions: list[str]) -> None:
+    """Drop the online tables of retired versions (idempotent: a table already dropped is fine)."""
+    if not versions:
+        return
+    features = _definition_modules()["features"]
+    stubs = [
+        features.pinned_embedding_view(
+            v, os.path.relpath(settings.paths.version_offline_store(v), settings.paths.feature_repo), {}
+        )
+        for v in versions
+    ]
+    store._get_provider().update_infra(
+        project=store.project,
+        tables_to_delete=stubs,
+        tables_to_keep=[],
+        entities_to_delete=[],
+        entities_to_keep=[],
+        partial=True,
+    )
+    for v in versions:
+        settings.paths.version_offline_store(v).unlink(missing_ok=True)
+
+
+def _registry_versions(store) -> list[str]:
+    return sorted(
+        {v for view in store.list_feature_views() if (v := view_version(view.name)) is not None}, key=version_key
+    )
 
 
 def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, force: bool = False) -> dict[str, Any]:
@@ -487,7 +628,9 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
 
     Idempotent: unchanged data, definitions and store → nothing is written (`"skipped": true`), unless force.
     Otherwise materializes the full event-time range or only the window of the changed partitions (see
-    the module docstring).
+    the module docstring). The newest `settings.retain_versions` model versions get their own views and
+    pinned services (serving/versions.py); older ones are retired: gone from the registry in the same swap
+    that publishes the rest, then their online tables are dropped.
 
     Args:
         settings: the store (StoreSettings.from_config).
@@ -495,7 +638,8 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
         force: publish even if nothing changed.
 
     Returns:
-        What was done: offline rows, whether each step ran, materialization mode, cells and rows/s.
+        What was done: offline rows, the versions served and retired, whether each step ran,
+        materialization mode, cells and rows/s.
 
     Raises:
         PublishError: nothing to publish, or the online store disagrees with the offline data afterwards.
@@ -506,27 +650,44 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
         path, offline_changed, table = update_offline(None if files is None else list(files), settings)
         if table.num_rows == 0:
             raise PublishError(f"{path} holds no rows: nothing to publish")
+        old = _read_state(settings)
+        try:
+            served, _ = served_versions(table, settings.retain_versions)
+            check_same_models(served, old.get("served_models", {}))
+        except VersionError as exc:
+            raise PublishError(str(exc)) from None
+        for v in served:  # the pinned views' sources (rewritten only when a version's rows change)
+            write_version_file(settings.paths.version_offline_store(v.version), v.rows)
         repaired = repair_online_store(settings)
         with staged_registry(settings) as (store, swap_in):
             _check_single_batch(store)
-            objects = load_definitions()
+            objects = load_definitions(settings, served)
             parts = partition_digests(table)
             state = {
                 "offline_digest": file_digest(path),
                 "definitions_digest": definitions_digest(),
                 "store_digest": hashlib.sha256(store_yaml(settings, password=False).encode()).hexdigest(),
                 "partitions": _state_partitions(parts),
+                "versions": [v.version for v in served],
+                "served_models": {v.version: v.model_name for v in served},
             }
+            names = set(state["versions"])
+            retired = sorted(
+                {v for v in [*old.get("versions", []), *_registry_versions(store)] if v not in names}, key=version_key
+            )
             latest = latest_rows(table)
+            versions = version_latest(served)
             report: dict[str, Any] = {
                 **describe(settings),
                 "offline_path": str(path),
                 "offline_rows": table.num_rows,
                 "offline_rewritten": offline_changed,
                 "cells": latest.num_rows,
-                "model_versions": sorted(set(table.column("model_version").to_pylist()), key=_version_key),
+                "model_versions": sorted(set(table.column("model_version").to_pylist()), key=version_key),
+                "served_versions": state["versions"],
+                "retired_versions": retired,
             }
-            plan = _plan(_read_state(settings), state, parts, store, latest, force or repaired is not None)
+            plan = _plan(old, state, parts, store, latest, force or repaired is not None, versions)
             if repaired is not None:
                 plan.reason = repaired
             if plan.reason is None:
@@ -542,22 +703,31 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
             report["reason"] = plan.reason
             t0 = time.perf_counter()
             _apply(store, objects)
+            if retired:
+                _retire(store, retired)
             report["apply_s"] = round(time.perf_counter() - t0, 2)
-            report["materialized"], written = _materialize(store, table, latest, plan)
-            bad = spot_check(store, latest)  # cells spread over all of them, written or not
-            if plan.mode == "window":
-                bad += spot_check(store, written)  # and over those written
+            if plan.mode == "apply":
+                report["materialized"] = None
+                bad = spot_check(store, latest, versions=versions)
+            else:
+                report["materialized"], written, written_versions = _materialize(store, table, latest, versions, plan)
+                bad = spot_check(store, latest, versions=versions)  # cells spread over all of them, written or not
+                if plan.mode == "window":
+                    bad += spot_check(store, written, versions=written_versions)  # and over those written
             if bad:
                 raise PublishError(f"online store disagrees with the offline data after materializing: {bad[:5]}")
             swap_in()
+            _drop_online(store, settings, retired)  # consumers no longer see them: now their rows can go
         _write_state(settings, state)
     report.update(skipped=False, applied=True, seconds=round(time.perf_counter() - started, 2))
+    done = report["materialized"] or {"cells": 0}
     log.info(
-        "published %d of %d cells (%s, %s) to %s in %.1f s",
-        report["materialized"]["cells"],
+        "published %d of %d cells (%s; versions %s served, %s retired) to %s in %.1f s",
+        done["cells"],
         report["cells"],
         plan.mode,
-        report["model_versions"],
+        report["served_versions"],
+        retired,
         kind,
         report["seconds"],
     )
@@ -584,16 +754,13 @@ def published_record(settings: StoreSettings, files: Iterable[Path] | None = Non
         "online_store": settings.kind,
         "regions": sorted({p["region"] for p in parts}),
         "partitions": parts,
+        "served_versions": state.get("versions", []),
         "definitions_digest": state.get("definitions_digest"),
     }
 
 
 def _file_regions(path: Path) -> list[str]:
     return sorted(set(pq.read_table(path, columns=["region"]).column("region").to_pylist()))
-
-
-def _version_key(v: str) -> tuple[int, str]:
-    return (int(v), v) if v.isdigit() else (1 << 62, v)
 
 
 def materialize_incremental_only(settings: StoreSettings) -> dict[str, Any]:
