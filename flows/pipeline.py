@@ -159,6 +159,35 @@ def read_metrics(paths: ProjectPaths, regions: list[str]) -> dict[str, dict[str,
     return out
 
 
+def evaluated_models(paths: ProjectPaths, regions: list[str]) -> dict[str, str]:
+    """{region: "name version N"} of the model whose published embeddings each evaluation read (its meta.model)."""
+    out: dict[str, str] = {}
+    for region in regions:
+        try:
+            model = json.loads(paths.evaluation(region).read_text())["meta"]["model"]
+            out[region] = f"{model['name']} version {model['version']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def promotion_line(paths: ProjectPaths) -> str | None:
+    """One sentence on the champion gate's last decision (data/promotion.json), or None before any."""
+    try:
+        p = json.loads(paths.promotion.read_text())
+        verdict = (
+            f"promoted: version {p['champion_version']} is the champion"
+            if p["promoted"]
+            else f"not promoted: the champion stays version {p['champion_version']}"
+        )
+        return (
+            f"Champion gate: candidate version {p['candidate_version']} scored {_f(p['candidate_score'])} against "
+            f"champion version {p['previous_champion_version']}'s {_f(p['champion_score'])} ({verdict})."
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def mlflow_link(paths: ProjectPaths, run_id: str | None, ui: str) -> dict[str, Any]:
     """The MLflow UI address of a run: http://<ui>/#/experiments/<experiment>/runs/<run>.
 
@@ -215,6 +244,9 @@ def summarize(
         for r in results
     ] or ["| (none selected) | | | |"]
     md += ["", "## Downstream evaluation", ""]
+    models = evaluated_models(paths, regions)
+    if models:
+        md += [f"Embeddings evaluated: {region}: {model}." for region, model in models.items()] + [""]
     if metrics:
         md += [
             "| evaluation | task | featureset | logreg macro-F1 | logreg accuracy | kNN macro-F1 | kNN accuracy |",
@@ -236,6 +268,9 @@ def summarize(
             f"Best validation triplet accuracy {_f(training.get('best_val_triplet_accuracy'))} at step "
             f"{training.get('best_step')} of {training.get('steps')} ({training.get('stopped')})."
         )
+    gate = promotion_line(paths)
+    if gate:
+        md.append(gate)
     if mlflow.get("url"):
         md.append(
             f"MLflow run: [{mlflow['run_id']}]({mlflow['url']}) (`mlflow ui --backend-store-uri sqlite:///mlflow.db`)"
@@ -250,6 +285,7 @@ def summarize(
         "metrics": metrics,
         "training": training,
         "mlflow": mlflow,
+        "evaluated_models": models,
         "artifact_key": ARTIFACT_KEY,
         "markdown": "\n".join(md) + "\n",
     }

@@ -576,6 +576,29 @@ def test_summary_lists_only_the_runs_regions(tmp_path: Path) -> None:
     assert summary["metrics"] == {"ran": tasks}
     assert "| ran | transport | loc2vec | 0.500 |" in summary["markdown"] and "earlier" not in summary["markdown"]
     assert summary["mlflow"] == {} and "No training summary yet" in summary["markdown"]
+    assert "Embeddings evaluated" not in summary["markdown"] and "Champion gate" not in summary["markdown"]
+
+    # The summary names the model version each evaluation read, and the champion gate's decision.
+    model = {"name": "loc2vec-encoder", "version": "1"}
+    paths.evaluation("ran").write_text(json.dumps({"tasks": tasks, "meta": {"model": model}}))
+    paths.promotion.write_text(
+        json.dumps(
+            {
+                "candidate_version": "3",
+                "previous_champion_version": "1",
+                "champion_version": "1",
+                "promoted": False,
+                "candidate_score": 0.3989,
+                "champion_score": 0.4041,
+            }
+        )
+    )
+    md = summarize(paths, ["ran"], [], OrchestrateConfig())["markdown"]
+    assert "Embeddings evaluated: ran: loc2vec-encoder version 1." in md
+    assert (
+        "Champion gate: candidate version 3 scored 0.399 against champion version 1's 0.404 "
+        "(not promoted: the champion stays version 1)." in md
+    )
 
 
 def test_params_edits_keep_comments_and_refuse_surprises(tmp_path: Path) -> None:
