@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import re
 import shutil
@@ -23,9 +24,9 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import networkx as nx
 
@@ -34,6 +35,7 @@ from loc2vec.orchestration.transient import is_transient_text
 
 log = logging.getLogger(__name__)
 TAIL_LINES = 60  # output lines kept for the error message and the classification
+PROGRESS_EVERY_S = 30.0  # a stage's progress bar reaches the (Prefect) log at most this often
 
 
 class StageFailed(Loc2VecError, RuntimeError):
@@ -75,14 +77,10 @@ def run_dvc(
     what = what or "dvc " + " ".join(args)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     lines: list[str] = []
-    proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
-    )
+    # Bytes, not text=True: text mode's universal newlines turn every '\r' of a progress bar into a line.
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.rstrip("\n").split("\r")[-1].rstrip()  # a progress bar's last state only
-        if not line:
-            continue
+    for line in output_lines(proc.stdout):
         lines.append(line)
         tail.append(line)
         if echo:
@@ -92,6 +90,33 @@ def run_dvc(
         text = "\n".join(tail)
         raise StageFailed(what, code, text, is_transient_text(text))
     return "\n".join(lines)
+
+
+def output_lines(
+    stream: BinaryIO, progress_every_s: float = PROGRESS_EVERY_S, clock: Callable[[], float] = time.monotonic
+) -> Iterator[str]:
+    """A command's output as a log wants it: every line ended by a newline, and of the carriage-return
+    redraws of a progress bar (tqdm rewrites its line several times a second) one every progress_every_s
+    at most; the bar's final state, ended by its newline, is always kept. Blank lines are dropped."""
+    buffer = b""
+    last_progress = -math.inf
+    while chunk := stream.read1(65536):
+        buffer += chunk
+        # A '\r' ends a redraw unless a '\n' follows (CRLF); one ending the chunk waits for the next byte.
+        *segments, buffer = re.split(rb"(\r\n|\n|\r(?=[^\n]))", buffer)
+        for text, end in zip(segments[::2], segments[1::2], strict=True):
+            line = text.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            if end == b"\r":  # a redraw: the bar's line so far, overwritten by the next one
+                now = clock()
+                if now - last_progress < progress_every_s:
+                    continue
+                last_progress = now
+            yield line
+    redraws = [part for part in buffer.split(b"\r") if part.strip()]
+    if redraws:  # output not ended by a newline: its last state
+        yield redraws[-1].decode(errors="replace").rstrip()
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:

@@ -601,6 +601,26 @@ def test_summary_lists_only_the_runs_regions(tmp_path: Path) -> None:
     )
 
 
+def test_stage_output_keeps_lines_and_throttles_progress_redraws() -> None:
+    """A stage's tqdm bar redraws its line with '\\r' several times a second: the log keeps every real line,
+    one redraw per progress_every_s and the bar's final state, from a real child process's pipe."""
+    from flows.dvc_stages import output_lines
+
+    script = (
+        "import sys; w = sys.stdout.buffer.write\n"
+        "w(b'start\\n')\n"
+        "for i in range(1, 101): w(b'\\rtrain %3d%%' % i); sys.stdout.flush()\n"
+        "w(b'\\n'); w(b'windows line\\r\\n'); w('caf\\u00e9 \\u2713\\n'.encode()); w(b'\\n\\rtail 1\\rtail 2')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    ticks = iter(range(10_000))  # one second per redraw seen
+    lines = list(output_lines(proc.stdout, progress_every_s=40, clock=lambda: float(next(ticks))))
+    assert proc.wait() == 0
+    redraws = [line for line in lines if line.startswith("train")]
+    assert 2 <= len(redraws) <= 4 and redraws[0] == "train   1%" and redraws[-1] == "train 100%", redraws
+    assert [line for line in lines if not line.startswith("train")] == ["start", "windows line", "café ✓", "tail 2"]
+
+
 def test_params_edits_keep_comments_and_refuse_surprises(tmp_path: Path) -> None:
     from flows.params_edit import ParamsEditError, edit, set_pipeline_regions, set_region_source
 
