@@ -524,9 +524,10 @@ class PipelineConfig(Section):
 # Named setups that stay reproducible while the defaults move on (params.yaml `preset:`). A preset's values
 # are written here as literals, never as references to the defaults, and win over params.yaml's for the keys
 # they name; every other key comes from params.yaml. `article`: the Loc2Vec article's encoder and objective
-# (16-D SoftPN on anchor/positive/negative triplets, positives rotated, shifted by up to 80 m and with channels
-# dropped at p = 0.2, 20 locations × 5 pairs per batch, random in-batch negatives) in float32 on the CPU.
-# The step budget is the run's (train.max_steps), not the preset's.
+# (16-D SoftPN on anchor/positive/negative triplets, positives rotated and shifted by U(0, 80) m per axis, 20
+# stored positives per location, 20 locations × 5 pairs per batch, random in-batch negatives; seed 000) with
+# this project's channel drop p = 0.2 (the article's input spatial dropout is model.input_dropout), float32.
+# The step budget (train.max_steps) and the tile source (train.source) are the run's, not the preset's.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "article": {
         "model": {
@@ -542,6 +543,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "loss": {"name": "softpn", "coverage_weight": 0.0},
         "augment": {"max_shift_m": 80.0, "channel_drop_p": 0.2},
+        "shards": {"k_positives": 20},  # the article's 20 stored (anchor, positive) pairs per location
         "triplets": {"locations_per_batch": 20, "pairs_per_location": 5, "local_fraction": 0.0},
         "train": {"cpu_bf16": False},
     },
