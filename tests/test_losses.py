@@ -1,4 +1,4 @@
-"""Triplet losses: hand-computed values, an independent SoftPN, gradcheck, and numerical stability."""
+"""Losses: hand-computed values, an independent SoftPN, gradcheck, invariances and numerical stability."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from loc2vec.training.losses import (
     coverage_loss,
     distance,
     get_loss,
+    infonce_loss,
     mine_negatives,
     softmax_ratio_loss,
     softpn_loss,
     softpn_terms,
     triplet_accuracy,
     triplet_margin_loss,
+    vicreg_loss,
 )
 
 F64 = torch.float64
@@ -162,6 +164,9 @@ ALL_LOSSES = [
     pytest.param(softmax_ratio_loss, id="softmax_ratio"),
     pytest.param(lambda a, p, n: contrastive_loss(a, p, n, margin=3.0), id="contrastive"),
     pytest.param(lambda a, p, n: triplet_margin_loss(a, p, n, margin=0.2, mining="none"), id="triplet_none"),
+    pytest.param(lambda a, p, n: infonce_loss(a, p, n, temperature=0.5), id="infonce"),
+    pytest.param(lambda a, p, n: infonce_loss(a, p, n, 0.5, torch.arange(len(a)) // 2), id="infonce_groups"),
+    pytest.param(vicreg_loss, id="vicreg"),
 ]
 
 
@@ -170,6 +175,13 @@ def test_gradcheck(fn) -> None:
     g = torch.Generator().manual_seed(1)
     inputs = tuple(torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_gradcheck_vicreg_with_every_variance_hinge_active() -> None:
+    g = torch.Generator().manual_seed(7)
+    inputs = tuple((0.3 * torch.randn(6, 4, generator=g, dtype=F64)).requires_grad_() for _ in range(3))
+    assert all(float(x.detach().std(dim=0).max()) < 0.9 for x in inputs[:2])  # far from the hinge's kink at std = 1
+    assert torch.autograd.gradcheck(vicreg_loss, inputs)
 
 
 @pytest.mark.parametrize("mining", ["hard", "semi-hard"])
@@ -191,7 +203,8 @@ def test_large_distances_are_finite(fn) -> None:
     loss = fn(a, p, n)
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(torch.isfinite(x.grad).all() for x in (a, p, n))
+    assert a.grad is not None and p.grad is not None  # n has none where the loss does not use it
+    assert all(x.grad is None or torch.isfinite(x.grad).all() for x in (a, p, n))
 
 
 @pytest.mark.parametrize("fn", STABILITY_LOSSES)
@@ -201,7 +214,8 @@ def test_zero_distances_have_finite_gradients(fn) -> None:
     loss = fn(a, p, n)
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(torch.isfinite(x.grad).all() for x in (a, p, n))
+    assert a.grad is not None and p.grad is not None  # n has none where the loss does not use it
+    assert all(x.grad is None or torch.isfinite(x.grad).all() for x in (a, p, n))
 
 
 @pytest.mark.parametrize("fn", STABILITY_LOSSES)
@@ -252,3 +266,107 @@ def test_coverage_loss_hand_computed() -> None:
     assert head(torch.zeros(3, 16)).shape == (3, 12)
     with pytest.raises(ValueError, match="coverage_weight"):
         LossConfig(coverage_weight=-1.0)
+
+
+# ---------------------------------------------------------------- losses with many negatives
+
+
+def test_infonce_hand_computed() -> None:
+    # a = p = [e1, e2]: views v = [e1, e2, e1, e2], cos(v0, ·) = (·, 0, 1, 0).
+    # Every row its own location: view 0's one positive is view 2; its denominator over k ≠ 0 is
+    # e^{0/τ} + e^{1/τ} + e^{0/τ}. ℓ = −(1/τ − log(2 + e^{1/τ})), the same for all four views by symmetry.
+    #   τ = 1:   log(2 + e) − 1    = 0.5514450
+    #   τ = 0.5: log(2 + e²) − 2   = 0.2395292
+    a = t([[1, 0], [0, 1]])
+    p = t([[1, 0], [0, 1]])
+    assert math.log(2 + math.e) - 1 == pytest.approx(0.5514450, abs=1e-6)
+    assert infonce_loss(a, p, a, temperature=1.0).item() == pytest.approx(0.5514450, abs=1e-6)
+    assert infonce_loss(a, p, a, temperature=0.5).item() == pytest.approx(math.log(2 + math.e**2) - 2, abs=1e-9)
+    # Both rows one location: view 0's positives are views 1, 2, 3 with log-probabilities
+    # −log(2+e), 1 − log(2+e), −log(2+e): ℓ = log(2 + e) − 1/3 = 1.2181117.
+    same = infonce_loss(a, p, a, temperature=1.0, groups=torch.tensor([4, 4]))
+    assert same.item() == pytest.approx(math.log(2 + math.e) - 1 / 3, abs=1e-9)
+    # Negatives (n) are not used: every negative row copies a view of another location.
+    assert infonce_loss(a, p, 5 * a + 3, temperature=1.0).item() == pytest.approx(0.5514450, abs=1e-6)
+
+
+def test_infonce_matches_an_independent_supcon() -> None:
+    g = torch.Generator().manual_seed(4)
+    a, p, n = (torch.randn(12, 8, generator=g, dtype=F64) for _ in range(3))
+    groups = torch.arange(12) // 3  # 4 locations × 3 pairs, as batches.py orders them
+
+    def reference() -> float:
+        views = [x / x.norm() for x in (*a, *p)]
+        gv = [*groups.tolist(), *groups.tolist()]
+        total = 0.0
+        for i, vi in enumerate(views):
+            denom = sum(math.exp(float(vi @ vk) / 0.2) for k, vk in enumerate(views) if k != i)
+            pos = [k for k in range(len(views)) if k != i and gv[k] == gv[i]]
+            total += -sum(float(vi @ views[k]) / 0.2 - math.log(denom) for k in pos) / len(pos)
+        return total / len(views)
+
+    assert infonce_loss(a, p, n, temperature=0.2, groups=groups).item() == pytest.approx(reference(), abs=1e-9)
+
+
+def test_infonce_invariances() -> None:
+    g = torch.Generator().manual_seed(5)
+    a, p, n = (torch.randn(10, 6, generator=g, dtype=F64) for _ in range(3))
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    base = infonce_loss(a, p, n, temperature=0.3, groups=groups).item()
+    perm = torch.randperm(10, generator=g)
+    permuted = infonce_loss(a[perm], p[perm], n[perm], temperature=0.3, groups=groups[perm]).item()
+    assert permuted == pytest.approx(base, abs=1e-12)  # the order of the batch's rows
+    relabelled = infonce_loss(a, p, n, temperature=0.3, groups=groups * 17 + 5).item()
+    assert relabelled == pytest.approx(base, abs=1e-12)  # location ids are labels only
+    scale = torch.rand(10, 1, generator=g, dtype=F64) + 0.1
+    assert infonce_loss(a * scale, p * 3, n, temperature=0.3, groups=groups).item() == pytest.approx(base, abs=1e-12)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=F64))
+    rotated = infonce_loss(a @ q, p @ q, n @ q, temperature=0.3, groups=groups).item()
+    assert rotated == pytest.approx(base, abs=1e-12)  # cosine similarity: any rotation of the space
+    # swapping anchors and positives swaps the two halves of the views: the same set of terms
+    assert infonce_loss(p, a, n, temperature=0.3, groups=groups).item() == pytest.approx(base, abs=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        infonce_loss(a, p, n, groups=groups[:4])
+
+
+def test_vicreg_hand_computed() -> None:
+    # a = [(1, 1), (−1, −1)], p = [(1, 0), (−1, 0)] (both already centred):
+    # invariance: MSE of (0, 1), (0, −1) over 4 numbers = 0.5
+    # variance (unbiased, B − 1 = 1): a has var 2 in both dims → std √2.0001 > 1 → hinge 0;
+    #           p: dim 0 var 2 → 0, dim 1 var 0 → std √1e-4 = 0.01 → 0.99; mean over dims 0.495;
+    #           halved per branch: 0/2 + 0.495/2 = 0.2475
+    # covariance: a's C = [[2, 2], [2, 2]] → off-diagonal 2² + 2² = 8, / D = 4; p's C = [[2, 0], [0, 0]] → 0
+    # L = 25·0.5 + 25·0.2475 + 1·4 = 22.6875
+    a = t([[1, 1], [-1, -1]])
+    p = t([[1, 0], [-1, 0]])
+    assert vicreg_loss(a, p, p).item() == pytest.approx(22.6875, abs=1e-9)
+    assert vicreg_loss(a, p, p, invariance=1.0, variance=0.0, covariance=0.0).item() == pytest.approx(0.5)
+    assert vicreg_loss(a, p, p, invariance=0.0, variance=1.0, covariance=0.0).item() == pytest.approx(0.2475)
+    assert vicreg_loss(a, p, p, invariance=0.0, variance=0.0, covariance=1.0).item() == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        vicreg_loss(a[:1], p[:1], p[:1])
+
+
+def test_vicreg_invariances() -> None:
+    g = torch.Generator().manual_seed(6)
+    a, p, n = (torch.randn(10, 6, generator=g, dtype=F64) for _ in range(3))
+    base = vicreg_loss(a, p, n).item()
+    perm = torch.randperm(10, generator=g)
+    assert vicreg_loss(a[perm], p[perm], n[perm]).item() == pytest.approx(base, abs=1e-12)
+    shift = torch.randn(1, 6, generator=g, dtype=F64)
+    assert vicreg_loss(a + shift, p + shift, n).item() == pytest.approx(base, abs=1e-12)  # a common translation
+    assert vicreg_loss(p, a, n).item() == pytest.approx(base, abs=1e-12)  # the two branches are symmetric
+    assert vicreg_loss(a, p, 100 * n).item() == base  # n is not used
+
+
+def test_new_losses_are_selectable_by_params() -> None:
+    a, p = t([[1, 0], [0, 1]]), t([[1, 0], [0, 1]])
+    infonce = build_loss(LossConfig(name="infonce", temperature=0.5))
+    assert infonce(a, p, a).item() == pytest.approx(math.log(2 + math.e**2) - 2, abs=1e-9)
+    assert infonce(a, p, a, groups=torch.tensor([1, 1])).item() != infonce(a, p, a).item()
+    vicreg = build_loss(LossConfig(name="vicreg", vicreg_invariance=0.0, vicreg_variance=0.0, vicreg_covariance=1.0))
+    assert vicreg(t([[1, 1], [-1, -1]]), t([[1, 0], [-1, 0]]), a, groups=torch.tensor([0, 1])).item() == 4.0
+    with pytest.raises(ValueError, match="temperature"):
+        LossConfig(name="infonce", temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        get_loss("softpn", temperature=0.1)

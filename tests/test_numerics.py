@@ -79,3 +79,18 @@ def test_unpinned_training_differs_between_machines(samples: Path, project: Path
     with patched_params(project, {"compute": {"cpu_isa": "native", "cpu_threads": 0}}):
         digests = {m: _train_on(m, tmp_path / m[0]) for m in MACHINES}
     assert len(set(digests.values())) == 2, digests
+
+
+def test_cpu_bf16_training_is_deterministic_run_to_run(samples: Path, project: Path, tmp_path: Path) -> None:
+    """bf16 autocast on the CPU (train.cpu_bf16, with the CPU's own kernels): the same machine, the same bytes.
+
+    Trained with the infonce loss, so the many-negatives loss also runs through `loc2vec train` here.
+    """
+    bf16 = {"train": {"cpu_bf16": True}, "compute": {"cpu_isa": "native"}, "loss": {"name": "infonce"}}
+    machine = "A: 2 cores, AVX-512"
+    with patched_params(project, bf16):
+        first, second = (_train_on(machine, tmp_path / name) for name in ("one", "two"))
+    assert first == second
+    with patched_params(project, {**bf16, "train": {"cpu_bf16": False}}):
+        fp32 = _train_on(machine, tmp_path / "fp32")
+    assert fp32 != first  # bf16 really ran: it trains other weights

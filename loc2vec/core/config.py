@@ -26,7 +26,7 @@ from loc2vec.core.names import REGION_NAME_RE, validate_region_name
 PARAMS_ENV = "LOC2VEC_PARAMS"
 KINDS: tuple[str, ...] = ("visits", "transport", "uniform")  # sampling's kinds of location
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-LOSS_NAMES: tuple[str, ...] = ("softpn", "softmax_ratio", "triplet_margin", "contrastive")
+LOSS_NAMES: tuple[str, ...] = ("softpn", "softmax_ratio", "triplet_margin", "contrastive", "infonce", "vicreg")
 ONLINE_STORES: tuple[str, ...] = ("sqlite", "postgres")
 TASK_RUNNERS: tuple[str, ...] = ("auto", "inline", "threads", "dask")
 
@@ -234,11 +234,16 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    """`margin`/`mining` are used only by the losses that take them (training/losses.py)."""
+    """Each knob is used only by the losses that take it (training/losses.py)."""
 
-    name: Literal["softpn", "softmax_ratio", "triplet_margin", "contrastive"] = "softpn"
+    name: Literal["softpn", "softmax_ratio", "triplet_margin", "contrastive", "infonce", "vicreg"] = "softpn"
     margin: float = 0.2
     mining: Literal["semi-hard", "hard", "none"] = "semi-hard"
+    temperature: float = Field(0.1, gt=0)  # infonce: cosine similarities are divided by it
+    # vicreg: weights of its invariance (MSE of pairs), variance (std hinge) and covariance terms (Bardes et al.)
+    vicreg_invariance: float = Field(25.0, ge=0)
+    vicreg_variance: float = Field(25.0, ge=0)
+    vicreg_covariance: float = Field(1.0, ge=0)
     coverage_weight: float = Field(0.0, ge=0)  # weight of the coverage read-out loss (0: the triplet loss alone)
 
 
@@ -270,6 +275,11 @@ class TrainConfig(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False  # torch.compile on CUDA
+    # bf16 autocast on the CPU too (CUDA always uses it). oneDNN's bf16 kernels need AVX-512 BF16 (or AMX):
+    # with compute.cpu_isa: avx2 they fall back to reference code (measured ~20x slower), so it needs
+    # cpu_isa: native, and its bytes are then this CPU's (Params rejects the combination).
+    cpu_bf16: bool = False
+    channels_last: bool = True  # NHWC activations: oneDNN's fast convolution layout on CPU and CUDA alike
     prefetch: int = Field(2, ge=0)  # batches prepared ahead in a background thread
     experiment_prefix: str = "loc2vec"
     registered_model: str = Field("loc2vec-encoder", min_length=1)
@@ -509,6 +519,51 @@ class PipelineConfig(Section):
         return tuple(validate_region_name(r) for r in value)
 
 
+# ---------------------------------------------------------------- presets
+
+# Named setups that stay reproducible while the defaults move on (params.yaml `preset:`). A preset's values
+# are written here as literals, never as references to the defaults, and win over params.yaml's for the keys
+# they name; every other key comes from params.yaml. `article`: the Loc2Vec article's encoder and objective
+# (16-D SoftPN on anchor/positive/negative triplets, positives rotated and shifted by U(0, 80) m per axis, 20
+# stored positives per location, 20 locations × 5 pairs per batch, random in-batch negatives; seed 000) with
+# this project's channel drop p = 0.2 (the article's input spatial dropout is model.input_dropout), float32.
+# The step budget (train.max_steps) and the tile source (train.source) are the run's, not the preset's.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "article": {
+        "model": {
+            "in_channels": 12,
+            "input_size": 128,
+            "conv_channels": (16, 32, 64, 96, 128),
+            "nin_channels": (64, 32),
+            "dense_units": 192,
+            "embedding_dim": 16,
+            "input_dropout": 0.05,
+            "dropout": 0.1,
+            "leaky_slope": 0.1,
+        },
+        "loss": {"name": "softpn", "coverage_weight": 0.0},
+        "augment": {"max_shift_m": 80.0, "channel_drop_p": 0.2},
+        "shards": {"k_positives": 20},  # the article's 20 stored (anchor, positive) pairs per location
+        "triplets": {"locations_per_batch": 20, "pairs_per_location": 5, "local_fraction": 0.0},
+        "train": {"cpu_bf16": False},
+    },
+}
+
+
+def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """params data with its `preset:`'s values written over the sections' (unknown presets are left to Params)."""
+    name = data.get("preset")
+    if name not in PRESETS:
+        return data
+    out = dict(data)
+    for section, values in PRESETS[name].items():
+        current = out.get(section) or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {type(current).__name__}")
+        out[section] = {**current, **values}
+    return out
+
+
 # ---------------------------------------------------------------- the root
 
 
@@ -516,6 +571,7 @@ class Params(Section):
     """params.yaml as a whole, plus the project root it was read from."""
 
     root: Path = Field(exclude=True)
+    preset: Literal["article"] | None = None  # a named setup whose values win over the sections' (PRESETS)
     regions: RegionsConfig
     db: DBConfig = DBConfig()
     ingest: IngestConfig = IngestConfig()
@@ -543,6 +599,14 @@ class Params(Section):
         unknown = [r for r in self.pipeline.regions if r not in self.regions.registry]
         if unknown:
             raise ValueError(f"pipeline.regions {unknown} are not in regions.registry")
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_needs_native_kernels(self) -> Params:
+        if self.train.cpu_bf16 and self.compute.cpu_isa != "native" and self.train.device != "cuda":
+            raise ValueError(
+                "train.cpu_bf16 needs compute.cpu_isa: native (the AVX2 kernels have no bf16 and run it ~20x slower)"
+            )
         return self
 
     @property
@@ -647,6 +711,7 @@ def parse_params(raw: Any, root: Path, *, source: str = "params.yaml") -> Params
             registry.setdefault(name, spec)
         regions["registry"] = registry
         data["regions"] = regions
+    data = apply_preset(data)
     try:
         return Params.model_validate({**data, "root": root})
     except ValidationError as exc:

@@ -1,4 +1,4 @@
-"""Triplet losses over (anchor, positive, negative) embedding batches of shape (B, D).
+"""Losses over (anchor, positive, negative) embedding batches of shape (B, D).
 
 Every loss returns the MEAN over the batch as a 0-dim tensor. Δ is the Euclidean distance,
 computed by `distance` so that its gradient at Δ = 0 is 0 rather than NaN (sqrt'(0) = ∞).
@@ -8,6 +8,14 @@ SoftPN (Balntas et al., 2016), the Loc2Vec loss:
     d+ = e^Δ(a,p) / (e^Δ(a,p) + e^m)          – a softmax over (Δ(a,p), m), so large
     d- = e^m      / (e^Δ(a,p) + e^m)            distances never overflow
     L  = d+² + (d- − 1)²                      (= 2·d+², since d- = 1 − d+)
+
+Losses with many negatives (issue 17: a triplet sees one negative; InfoNCE sees the whole batch, VICReg
+needs none): `infonce_loss` (NT-Xent over all anchor and positive views of the batch, SimCLR/SupCon) and
+`vicreg_loss` (Bardes et al. 2022). Their docstrings say exactly which pairs are positives and negatives.
+Batches (training/batches.py) hold L locations × P (anchor, positive) rows; the P anchor rows of a location are
+the same tile (their embeddings differ only by the encoder's dropout in training), and each negative row is a
+copy, before channel drop, of a positive of another location of the batch. `groups` (B,) is each row's
+location, passed by the trainer to every loss that accepts it.
 
 The choice of loss and its knobs live in params.yaml `loss:` (core.config.LossConfig; `build_loss`).
 
@@ -142,6 +150,80 @@ def contrastive_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin: 
     return (0.5 * distance(a, p).pow(2) + 0.5 * F.relu(margin - distance(a, n)).pow(2)).mean()
 
 
+def _upcast(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Half-precision embeddings (bf16 autocast) in float32 (as `distance` does)."""
+    return tuple(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs)
+
+
+def infonce_loss(
+    a: torch.Tensor,
+    p: torch.Tensor,
+    n: torch.Tensor,
+    temperature: float = 0.1,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NT-Xent over all 2B views of the batch, with every view of the same location a positive (SupCon, L_out).
+
+    Views: the B anchors and the B positives, v = [a_1 … a_B, p_1 … p_B], row i's location g_i = groups[i]
+    (default: every row its own location, i.e. SimCLR's pairs). Similarity s_ij = cos(v_i, v_j) / temperature.
+    For view i:
+      positives P(i) = { j ≠ i : g_j = g_i }  – its pair, and with P pairs per location the other P − 1 anchor
+                       rows and P − 1 positives of its location (2P − 1 in all)
+      negatives      = { j : g_j ≠ g_i }      – every view of every other location: 2(L − 1)P of them,
+                       against the single negative of a triplet
+      ℓ_i = − mean_{j ∈ P(i)} log( e^{s_ij} / Σ_{k ≠ i} e^{s_ik} )
+    The loss is mean_i ℓ_i. `n` is not used: each of its rows copies a positive of another location, which is
+    among the views already. Under DDP each rank contrasts its own slice of the batch.
+    Cosine similarity makes the loss blind to each view's scale; the embedding's length is left free.
+    """
+    a, p = _upcast(a, p)
+    b = a.shape[0]
+    g = torch.arange(b, device=a.device) if groups is None else groups.to(a.device).view(-1)
+    if g.shape[0] != b:
+        raise ValueError(f"groups has {g.shape[0]} rows for a batch of {b}")
+    v = F.normalize(torch.cat((a, p)), dim=1)
+    gv = torch.cat((g, g))
+    eye = torch.eye(2 * b, dtype=torch.bool, device=a.device)
+    sim = (v @ v.T / temperature).masked_fill(eye, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = (gv.view(-1, 1) == gv.view(1, -1)) & ~eye
+    per_view = -log_prob.masked_fill(~pos, 0.0).sum(dim=1) / pos.sum(dim=1)
+    return per_view.mean()
+
+
+def vicreg_loss(
+    a: torch.Tensor,
+    p: torch.Tensor,
+    n: torch.Tensor,
+    invariance: float = 25.0,
+    variance: float = 25.0,
+    covariance: float = 1.0,
+) -> torch.Tensor:
+    """VICReg (Bardes, Ponce & LeCun 2022), as its official code computes it, with the (a_i, p_i) rows as pairs.
+
+    Positives: a_i and p_i (the invariance term, MSE over rows and dimensions). No negatives: collapse is
+    prevented by keeping each dimension's std over the batch of each branch (anchors; positives) at ≥ 1
+    (the variance term, the hinge mean(relu(1 − √(var + 1e-4))), halved per branch) and by decorrelating
+    the dimensions (the covariance term, the off-diagonal covariances squared, summed and divided by D,
+    per branch). L = invariance·inv + variance·var + covariance·cov. The anchor branch holds each location's
+    anchor P times, so its spread is that of L locations. `n` is not used. Needs B ≥ 2.
+    """
+    a, p = _upcast(a, p)
+    b, d = a.shape
+    if b < 2:
+        raise ValueError("vicreg needs at least 2 rows (it measures the spread over the batch)")
+    inv = F.mse_loss(a, p)
+    var = a.new_zeros(())
+    cov = a.new_zeros(())
+    off = ~torch.eye(d, dtype=torch.bool, device=a.device)
+    for z in (a, p):
+        z = z - z.mean(dim=0)
+        var = var + F.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean() / 2
+        c = z.T @ z / (b - 1)
+        cov = cov + c[off].pow(2).sum() / d
+    return invariance * inv + variance * var + covariance * cov
+
+
 @torch.no_grad()
 def softpn_terms(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
     """Batch means of SoftPN's d+ and d- and of the two distances, for logging (detached)."""
@@ -162,6 +244,8 @@ LOSSES: dict[str, LossFn] = {
     "softmax_ratio": softmax_ratio_loss,
     "triplet_margin": triplet_margin_loss,
     "contrastive": contrastive_loss,
+    "infonce": infonce_loss,
+    "vicreg": vicreg_loss,
 }
 assert tuple(LOSSES) == LOSS_NAMES, "core.config.LOSS_NAMES must name exactly the losses defined here"
 
@@ -199,7 +283,24 @@ def coverage_loss(predicted: torch.Tensor, tiles_uint8: torch.Tensor) -> torch.T
 
 
 def build_loss(cfg: LossConfig) -> LossFn:
-    """The configured loss with only the options it accepts bound."""
+    """The configured loss with only the options it accepts bound, called as fn(a, p, n, groups=None).
+
+    `groups` (each row's location) reaches the losses that take it (infonce, triplet_margin's mining).
+    """
     accepted = set(list(inspect.signature(LOSSES[cfg.name]).parameters)[3:])
-    opts = {k: v for k, v in (("margin", cfg.margin), ("mining", cfg.mining)) if k in accepted}
-    return get_loss(cfg.name, **opts)
+    knobs = {
+        "margin": cfg.margin,
+        "mining": cfg.mining,
+        "temperature": cfg.temperature,
+        "invariance": cfg.vicreg_invariance,
+        "variance": cfg.vicreg_variance,
+        "covariance": cfg.vicreg_covariance,
+    }
+    fn = get_loss(cfg.name, **{k: v for k, v in knobs.items() if k in accepted})
+    if "groups" in accepted:
+        return fn
+
+    def without_groups(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, groups: torch.Tensor | None = None):
+        return fn(a, p, n)
+
+    return without_groups

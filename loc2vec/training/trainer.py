@@ -4,7 +4,8 @@
   model, optimizer, scheduler and torch RNG state, so a run killed at any point resumes at
   the checkpointed step and continues exactly as if it had never stopped (deterministic on CPU).
 * CUDA when present (bf16 autocast, channels_last, optional torch.compile), CPU otherwise;
-  no code change between the two.
+  no code change between the two. On the CPU, channels_last (`train.channels_last`, default on) and
+  bf16 autocast (`train.cpu_bf16`, off: it needs the CPU's own kernels, see core.config.TrainConfig).
 * Early stopping on validation triplet accuracy — the fraction of val triplets with
   Δ(a,p) < min(Δ(a,n), Δ(p,n)) — over fixed val batches from spatially held-out locations
   (positives rotated and shifted; channel drop is for training only, as in the article).
@@ -78,9 +79,11 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def forward_triplets(
-    model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool
+    model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool, cpu_bf16: bool = False
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
     """One forward pass over anchors, positives and negatives together (shared BN statistics).
+
+    bf16 autocast on CUDA always, on the CPU when `cpu_bf16`; the embeddings come back as float32.
 
     Returns ((a, p, n) embeddings, the coverage read-out of all 3B tiles or None): a
     `TrainingModel` with a coverage head returns both, a bare encoder the embeddings.
@@ -89,15 +92,18 @@ def forward_triplets(
     x = to_input(x)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    bf16 = device.type == "cuda" or cpu_bf16
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x)
     emb, coverage = out if isinstance(out, tuple) else (out, None)
     return emb.float().split(len(batch.anchor)), coverage
 
 
-def embed_triplets(model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool):
+def embed_triplets(
+    model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool, cpu_bf16: bool = False
+):
     """(a, p, n) embeddings of a batch (see `forward_triplets`)."""
-    return forward_triplets(model, batch, device, channels_last)[0]
+    return forward_triplets(model, batch, device, channels_last, cpu_bf16)[0]
 
 
 class TrainingModel(torch.nn.Module):
@@ -222,8 +228,9 @@ class Trainer:
         if device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         model = Encoder(self.model_cfg).to(device)
-        channels_last = True  # faster on CUDA and on CPU (oneDNN) alike
-        model = model.to(memory_format=torch.channels_last)
+        channels_last = cfg.channels_last  # faster on CUDA and on CPU (oneDNN) alike
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         head = None
         if self.loss_cfg.coverage_weight > 0:
             head = CoverageHead(self.model_cfg.embedding_dim, self.model_cfg.in_channels).to(device)
@@ -347,8 +354,10 @@ class Trainer:
     ) -> dict[str, float]:
         """One optimisation step on a batch; returns its metrics (under DDP: the global batch's)."""
         trainable.train()
-        (a, p, n), coverage = forward_triplets(step_model, batch, self.device, True)
-        loss = triplet_loss = loss_fn(a, p, n)
+        (a, p, n), coverage = forward_triplets(
+            step_model, batch, self.device, self.cfg.channels_last, self.cfg.cpu_bf16
+        )
+        loss = triplet_loss = loss_fn(a, p, n, groups=batch.location.to(self.device))
         cov_loss = None
         if coverage is not None:  # anchors and negatives: the tiles with all their channels
             b = len(batch.anchor)
@@ -387,9 +396,10 @@ class Trainer:
         model.eval()
         accs, losses = [], []
         for k in range(self.cfg.val_batches):
-            a, p, n = embed_triplets(model, stream.batch(k), self.device, channels_last)
+            batch = stream.batch(k)
+            a, p, n = embed_triplets(model, batch, self.device, channels_last, self.cfg.cpu_bf16)
             accs.append(float(triplet_accuracy(a, p, n)))
-            losses.append(float(loss_fn(a, p, n)))
+            losses.append(float(loss_fn(a, p, n, groups=batch.location.to(self.device))))
         return {"val_triplet_accuracy": float(np.mean(accs)), "val_loss": float(np.mean(losses))}
 
     def _step_model(self, model: torch.nn.Module, ctx: ddp.DistContext) -> torch.nn.Module:
