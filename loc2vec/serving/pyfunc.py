@@ -36,7 +36,10 @@ from loc2vec.serving.store import StoreSettings, redact_redis
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the loc2vec package, shipped as the model's code
 # The client install's packages (pyproject's base dependencies), pinned to this environment's versions:
 # the tested set, which `mlflow.pyfunc` records as the model's requirements.
-REQUIREMENTS = ("feast", "h3", "pandas", "numpy", "pyarrow", "pyyaml", "pydantic", "psycopg2-binary", "psycopg")
+REQUIREMENTS = (
+    "feast", "h3", "pandas", "numpy", "pyarrow", "pyyaml", "pydantic", "psycopg2-binary", "psycopg",
+    "sqlalchemy",  # Feast's SQL registry (the postgres store): 2.0 tested, pip would pick 2.1
+)  # fmt: skip
 EXTRAS = {"psycopg": "[binary,pool]"}
 
 
