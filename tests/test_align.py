@@ -7,7 +7,11 @@ each at a coarse H3 resolution and published with ``publish.align_to: previous``
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +165,18 @@ def test_pyfunc_returns_the_lookup_vector(aligned_world: dict, tmp_path: Path, m
         assert list(got["embedding"].iloc[i]) == want["embedding"].iloc[i], "bit for bit"
     with pytest.raises(Exception, match="no published embedding"):
         model.predict(pd.DataFrame({"lat": [0.0], "lon": [0.0]}))
+
+    # a fresh interpreter, outside the checkout, without PYTHONPATH: the model imports its own copy of loc2vec
+    code = f"""
+import json, mlflow, pandas as pd
+model = mlflow.pyfunc.load_model({info.model_uri!r})
+import loc2vec
+row = model.predict(pd.DataFrame({{"lat": [{VADUZ[0]}], "lon": [{VADUZ[1]}]}})).iloc[0]
+print(json.dumps({{"file": loc2vec.__file__, "embedding": list(row["embedding"])}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "/artifacts/code/loc2vec/" in fresh["file"], fresh["file"]
+    assert fresh["embedding"] == want["embedding"].iloc[0]

@@ -16,7 +16,8 @@ Where the store is: ``model_config`` (recorded when logged, overridable at load 
 data/feast holds a file registry and SQLite store, the database settings without password (db: params'
 ``db`` section; the password comes from the pgpass file or LOC2VEC_PG_DSN on the host that loads it), the
 schemas and the Redis connection without password. The loaded model imports loc2vec from its own copy
-(``code_paths``) and needs only the client install's packages, pinned in its requirements.
+(``code_paths``, with feature_repo/ beside it) and needs only the client install's packages, pinned in its
+requirements.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mlflow.pyfunc import PythonModel
 
 from loc2vec.core.config import DBConfig
 from loc2vec.core.paths import ProjectPaths
-from loc2vec.serving.store import StoreSettings, redact_redis
+from loc2vec.serving.store import SOURCE_REPO, StoreSettings, redact_redis
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the loc2vec package, shipped as the model's code
 # The client install's packages (pyproject's base dependencies), pinned to this environment's versions:
@@ -121,7 +122,8 @@ def log_pyfunc(settings: StoreSettings, db: DBConfig, version: str, *, name: str
         name=name,
         python_model=LocationEmbeddings(),
         model_config=config,
-        code_paths=[str(PACKAGE_DIR)],
+        # loc2vec and the store templates beside it (serving/store.py finds feature_repo/ next to the package)
+        code_paths=[str(PACKAGE_DIR), str(SOURCE_REPO)],
         pip_requirements=pinned_requirements(),
         input_example=example,
     )
