@@ -15,7 +15,8 @@ of N's cells. Its rows carry N's event timestamp minus 1 µs: ordered after M, j
 ``latest`` view keeps serving N's own vectors. The rows are a deterministic function of the two versions'
 rows, written to data/feast/aligned/ only when they change (so a re-publish is idempotent), and each time
 they are written the rotation, the means, the residual and the cells it was fitted on are logged to MLflow
-(experiment ``loc2vec-align``).
+(experiment ``loc2vec-align``). That happens before the rest of the publish: a publish that fails later
+leaves the rows and the run, and the next one serves the rows without logging them again.
 """
 
 from __future__ import annotations
