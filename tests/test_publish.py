@@ -54,7 +54,8 @@ def setup(project: Path, region: str) -> Iterator[dict]:
         shutil.rmtree(project / "data" / "feast", ignore_errors=True)
         shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
         with cursor(load_project().info) as cur:
-            cur.execute("DROP SCHEMA IF EXISTS feast CASCADE")  # the test database's
+            cur.execute("DROP SCHEMA IF EXISTS feast CASCADE")  # the test database's online tables
+            cur.execute("DROP SCHEMA IF EXISTS feast_registry CASCADE")  # and its SQL registry
         forget_stores()
         yield {"v1": _register(1), "region": region}
         forget_stores()

@@ -53,6 +53,21 @@ def cmd_publish(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def cmd_pyfunc(args: argparse.Namespace, project: Project) -> int:
+    """Log the lookup pyfunc of a version (default: the champion's) to the project's MLflow store."""
+    from loc2vec.core.tracking import setup_mlflow
+    from loc2vec.serving.pyfunc import log_pyfunc
+    from loc2vec.training.registry import resolve_alias
+
+    settings = store_settings(project, args.online_store)
+    version = args.version or resolve_alias(project.paths, project.params.train.registered_model).version
+    mlflow = setup_mlflow("loc2vec-pyfunc", project.paths)
+    with mlflow.start_run(run_name=f"location embeddings v{version} ({settings.kind})"):
+        info = log_pyfunc(settings, project.params.db, version)
+    print(json.dumps({"model_uri": info.model_uri, "version": version, "online_store": settings.kind}))
+    return 0
+
+
 def cmd_features(args: argparse.Namespace, project: Project) -> int:
     from loc2vec.serving.lookup import get_location_embeddings
 
@@ -202,6 +217,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--version", help="the model version to read (pinned); default: the latest (exploration only)")
     s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params/LOC2VEC_ONLINE_STORE")
     s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("pyfunc", help="log the MLflow pyfunc model that looks embeddings up by lat/lon")
+    s.add_argument("--version", help="the model version it serves (default: the champion's)")
+    s.add_argument("--online-store", choices=STORE_CHOICES, help="default: params publish.online_store")
+    s.set_defaults(func=cmd_pyfunc)
 
     s = sub.add_parser("services", help="the feature services and the model version each pins")
     s.add_argument("--json", action="store_true", help="JSON instead of a table")

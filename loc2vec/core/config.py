@@ -328,6 +328,13 @@ class EmbedConfig(Section):
 class PublishConfig(Section):
     online_store: Literal["sqlite", "postgres", "redis"] = "sqlite"  # LOC2VEC_ONLINE_STORE overrides
     postgres_schema: str = "feast"  # the schema holding Feast's online tables in the project database
+    # online_store: postgres keeps Feast's registry in the project database too (Feast's SQL registry), in this
+    # schema: a second host with the client configuration reads the same registry (serving/sql_registry.py).
+    registry_schema: str = "feast_registry"
+    # previous: publishing a new model version N also publishes it rotated into the space of the previous version
+    # M (orthogonal Procrustes on shared cells) as version "NaM", so consumers pinned to M can move without
+    # retraining (serving/aligned.py); none: only the versions as trained.
+    align_to: Literal["none", "previous"] = "none"
     # A model version keeps its own feature view and pinned services (location_embedding_vN, transport_mode_vN)
     # until this many newer versions are published; then it is retired (offline history is kept).
     retain_versions: int = Field(3, ge=1)
@@ -335,7 +342,7 @@ class PublishConfig(Section):
     # $LOC2VEC_REDIS overrides. `loc2vec redis start` runs a local redis-server for it (127.0.0.1 only).
     redis: str = "127.0.0.1:6380"
 
-    _schema = field_validator("postgres_schema")(validate_region_name)
+    _schema = field_validator("postgres_schema", "registry_schema")(validate_region_name)
 
 
 class ServeConfig(Section):

@@ -52,16 +52,18 @@ def check_region_name(name: str, reserved: Collection[str] = ()) -> str:
     return name
 
 
-MODEL_VERSION_RE = re.compile(r"^[0-9]{1,9}$")
+# MLflow's version N, or NaM: version N's vectors rotated into version M's space (serving/aligned.py)
+MODEL_VERSION_RE = re.compile(r"^[0-9]{1,9}(a[0-9]{1,9})?$")
 
 
 def validate_model_version(version: str) -> str:
     """A registered model version as it names Feast objects and files (`location_embedding_v7`): MLflow's
-    versions are positive integers; anything else would make names that cannot be told apart or parsed.
+    versions are positive integers, an aligned version is `NaM` (version N rotated into version M's space);
+    anything else would make names that cannot be told apart or parsed.
 
     Raises:
         ValueError: not a decimal integer.
     """
     if not isinstance(version, str) or not MODEL_VERSION_RE.match(version):
-        raise ValueError(f"invalid model version {version!r}: expected MLflow's decimal version number")
+        raise ValueError(f"invalid model version {version!r}: expected MLflow's decimal version number (or NaM)")
     return version

@@ -83,7 +83,9 @@ import pyarrow.parquet as pq
 from loc2vec.core.atomic import file_lock, write_text
 from loc2vec.core.errors import Loc2VecError
 from loc2vec.embedding.store import SCHEMA, read_embeddings, write_parquet_atomic
+from loc2vec.serving.aligned import aligned_files
 from loc2vec.serving.feast_import import import_feast
+from loc2vec.serving.sql_registry import staged_sql_registry
 from loc2vec.serving.store import (
     DEFINITION_MODULES,
     SOURCE_REPO,
@@ -91,6 +93,7 @@ from loc2vec.serving.store import (
     StoreSettings,
     describe,
     forget_stores,
+    is_sql_registry,
     online_db_path,
     refresh_cached,
     registry_path,
@@ -380,8 +383,12 @@ def staged_registry(settings: StoreSettings) -> Iterator[tuple[Any, Any]]:
     """A FeatureStore on a staged copy of the live registry, and a function that swaps the copy in.
 
     Leaving the block without swapping (an error, a skipped publish) discards the copy; the live registry,
-    which consumers read, is only ever replaced whole (os.replace).
+    which consumers read, is only ever replaced whole (os.replace; a SQL registry: one transaction).
     """
+    if is_sql_registry(settings):  # the postgres store: serving/sql_registry.py
+        with staged_sql_registry(settings) as staged_pair:
+            yield staged_pair
+        return
     live = registry_path(settings)
     staged = live.with_name(live.name + ".staging")
     staged.unlink(missing_ok=True)  # a killed publish's
@@ -647,6 +654,7 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
     kind = settings.kind
     started = time.perf_counter()
     with publish_lock(settings):
+        files = aligned_files(settings, files)  # publish.align_to: previous adds aligned versions (serving/aligned.py)
         path, offline_changed, table = update_offline(None if files is None else list(files), settings)
         if table.num_rows == 0:
             raise PublishError(f"{path} holds no rows: nothing to publish")

@@ -62,6 +62,9 @@ class StoreSettings:
         retain_versions: a model version keeps its own view and pinned services until this many newer
             versions are published (serving/versions.py).
         redis: the Redis online store's connection string (host:port[,password=…]).
+        registry_schema: the schema of Feast's SQL registry in that database (the postgres store's registry).
+        align_to: "previous": publish also writes each new version rotated into the previous one's space
+            (serving/aligned.py); "none": not.
     """
 
     kind: str
@@ -72,6 +75,8 @@ class StoreSettings:
     reader: ConnInfo | None = None
     retain_versions: int = 3
     redis: str = "127.0.0.1:6380"
+    registry_schema: str = "feast_registry"
+    align_to: str = "none"
 
     @classmethod
     def from_config(
@@ -97,7 +102,16 @@ class StoreSettings:
             )
         redis = os.environ.get(REDIS_ENV) or publish.redis
         return cls(
-            chosen, paths, info, publish.postgres_schema, embed.h3_resolution, reader, publish.retain_versions, redis
+            chosen,
+            paths,
+            info,
+            publish.postgres_schema,
+            embed.h3_resolution,
+            reader,
+            publish.retain_versions,
+            redis,
+            publish.registry_schema,
+            publish.align_to,
         )
 
     @property
@@ -114,6 +128,7 @@ def _template_vars(settings: StoreSettings, info: ConnInfo, *, password: bool = 
         "LOC2VEC_PG_USER": info.user,
         "LOC2VEC_PG_PASSWORD": (info.password or "") if password else "",
         "LOC2VEC_FEAST_SCHEMA": settings.postgres_schema,
+        "LOC2VEC_FEAST_REGISTRY_SCHEMA": settings.registry_schema,
         "LOC2VEC_REDIS": settings.redis if password else redact_redis(settings.redis),
     }
 
@@ -158,6 +173,12 @@ def _resolve(settings: StoreSettings, path: str) -> Path:
     return p if p.is_absolute() else (settings.paths.feature_repo / p).resolve()
 
 
+def is_sql_registry(settings: StoreSettings) -> bool:
+    """Whether the store's registry is Feast's SQL registry (in the database) rather than a file."""
+    registry = _config_data(settings)["registry"]
+    return isinstance(registry, dict) and registry.get("registry_type") == "sql"
+
+
 def registry_path(settings: StoreSettings) -> Path:
     """The store's (file) registry, which consumers read."""
     registry = _config_data(settings)["registry"]
@@ -180,9 +201,11 @@ def _build(settings: StoreSettings, registry: Path | None = None, *, consumer: b
     from feast.repo_config import RepoConfig
 
     data = _config_data(settings, consumer=consumer)
-    if registry is not None:
-        current = data["registry"]
-        data["registry"] = {**current, "path": str(registry)} if isinstance(current, dict) else str(registry)
+    if registry is not None:  # a staged file registry (a copy of the live one, file or SQL)
+        data["registry"] = {"registry_type": "file", "path": str(registry)}
+    elif consumer and isinstance(data["registry"], dict) and data["registry"].get("registry_type") == "sql":
+        # consumers (the read-only role) never run DDL: a missing table is "not published yet"
+        data["registry"] = {**data["registry"], "schema_mode": "verify"}
     repo = settings.paths.feature_repo  # relative paths in the yaml resolve against it
     repo.mkdir(exist_ok=True)
     settings.feast_dir.mkdir(parents=True, exist_ok=True)
@@ -249,3 +272,8 @@ def describe(settings: StoreSettings) -> dict[str, Any]:
     if settings.kind == "redis":
         out["redis"] = redact_redis(settings.redis)
     return out
+
+
+def publisher_store(settings: StoreSettings) -> FeatureStore:
+    """A FeatureStore connected as the publishing role (not cached): what writes a SQL registry."""
+    return _build(settings)

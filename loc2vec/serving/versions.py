@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from loc2vec.core.errors import Loc2VecError
-from loc2vec.core.names import validate_model_version
+from loc2vec.core.names import MODEL_VERSION_RE, validate_model_version
 from loc2vec.embedding.store import SCHEMA, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,12 @@ def pinned_view(version: str) -> str:
 def view_version(name: str) -> str | None:
     """The model version a pinned view's name carries, or None for another view."""
     rest = name.removeprefix(PINNED_PREFIX)
-    return rest if rest != name and rest.isdigit() else None
+    return rest if rest != name and MODEL_VERSION_RE.match(rest) else None
 
 
 def version_key(v: str) -> tuple[int, str]:
-    """Order versions numerically (MLflow's are integers); anything else sorts last."""
-    return (int(v), v) if v.isdigit() else (1 << 62, v)
+    """Order versions numerically (MLflow's are integers; an aligned `NaM` right after N); anything else last."""
+    return (int(v.split("a")[0]), v) if MODEL_VERSION_RE.match(v) else (1 << 62, v)
 
 
 @dataclass(frozen=True)
