@@ -301,6 +301,26 @@ def test_feature_server_over_http(world: dict, project: Path, server: str) -> No
             assert s.connect_ex((host, int(server.rsplit(":", 1)[1]))) != 0
 
 
+def test_versioned_read_check_answers_as_feasts() -> None:
+    """serving/feast_import.py answers Feast's "does this online store support versioned reads" by class name,
+    without importing every store's module; for the stores loc2vec uses and one Feast refuses, as Feast does."""
+    from loc2vec.serving import feast_import
+
+    feast_import.import_feast()
+    from feast.infra.online_stores.online_store import OnlineStore
+    from feast.infra.online_stores.postgres_online_store.postgres import PostgreSQLOnlineStore
+    from feast.infra.online_stores.redis import RedisOnlineStore
+    from feast.infra.online_stores.remote import RemoteOnlineStore
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore
+
+    assert feast_import.feast_versioned_read_check is not None, "Feast was imported the fast way"
+    for cls in (SqliteOnlineStore, PostgreSQLOnlineStore, RedisOnlineStore, RemoteOnlineStore):
+        store = object.__new__(cls)
+        assert store._is_versioned_read_supported() == feast_import.feast_versioned_read_check(store), cls
+        assert OnlineStore._is_versioned_read_supported is feast_import._versioned_read_supported
+    assert not object.__new__(RemoteOnlineStore)._is_versioned_read_supported()
+
+
 def test_thin_client_imports_no_torch_mapnik_or_sklearn(world: dict) -> None:
     """`from loc2vec.serving import get_location_embeddings` and a lookup load neither torch, Mapnik nor
     scikit-learn (a fresh interpreter, checked through sys.modules)."""

@@ -654,8 +654,9 @@ def params_path() -> Path:
     return Path(env).resolve() if env else project_root() / "params.yaml"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error, not "last one wins"."""
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """YAML's safe loader (libyaml's parser where PyYAML has it: params.yaml parses in ~5 ms, not 100), except
+    that a key given twice in one mapping is an error, not "last one wins"."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
