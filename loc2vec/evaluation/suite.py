@@ -6,7 +6,9 @@ Suites:
   featureset of a label comes from its masked scene (evaluation/scene.py): ``loc2vec`` (the given
   encoder on the masked tile rendered at the point), ``histogram``, ``tag_counts`` (log1p),
   ``random_encoder`` (the same architecture untrained, seeded), ``random_wide`` (evaluation/tilefeatures.py),
-  ``latlon`` and, for transport_context, ``nearest_way``.
+  ``latlon``, for transport_context ``nearest_way``, and the srai peers ``srai_contextual_counts`` and
+  ``srai_hex2vec`` (evaluation/peers.py: fitted once per run on the training region(s), each label's object
+  removed from their inputs).
 * ``consumer`` – the consumer tasks transport and venue as `loc2vec evaluate` scores them (loc2vec and the
   histogram from Feast: historical for training rows, online for tested rows), plus ``nearest_way``
   for transport and ``random_wide`` on each point's cell tile (as ``random_encoder``); the srai peers
