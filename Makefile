@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[pipeline,dev]'  # the tested versions (constraints.txt)
+	$(PY) -m pip install -q -c constraints.txt -e '.[pipeline,dev,peers]'  # the tested versions (constraints.txt)
 	@touch $@
 
 db: venv

@@ -154,3 +154,23 @@ def test_a_bug_is_one_line_that_points_at_debug(region: str) -> None:
     assert "unexpected error (a bug): RuntimeError: injected bug" in line and "--debug" in line
     proc = subprocess.run([*inject, "--debug", *args], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "injected bug" in proc.stderr
+
+
+def test_suite_without_the_peers_extra_is_one_line(region: str, tmp_path: Path) -> None:
+    """Without srai (an install without the `peers` extra) `evaluate --suite leakfree` names the extra."""
+    import torch
+
+    from loc2vec.core.config import ModelConfig
+    from loc2vec.training.model import Encoder
+
+    cfg = ModelConfig()
+    torch.save(Encoder(cfg).state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model_config.json").write_text(cfg.model_dump_json())
+    code = (
+        "import runpy, sys; sys.modules['srai'] = None; sys.argv[0] = 'loc2vec';"
+        " runpy.run_module('loc2vec.cli', run_name='__main__')"
+    )
+    args = ["evaluate", "--suite", "leakfree", "--region", region, "--model", str(tmp_path), "--no-track"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True)
+    line = _error_line(proc)
+    assert "pip install 'loc2vec[peers]'" in line and "srai" in line

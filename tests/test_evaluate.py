@@ -333,17 +333,20 @@ def test_consumer_classifiers_train_historical_and_serve_online(published: str, 
 
 
 def test_consumer_suite_adds_nearest_way_and_the_lift(published: str, region: str, tmp_path: Path) -> None:
-    """`evaluate --suite consumer`: the consumer tasks through Feast, nearest_way for transport, the lift rows."""
+    """`evaluate --suite consumer`: the consumer tasks through Feast, nearest_way for transport, random_wide on the
+    cell tiles, the lift rows (the srai peers are leak-free featuresets only)."""
     from loc2vec.evaluation.added_value import BEST, BEST_PLUS
     from loc2vec.evaluation.suite import run_suite
 
     p = load_project()
     out = tmp_path / "consumer.json"
-    cfg = p.params.evaluate.model_copy(update={"bootstrap": 100})
+    cfg = p.params.evaluate.model_copy(
+        update={"bootstrap": 100, "suite": p.params.evaluate.suite.model_copy(update={"random_wide_features": 64})}
+    )
     result = run_suite("consumer", region, out, cfg, evaluation_context(p), encoder=None, track=False)
     tasks = result["tasks"]
     assert set(tasks) == {"transport", "venue"} and out.with_suffix(".png").is_file()
-    base = {"loc2vec", "latlon", "histogram", "tag_counts", "random_encoder", BEST, BEST_PLUS, "lift"}
+    base = {"loc2vec", "latlon", "histogram", "tag_counts", "random_encoder", "random_wide", BEST, BEST_PLUS, "lift"}
     assert set(tasks["transport"]) == base | {"nearest_way"} and set(tasks["venue"]) == base
     for table in tasks.values():
         for kind in ("logreg", "hgb"):

@@ -58,6 +58,7 @@ def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict)
     assert list(tasks) == list(LEAKFREE_TASKS)
     for task, table in tasks.items():
         expected = {"loc2vec", "latlon", "histogram", "tag_counts", "random_encoder", "random_wide", BEST, BEST_PLUS}
+        expected |= {"srai_contextual_counts", "srai_hex2vec"}  # the peers run inside the suite
         if task == "transport_context":
             expected.add("nearest_way")
         assert set(table) == expected | {"lift"}, task
@@ -75,6 +76,9 @@ def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict)
         assert meta["feature_dims"]["random_wide"] == 64 and meta["feature_dims"]["loc2vec"] == 16
         assert meta["bootstrap"]["macro_f1_ci95"]["loc2vec"]["logreg"][0] <= table["loc2vec"]["logreg"]["macro_f1"]
     assert "nearest_way" not in tasks["venue_context"], "nearest_way is a transport baseline"
+    peers = suite_result["meta"]["peers"]
+    assert peers["fitted_on"] == ["test_li"] and peers["sources"]["test_li"]["sha256"]
+    assert peers["seconds"]["fit_hex2vec"] > 0 and meta["feature_dims"]["srai_hex2vec"] == 50
     coverage = suite_result["meta"]["tasks"]["building_type"]["building_coverage"]["test_li"]
     assert coverage["untyped"] > 0 and coverage["residential"] > 0
     assert suite_result["meta"]["leakfree_score"] == pytest.approx(

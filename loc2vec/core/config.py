@@ -409,7 +409,16 @@ DEFAULT_FEATURESETS: tuple[str, ...] = (
 )
 
 
-SuiteBaseline = Literal["latlon", "histogram", "tag_counts", "random_encoder", "random_wide", "nearest_way"]
+SuiteBaseline = Literal[
+    "latlon",
+    "histogram",
+    "tag_counts",
+    "random_encoder",
+    "random_wide",
+    "nearest_way",
+    "srai_contextual_counts",
+    "srai_hex2vec",
+]
 SUITE_BASELINES: tuple[SuiteBaseline, ...] = (
     "latlon",
     "histogram",
@@ -417,6 +426,8 @@ SUITE_BASELINES: tuple[SuiteBaseline, ...] = (
     "random_encoder",
     "random_wide",
     "nearest_way",
+    "srai_contextual_counts",  # the srai peers (evaluation/peers.py): the optional extra loc2vec[peers]
+    "srai_hex2vec",
 )
 
 
@@ -433,10 +444,17 @@ class SuiteConfig(Section):
     hgb_max_iter: int = Field(50, ge=1)  # HistGradientBoosting: boosting rounds (per class)
     hgb_learning_rate: float = Field(0.2, gt=0)
     hgb_max_leaf_nodes: int = Field(15, ge=2)
-    hgb_threads: int = Field(1, ge=1)  # OpenMP threads per tree fit (more only on idle cores)
+    fit_threads: int = Field(1, ge=1)  # BLAS and OpenMP threads per classifier fit (more only on idle cores)
     hgb_max_dims: int = Field(256, ge=1)  # the tree model sees at most this many columns (random_wide's first filters)
     tile_batch: int = Field(64, ge=1)  # masked tiles rendered and encoded per batch
     per_region_standardise: bool = False  # transfer: z-score each featureset within each region first
+    peer_resolution: int = Field(11, ge=0, le=15)  # srai_contextual_counts: H3 resolution of the counted cells
+    peer_rings: int = Field(2, ge=0)  # srai_contextual_counts: neighbour rings averaged and concatenated
+    hex2vec_resolution: int = Field(10, ge=0, le=15)  # srai_hex2vec: H3 resolution of the embedded cells
+    hex2vec_sizes: tuple[int, ...] = (150, 75, 50)  # srai_hex2vec: encoder layers (srai's default; last = dims)
+    hex2vec_epochs: int = Field(3, ge=1)  # srai_hex2vec: training epochs (srai's default)
+    hex2vec_batch_size: int = Field(128, ge=1)
+    hex2vec_seed: int = 0
 
 
 class EvaluateConfig(Section):

@@ -6,10 +6,13 @@ Suites:
   featureset of a label comes from its masked scene (evaluation/scene.py): ``loc2vec`` (the given
   encoder on the masked tile rendered at the point), ``histogram``, ``tag_counts`` (log1p),
   ``random_encoder`` (the same architecture untrained, seeded), ``random_wide`` (evaluation/tilefeatures.py),
-  ``latlon`` and, for transport_context, ``nearest_way``.
+  ``latlon``, for transport_context ``nearest_way``, and the srai peers ``srai_contextual_counts`` and
+  ``srai_hex2vec`` (evaluation/peers.py: fitted once per run on the training region(s), each label's object
+  removed from their inputs).
 * ``consumer`` – the consumer tasks transport and venue as `loc2vec evaluate` scores them (loc2vec and the
   histogram from Feast: historical for training rows, online for tested rows), plus ``nearest_way``
-  for transport; random_wide is not computed there (it needs the cell tiles, not the Feast features).
+  for transport and ``random_wide`` on each point's cell tile (as ``random_encoder``); the srai peers
+  are measured on the leak-free tasks only.
 * ``all`` – both.
 
 Each task is scored by evaluation/added_value.py (every featureset, best_baseline, best_baseline+loc2vec,
@@ -43,9 +46,10 @@ from loc2vec.core.tracking import setup_mlflow
 from loc2vec.evaluation.added_value import REFERENCE, score_added_value
 from loc2vec.evaluation.context import EvaluationContext
 from loc2vec.evaluation.cv import Fold, block_bootstrap, spatial_folds
-from loc2vec.evaluation.featuresets import Featurizer
+from loc2vec.evaluation.featuresets import Featurizer, cell_tile_features
 from loc2vec.evaluation.labels import TASKS, class_counts
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, TRANSPORT_TASKS, building_coverage, make_leakfree_labels
+from loc2vec.evaluation.peers import PEERS, Peers, check_sources, drop_empty_columns, fit_regions_of, require_srai
 from loc2vec.evaluation.run import TaskData, prepare_task
 from loc2vec.evaluation.scene import histogram, nearest_way, scene_tag_counts, tile_features
 from loc2vec.evaluation.tilefeatures import RandomWide, encoder_tiles, untrained_encoder
@@ -56,17 +60,30 @@ from loc2vec.training.model import Encoder
 log = logging.getLogger(__name__)
 
 SUITES: dict[str, tuple[str, ...]] = {"leakfree": LEAKFREE_TASKS, "consumer": TASKS, "all": (*LEAKFREE_TASKS, *TASKS)}
-CONSUMER_BASELINES: tuple[str, ...] = ("latlon", "histogram", "tag_counts", "random_encoder", "nearest_way")
+CONSUMER_BASELINES: tuple[str, ...] = (
+    "latlon",
+    "histogram",
+    "tag_counts",
+    "random_encoder",
+    "random_wide",
+    "nearest_way",
+)
+# srai_* (evaluation/peers.py): fitted on the training region(s), computed on masked scenes (leak-free tasks)
 
 
 def task_baselines(task: str, cfg: EvaluateConfig) -> list[str]:
-    """The suite's baselines that apply to a task (nearest_way: transport tasks; random_wide: leak-free ones)."""
+    """The suite's baselines that apply to a task (nearest_way: transport tasks; the srai peers: leak-free ones)."""
     out: list[str] = [b for b in cfg.suite.baselines if b != "nearest_way" or task in TRANSPORT_TASKS]
     return [b for b in out if b in CONSUMER_BASELINES] if task in TASKS else out
 
 
 def scene_featuresets(
-    labels: pd.DataFrame, task: str, cfg: EvaluateConfig, ctx: EvaluationContext, encoder: Encoder
+    labels: pd.DataFrame,
+    task: str,
+    cfg: EvaluateConfig,
+    ctx: EvaluationContext,
+    encoder: Encoder,
+    peers: Peers | None = None,
 ) -> dict[str, np.ndarray]:
     """Every featureset of the labels, all from their masked scenes (row-aligned, float).
 
@@ -76,6 +93,7 @@ def scene_featuresets(
         cfg: params `evaluate` (suite, random_encoder_seed).
         ctx: the database, tile radius and geometry.
         encoder: the model measured (`loc2vec`).
+        peers: the srai peers of this run (fitted once; needed when a srai_* baseline is wanted).
 
     Returns:
         {featureset: (n, d)}.
@@ -92,6 +110,12 @@ def scene_featuresets(
     out["latlon"] = labels[["lat", "lon"]].to_numpy(float)
     if "nearest_way" in wanted:
         out["nearest_way"] = nearest_way(labels, ctx.info, ctx.radius_m)
+    for name in PEERS:
+        if name in wanted:
+            if peers is None:
+                raise Loc2VecError(f"{name} needs the srai peers of the run")
+            x = peers.embed(name, labels)
+            out[name] = drop_empty_columns(x) if name == "srai_contextual_counts" else x  # 651 tag values, most absent
     return {k: v for k, v in out.items() if k in wanted}
 
 
@@ -114,6 +138,7 @@ def prepare_leakfree(
     cfg: EvaluateConfig,
     ctx: EvaluationContext,
     encoder: Encoder,
+    peers: Peers | None = None,
 ) -> TaskData:
     """Labels → masked-scene featuresets → folds (spatial blocks, or train regions → region).
 
@@ -124,6 +149,7 @@ def prepare_leakfree(
         cfg: params `evaluate`.
         ctx: the database and tile geometry.
         encoder: the model measured.
+        peers: the srai peers of this run.
 
     Returns:
         The task's data; features are the same on both paths (no feature store involved).
@@ -132,7 +158,7 @@ def prepare_leakfree(
     frames = [make_leakfree_labels(r, task, cfg.labels, source) for r in (*train_regions, region)]
     labels = pd.concat(frames, ignore_index=True)
     start = time.perf_counter()
-    feats = scene_featuresets(labels, task, cfg, ctx, encoder)
+    feats = scene_featuresets(labels, task, cfg, ctx, encoder, peers)
     seconds = time.perf_counter() - start
     ok = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in feats.values()])
     is_eval = (labels["region"] == region).to_numpy()
@@ -174,6 +200,10 @@ def prepare_consumer(
     """A consumer task as `loc2vec evaluate` prepares it (Feast), with nearest_way added for transport."""
     featurizer = Featurizer.default(cfg, ctx)
     featurizer.base["nearest_way"] = lambda points, mode, service: nearest_way(points, ctx.info, ctx.radius_m)
+    wide = RandomWide(cfg.suite.random_wide_features, cfg.suite.random_wide_seed)
+    featurizer.base["random_wide"] = lambda points, mode, service: cell_tile_features(
+        points, lambda tiles: wide(tiles.numpy()), wide.n_features, ctx, cfg.batch_size
+    )  # on the cell's tile, as random_encoder (the consumer tasks' loc2vec is the cell's published embedding)
     names = (REFERENCE, *task_baselines(task, cfg))
     return prepare_task(
         task, region, list(train_regions) or None, cfg.model_copy(update={"featuresets": names}), featurizer, ctx
@@ -216,12 +246,16 @@ def run_suite(
         raise ConfigError(f"--train-regions must not include the evaluated region {region!r}")
     tasks: dict[str, Any] = {}
     metas: dict[str, Any] = {}
+    peers = None
+    if any(p in cfg.suite.baselines for p in PEERS) and any(t in LEAKFREE_TASKS for t in SUITES[suite]):
+        require_srai()
+        peers = Peers(cfg.suite, ctx.info, fit_regions_of(region, train_regions))
     for task in SUITES[suite]:
         start = time.perf_counter()
         if task in LEAKFREE_TASKS:
             if encoder is None:
                 raise Loc2VecError("the leak-free suite needs an encoder (--model DIR, or a registered champion)")
-            data = prepare_leakfree(task, region, train_regions, cfg, ctx, encoder)
+            data = prepare_leakfree(task, region, train_regions, cfg, ctx, encoder, peers)
         else:
             data = prepare_consumer(task, region, train_regions, cfg, ctx)
         baselines = task_baselines(task, cfg)
@@ -255,6 +289,13 @@ def run_suite(
         "consumer_lift": mean_lift(tasks, TASKS),
         "tasks": metas,
     }
+    if peers is not None:
+        result["meta"]["peers"] = {
+            "fitted_on": list(peers.fit_regions),
+            "sources": check_sources([*train_regions, region], ctx.info),
+            "seconds": peers.seconds,
+            "config": {k: v for k, v in cfg.suite.model_dump(mode="json").items() if k.startswith(("peer", "hex2vec"))},
+        }
     path = Path(out)
     write_text(path, json.dumps(result, indent=2) + "\n")
     from loc2vec.evaluation.chart import suite_chart
