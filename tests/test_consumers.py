@@ -122,7 +122,7 @@ def test_pinned_version_survives_a_new_champion(world: dict, project: Path) -> N
     v2 = world["v2"] = _register(2)  # the new champion
     embed(world["region"])
     report = publish(kind="sqlite")
-    assert report["served_versions"] == [v1, v2] and report["materialized"]["mode"] == "window", report["reason"]
+    assert report["served_versions"] == [v1, v2] and report["materialized"]["mode"] == "incremental", report["reason"]
     off2 = _offline(project, world["region"])
     assert not np.array_equal(np.stack(off2.loc[cells, "embedding"]), np.stack(off1.loc[cells, "embedding"]))
 
