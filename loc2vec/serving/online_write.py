@@ -249,8 +249,11 @@ def online_digests(store, view_name: str, cells: list[str]) -> dict[str, str | N
     view = store.get_feature_view(view_name, allow_registry_cache=True)
     names = sorted(f.name for f in view.features)
     keys = [EntityKeyProto(join_keys=[JOIN_KEY], entity_values=[ValueProto(string_val=c)]) for c in cells]
-    # requested_features named: without them Feast 0.67's PostgreSQL online_read passes one parameter too many
-    got = store._get_provider().online_read(config=store.config, table=view, entity_keys=keys, requested_features=names)
+    # requested_features named: without them Feast 0.67's PostgreSQL online_read passes one parameter too many;
+    # a copy: Redis's appends its timestamp field to the list it is given
+    got = store._get_provider().online_read(
+        config=store.config, table=view, entity_keys=keys, requested_features=list(names)
+    )
     out: dict[str, str | None] = {}
     for cell, (ts, values) in zip(cells, got, strict=True):
         if ts is None or not values or any(n not in values for n in names):
