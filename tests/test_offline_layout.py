@@ -127,9 +127,15 @@ def _rows(store) -> list[tuple]:
     ).fetchall()
 
 
-def test_sqlite_rows_equal_feasts_own_write(tmp_path: Path) -> None:
-    """One executemany writes the rows Feast's online_write_batch writes, and reads back through Feast."""
+@pytest.mark.parametrize("rebuild_index", [False, True])
+def test_sqlite_rows_equal_feasts_own_write(tmp_path: Path, rebuild_index: bool, monkeypatch) -> None:
+    """One executemany writes the rows Feast's online_write_batch writes, and reads back through Feast (also
+    when a large write drops Feast's entity_key index and builds it again)."""
+    from loc2vec.serving import online_write
     from loc2vec.serving.online_write import expected_digests, online_digests, write_view
+
+    if rebuild_index:
+        monkeypatch.setattr(online_write, "REBUILD_INDEX_ROWS", 1)
 
     ts = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     table = _table(_cells(300), "r", "7", ts, 1)
@@ -139,6 +145,8 @@ def test_sqlite_rows_equal_feasts_own_write(tmp_path: Path) -> None:
         "v", table.select(["h3_cell", "embedding", "model_version", "event_timestamp", "created"]).to_pandas()
     )
     assert _rows(ours) == _rows(feasts) and len(_rows(ours)) == 2 * table.num_rows
+    conn = ours._get_provider().online_store._get_conn(ours.config)
+    assert conn.execute("SELECT sql FROM sqlite_master WHERE name = 't_v_ek'").fetchone(), "the index is there"
     cells = table.column("h3_cell").to_pylist()[:20]
     assert online_digests(ours, "v", cells) == expected_digests(ours.get_feature_view("v"), table.slice(0, 20))
     assert online_digests(ours, "v", ["8b1f8e0c0000fff"]) == {"8b1f8e0c0000fff": None}

@@ -31,6 +31,7 @@ from loc2vec.serving.feast_import import import_feast
 
 JOIN_KEY = "h3_cell"
 SQLITE_CACHE_KIB = 256 * 1024  # page cache while writing (PRAGMA cache_size, negative: KiB)
+REBUILD_INDEX_ROWS = 50_000  # cells from which a view's write drops Feast's entity_key index and builds it anew
 
 
 def _varint(n: int) -> bytes:
@@ -189,8 +190,19 @@ def write_sqlite_view(store, view, keys: list[bytes], features, event: list[Any]
                 yield key, feature, values[i], None if texts is None else texts[i], event[i], created[i]
 
     conn.execute(f"PRAGMA cache_size = {-SQLITE_CACHE_KIB}")
-    with conn:
+    index = name + "_ek"  # Feast's secondary index on entity_key (the primary key already starts with it)
+    present = conn.execute("SELECT max(rowid) FROM " + quoted).fetchone()[0] or 0  # O(log n): ~rows in the table
+    rebuild = (
+        len(keys) >= REBUILD_INDEX_ROWS
+        and len(keys) * len(features) >= present  # building it anew costs the whole table: only for big writes
+        and conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (index,)).fetchone()
+    )
+    with conn:  # one transaction: readers see the index and the rows before or after, never in between
+        if rebuild:  # many rows: maintaining it row by row costs more than building it once (measured ~25%)
+            conn.execute(f'DROP INDEX "{index.replace(chr(34), chr(34) * 2)}"')
         conn.executemany(sql, rows())
+        if rebuild:
+            conn.execute(f'CREATE INDEX "{index.replace(chr(34), chr(34) * 2)}" ON {quoted} (entity_key)')
 
 
 def _write_feast(store, view, table: pa.Table, features, event: list[datetime], created: list[Any]) -> None:
