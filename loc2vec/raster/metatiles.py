@@ -207,12 +207,13 @@ class MetatileIndex:
         return out
 
     def __getstate__(self) -> dict:
-        """Pickled (sent to a Dask worker) without its memory maps: the worker re-opens the files it reads."""
+        """Pickled (sent to a Dask worker) without its decompressed arrays: the worker reads what it needs."""
         state = {**self.__dict__, "_arrays": OrderedDict()}
         del state["_lock"]
         return state
 
     def __setstate__(self, state: dict) -> None:
+        """A fresh lock for the process that unpickles it."""
         self.__dict__.update(state, _lock=threading.Lock())
 
     def to_json(self) -> dict:
