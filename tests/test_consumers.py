@@ -122,7 +122,7 @@ def test_pinned_version_survives_a_new_champion(world: dict, project: Path) -> N
     v2 = world["v2"] = _register(2)  # the new champion
     embed(world["region"])
     report = publish(kind="sqlite")
-    assert report["served_versions"] == [v1, v2] and report["materialized"]["mode"] == "window", report["reason"]
+    assert report["served_versions"] == [v1, v2] and report["materialized"]["mode"] == "incremental", report["reason"]
     off2 = _offline(project, world["region"])
     assert not np.array_equal(np.stack(off2.loc[cells, "embedding"]), np.stack(off1.loc[cells, "embedding"]))
 
@@ -157,7 +157,7 @@ def test_old_version_retired_after_retain_versions_newer(world: dict, project: P
     cells = sorted(_offline(project, world["region"]).index)
     pinned_v2 = _service_rows(f"transport_mode_v{v2}", cells)
     v1_file = load_project().paths.version_offline_store(v1)
-    assert v1_file.is_file()
+    assert v1_file.is_dir(), "a link to its directory of partition files"
 
     v3 = world["v3"] = _register(3)
     embed(world["region"])
@@ -172,7 +172,7 @@ def test_old_version_retired_after_retain_versions_newer(world: dict, project: P
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert f"loc2vec_location_embedding_v{v1}" not in tables, "its online rows are gone"
     assert {f"loc2vec_location_embedding_v{v2}", f"loc2vec_location_embedding_v{v3}"} <= tables
-    assert not v1_file.exists()
+    assert not v1_file.exists() and not v1_file.is_symlink()
     offline = pd.read_parquet(project / "data" / "feast" / "embeddings.parquet")
     assert v1 in set(offline["model_version"]), "the offline history keeps every version"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,10 @@ def _dilated(tiles: torch.Tensor) -> torch.Tensor:
 
 
 def _files(directory: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in directory.glob("*.npy")}
+    """The stored metatiles (zarr arrays) and when their files were written."""
+    return {
+        p.name: max(f.stat().st_mtime_ns for f in p.rglob("*") if f.is_file()) for p in directory.glob("*.zarr")
+    } | {p.name: p.stat().st_mtime_ns for p in directory.glob("*.npy")}
 
 
 def test_metatiles_are_rendered_only_where_needed(region: str, proj: Project) -> None:
@@ -74,15 +78,19 @@ def test_metatiles_are_rendered_only_where_needed(region: str, proj: Project) ->
     assert index.directory == directory
     assert len(index.rendered) == 1 and len(index) == 1
     key = index.rendered[0]
-    assert list(_files(directory)) == [f"{key}.npy"]
+    assert list(_files(directory)) == [f"{key}.zarr"]
     before = _files(directory)
     again = ensure_metatiles(region, [VADUZ[0], VADUZ[0] + 0.001], [VADUZ[1], VADUZ[1]], project=proj)
     assert again.rendered == () and len(again) == 1
     assert _files(directory) == before, "nothing is re-rendered or rewritten"
     array = again.array(key)
     side = again.grid.side_px
-    assert isinstance(array, np.memmap) and array.shape == (side, side, 12) and array.dtype == np.uint8
+    assert array.shape == (side, side, 12) and array.dtype == np.uint8 and not array.flags.writeable
+    assert again.array(key) is array, "decompressed once per process (LRU)"
+    stored = sum(f.stat().st_size for f in (directory / f"{key}.zarr").rglob("*") if f.is_file())
+    assert stored * 10 < array.nbytes, f"compressed: {stored} bytes for {array.nbytes}"
     saved = json.loads((directory / "index.json").read_text())
+    assert saved["version"] == 2 and saved["storage"]["format"] == "zarr"
     meta = saved["metatiles"][key]
     assert meta["mpp"] == pytest.approx(proj.params.render.metres_per_pixel)
     assert saved["signature"]["radius_m"] == proj.params.render.radius_m
@@ -183,6 +191,34 @@ def test_stale_metatiles_are_invalidated(region: str, proj: Project) -> None:
     assert len(load_index(region, spec, directory, proj.info)) == 0 and not _files(directory)
     assert len(ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], project=proj).rendered) == 1
     assert index.grid == load_index(region, spec, directory, proj.info).grid
+
+
+def test_raw_npy_metatiles_of_an_older_loc2vec_are_converted(region: str, proj: Project) -> None:
+    """A cache in the raw layout (index version 1, one .npy per metatile) is converted to zarr on load, never
+    misread, and cuts the same tiles; one whose signature no longer holds is removed and re-rendered."""
+    from loc2vec.raster import metatiles
+
+    lats, lons, angles, shifts = (v[:24] for v in _samples(region, proj.info))
+    directory, spec = proj.paths.metatiles(region), metatile_spec(proj)
+    index = ensure_metatiles(region, lats, lons, project=proj)
+    reference = cut_tiles(index, lats, lons, angles, shifts, device="cpu")
+    saved = json.loads((directory / "index.json").read_text())
+    for key in saved["metatiles"]:  # write the cache as an older loc2vec did
+        np.save(directory / f"{key}.npy", index.array(key))
+        shutil.rmtree(directory / f"{key}.zarr")
+    raw = {k: v for k, v in saved.items() if k != "storage"} | {"version": 1}
+    (directory / "index.json").write_text(json.dumps(raw))
+    metatiles._INDEXES.clear()
+    converted = load_index(region, spec, directory, proj.info)
+    assert sorted(converted.entries) == sorted(saved["metatiles"]) and not list(directory.glob("*.npy"))
+    assert json.loads((directory / "index.json").read_text())["version"] == 2
+    assert torch.equal(cut_tiles(converted, lats, lons, angles, shifts, device="cpu"), reference)
+
+    key = next(iter(saved["metatiles"]))
+    np.save(directory / f"{key}.npy", converted.array(key))
+    (directory / "index.json").write_text(json.dumps(raw | {"signature": {**raw["signature"], "radius_m": 50.0}}))
+    metatiles._INDEXES.clear()
+    assert len(load_index(region, spec, directory, proj.info)) == 0 and not _files(directory), "stale: removed"
 
 
 @pytest.mark.parametrize("lat", [-60.0, 0.1, 47.13, 70.0])

@@ -273,10 +273,10 @@ def _registry_states(project: Path) -> dict[str, str]:
 
 
 PUBLISH_POINTS = [
-    ("loc2vec.serving.publish:write_parquet_atomic", "after", 1),  # offline store rewritten, nothing applied
+    ("loc2vec.serving.offline:write_parquet_atomic", "after", 1),  # a partition file written, nothing applied
     ("feast.infra.registry.file:FileRegistryStore._write_registry", "torn", 1),  # a registry write torn mid-apply
-    ("feast.infra.online_stores.sqlite:SqliteOnlineStore.online_write_batch", "after", 1),  # one view of three
-    ("feast.infra.online_stores.sqlite:SqliteOnlineStore.online_write_batch", "before", 3),  # two views of three
+    ("loc2vec.serving.online_write:write_sqlite_view", "after", 1),  # one view of four written
+    ("loc2vec.serving.online_write:write_sqlite_view", "before", 3),  # two views of four
     ("loc2vec.serving.publish:_write_state", "before", 1),  # registry swapped in, state not recorded
 ]
 

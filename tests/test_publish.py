@@ -3,8 +3,8 @@
 Two tiny untrained Encoders are registered in the test project's own MLflow store (v1, then v2, under a
 model name of this module), so their registration times t1 < t2 are the embeddings' event timestamps.
 The last tests add v3 and v4 and a second region (the southern half of the test bbox, imported after v3)
-to check that a publish materializes only the window of the changed partitions, and the full range
-when it must.
+to check that a publish writes only the cells of the changed partitions (reading only the partitions that
+share cells with them), and every cell when it must.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sqlite3
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -192,20 +192,30 @@ def test_publish_serves_embeddings_online(setup: dict, project: Path) -> None:
 
 def test_republish_writes_nothing(setup: dict, project: Path) -> None:
     feast = project / "data" / "feast"
-    files = [feast / "embeddings.parquet", feast / "registry.db", feast / "online.db"]
+    files = [feast / "registry.db", feast / "online.db"]
     before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in files]
+    offline = _offline_files(feast)
     rows = _online_rows(project)
-    assert rows
+    assert rows and offline
 
     report = publish(kind="sqlite")
     assert report["skipped"] and not report["offline_rewritten"], report.get("reason")
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in files] == before, "nothing is written"
+    assert _offline_files(feast) == offline
 
-    forced = publish(kind="sqlite", force=True)  # re-materializes the same data
-    assert forced["applied"] and not forced["offline_rewritten"]
+    forced = publish(kind="sqlite", force=True)  # rewrites the same rows
+    assert forced["applied"] and not forced["offline_rewritten"] and forced["partitions_written"] == 0
     assert forced["materialized"]["mode"] == "full" and forced["materialized"]["changed_partitions"] == 0
-    assert files[0].stat().st_mtime_ns == before[0][0], "unchanged offline content is not rewritten"
+    assert _offline_files(feast) == offline, "unchanged offline content is not rewritten"
     assert _online_rows(project) == rows, "same values, event and created timestamps"
+
+
+def _offline_files(feast: Path) -> list[tuple[str, int]]:
+    """The offline store's generation and partition files (name, mtime): what a publish would rewrite."""
+    source = feast / "embeddings.parquet"
+    assert source.is_symlink() and source.is_dir(), "a link to a generation directory of partition files"
+    files = sorted((feast / "partitions").glob("*.parquet"))
+    return [(str(source.resolve()), 0)] + [(f.name, f.stat().st_mtime_ns) for f in files]
 
 
 def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, project: Path) -> None:
@@ -220,9 +230,9 @@ def test_new_version_publishes_alongside_and_joins_point_in_time(setup: dict, pr
     assert t1 < t2 and (v2["model_version"] == v2_version).all()
 
     report = publish(kind="sqlite")
-    assert report["materialized"]["mode"] == "window", report["reason"]
+    assert report["materialized"]["mode"] == "incremental", report["reason"]
     assert report["served_versions"] == [setup["v1"], v2_version]
-    # the window [t2, now]: v2's cells in the latest views and in v2's own view; v1's view is left alone
+    # v2's cells (all newer than v1's) in the latest views and in v2's own view; v1's view is left alone
     assert report["materialized"]["rows_written"] == len(v2) * VIEWS + len(v2)
     offline = pq.read_table(project / "data" / "feast" / "embeddings.parquet").to_pandas()
     assert sorted(offline["model_version"].unique()) == sorted([setup["v1"], v2_version]), "both versions kept"
@@ -287,7 +297,7 @@ def test_postgres_online_store(setup: dict, project: Path, monkeypatch: pytest.M
     assert materialize_incremental_only(postgres)["online_store"] == "postgres"
     assert get_location_embeddings([VADUZ[0]], [VADUZ[1]], postgres).iloc[0]["embedding"] == pg["embedding"]
     assert p.paths.root == project
-    assert pd.Timestamp.now(tz=UTC) > pd.Timestamp(report["materialized"]["start"])
+    assert report["materialized"]["mode"] == "full", "a new online store gets every cell"
 
 
 def test_new_region_materializes_only_its_partition(setup: dict, project: Path, south_pbf: Path) -> None:
@@ -302,10 +312,11 @@ def test_new_region_materializes_only_its_partition(setup: dict, project: Path, 
 
     report = publish(kind="sqlite")
     done = report["materialized"]
-    assert done["mode"] == "window" and done["changed_partitions"] == 1, report["reason"]
+    assert done["mode"] == "incremental" and done["changed_partitions"] == 1, report["reason"]
     # only the new partition: its cells in the latest views and in v2's view (south was embedded with v2)
     assert done["cells"] == len(south) and done["rows_written"] == len(south) * VIEWS + len(south)
-    assert pd.Timestamp(done["start"]) == south["event_timestamp"].iloc[0]
+    # read: south, and the partitions of the test region it overlaps (v1's and v2's), not rewritten
+    assert done["read_partitions"] == 3 and report["partitions_written"] == 1
     assert report["cells"] == len(set(li["h3_cell"]) | set(south["h3_cell"]))
 
     latest = _assert_online_serves_latest(project)
@@ -324,12 +335,11 @@ def test_older_partition_never_overwrites_a_newer_row(setup: dict, project: Path
 
     report = publish(kind="sqlite")
     done = report["materialized"]
-    assert done["mode"] == "window" and done["changed_partitions"] == 1, report["reason"]
-    assert pd.Timestamp(done["start"]) == li["event_timestamp"].iloc[0]
-    cells = set(li["h3_cell"]) | set(south["h3_cell"])  # the window holds the newer south partition too
-    # the latest views: every cell; v3's view: li's cells; v2's view: the south partition (after the start)
+    assert done["mode"] == "incremental" and done["changed_partitions"] == 1, report["reason"]
+    # the latest views: only the cells where v3's row is the newest (not south's); v3's view: all li's cells;
+    # v2's view: nothing (v3's rows are not v2's)
     assert report["served_versions"][-1] == setup["v3"] and len(report["served_versions"]) == 3
-    assert done["cells"] == len(cells) and done["rows_written"] == len(cells) * VIEWS + len(li) + len(south)
+    assert done["cells"] == len(li_only) and done["rows_written"] == len(li_only) * VIEWS + len(li)
 
     latest = _assert_online_serves_latest(project)
     assert (latest.loc[sorted(both), "region"] == SOUTH).all(), "the newer south rows stay online"

@@ -162,6 +162,7 @@ class TilesConfig(Section):
     metatile_core_px: int = Field(2048, ge=256, le=8192)  # core side C; a metatile is C + 2·margin px square
     render_processes: int = Field(0, ge=0)  # Mapnik processes rendering missing metatiles; 0 = one per core
     device_cache_mb: int = Field(4096, ge=0)  # metatiles kept on an accelerator by the cutter (LRU)
+    host_cache_mb: int = Field(4096, ge=0)  # decompressed metatiles kept in memory per process (LRU)
 
 
 class SampleConfig(Section):

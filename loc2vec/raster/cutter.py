@@ -51,36 +51,40 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 
 class _SourceCache:
-    """Metatiles as flat (H·W, 12) uint8 tensors: zero-copy mmaps on CPU, an LRU on accelerators."""
+    """Metatiles as flat (H·W, 12) uint8 tensors: on CPU zero-copy views of the index's decompressed arrays
+    (its own LRU, raster/metatiles.py) or, when that is full, of a full-size array holding only the batch's
+    window (the same pixels where tiles sample: the same tiles); an LRU on accelerators."""
 
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
         self._lock = threading.Lock()  # prefetch threads may cut concurrently
-        self._cpu: dict[str, torch.Tensor] = {}
         self._dev: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 
-    def get(self, index: MetatileIndex, key: str, device: torch.device) -> torch.Tensor:
+    def get(self, index: MetatileIndex, key: str, device: torch.device, windows: list[Window]) -> torch.Tensor:
         with self._lock:
-            return self._get(index, key, device)
+            return self._get(index, key, device, windows)
 
-    def _get(self, index: MetatileIndex, key: str, device: torch.device) -> torch.Tensor:
-        cpu = self._cpu.get(key)
-        if cpu is None:
-            array = index.array(key)
-            with warnings.catch_warnings():  # read-only mmap: we never write through it
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                cpu = torch.from_numpy(array).view(-1, N_CHANNELS)
-            self._cpu[key] = cpu
+    def _get(self, index: MetatileIndex, key: str, device: torch.device, windows: list[Window]) -> torch.Tensor:
+        if device.type != "cpu":
+            slot = (key, str(device))
+            dev = self._dev.get(slot)
+            if dev is not None:
+                self._dev.move_to_end(slot)
+                return dev
+            array = index.array(key)  # whole: it is kept on the device
+        else:
+            array = index.cached(key)
+            if array is None:  # decompress it whole while it fits in memory, else only the batch's window
+                array = index.array(key) if index.has_room() else index.windows(key, windows)
+        with warnings.catch_warnings():  # read-only: we never write through it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            cpu = torch.from_numpy(array).view(-1, N_CHANNELS)
         if device.type == "cpu":
             return cpu
-        slot = (key, str(device))
-        dev = self._dev.get(slot)
-        if dev is None:
-            dev = cpu.to(device)
-            self._dev[slot] = dev
-            while len(self._dev) > 1 and sum(t.numel() for t in self._dev.values()) > self.budget:
-                self._dev.popitem(last=False)
-        self._dev.move_to_end(slot)
+        dev = cpu.to(device)
+        self._dev[slot] = dev
+        while len(self._dev) > 1 and sum(t.numel() for t in self._dev.values()) > self.budget:
+            self._dev.popitem(last=False)
         return dev
 
 
@@ -143,6 +147,29 @@ def _check_inside(aff: np.ndarray, size: int, width: int, height: int) -> None:
     bad = (col.min(1) < 0) | (row.min(1) < 0) | (col.max(1) >= width - 1e-3) | (row.max(1) >= height - 1e-3)
     if bad.any():
         raise RenderError(f"tiles {np.flatnonzero(bad)[:5].tolist()} fall outside their metatile: is the index stale?")
+
+
+Window = tuple[tuple[int, int], tuple[int, int]]  # rows [lo, hi), cols [lo, hi)
+
+
+def _windows(aff: np.ndarray, size: int, which: np.ndarray, n: int) -> list[list[Window]]:
+    """Per metatile, the pixel windows its tiles sample (from the corners of their affine grids, one pixel of
+    slack each way): each tile's own, or their union when that is smaller than their sum. All a batch needs
+    of a metatile not held whole."""
+    corners = np.array([0.0, size - 1.0])
+    jj, ii = (g.ravel() for g in np.meshgrid(corners, corners))
+    col = aff[:, :1] + aff[:, 1:2] * jj + aff[:, 2:3] * ii
+    row = aff[:, 3:4] + aff[:, 4:5] * jj + aff[:, 5:6] * ii
+    r0, r1 = np.floor(row.min(1)).astype(int) - 1, np.floor(row.max(1)).astype(int) + 2
+    c0, c1 = np.floor(col.min(1)).astype(int) - 1, np.floor(col.max(1)).astype(int) + 2
+    out: list[list[Window]] = []
+    for k in range(n):
+        t = np.flatnonzero(which == k)
+        union = ((int(r0[t].min()), int(r1[t].max())), (int(c0[t].min()), int(c1[t].max())))
+        own = [((int(r0[i]), int(r1[i])), (int(c0[i]), int(c1[i]))) for i in t]
+        area = sum((r[1] - r[0]) * (c[1] - c[0]) for r, c in own)
+        out.append(own if area < (union[0][1] - union[0][0]) * (union[1][1] - union[1][0]) else [union])
+    return out
 
 
 class _Workspace:
@@ -308,7 +335,8 @@ def cut_tiles(
     _check_inside(aff, size, side, side)
 
     cache = _cache(index)
-    sources = [cache.get(index, key, device) for key in keys.tolist()]
+    windows = _windows(aff, size, inverse, len(keys))
+    sources = [cache.get(index, key, device, windows[i]) for i, key in enumerate(keys.tolist())]
     terms = _axis_terms(aff, size, device)
     gather = _gather_cpu if device.type == "cpu" else _gather_batched
     gather(sources, inverse, terms, out.view(b, size * size, N_CHANNELS), side)

@@ -130,7 +130,7 @@ def aligned_files(settings: StoreSettings, files: Iterable[Path] | None) -> list
         return None if files is None else list(files)
     regions = sorted(settings.paths.embeddings_dir.glob("*.parquet")) if files is None else [Path(f) for f in files]
     offline_path = settings.paths.offline_store
-    offline = pq.read_table(offline_path).cast(SCHEMA) if offline_path.is_file() else None
+    offline = pq.read_table(offline_path).cast(SCHEMA) if offline_path.exists() else None  # a file or a partition dir
     out = list(regions)
     for path in regions:
         table = read_embeddings(path)

@@ -1,60 +1,59 @@
-"""Publish embeddings to Feast: the offline Parquet, `feast apply`, materialization to the online store.
+"""Publish embeddings to Feast: partitioned offline files, `feast apply`, and online writes of only the changed cells.
 
 Steps (serialised by a lock file: Feast's file registry has no protection against concurrent writers):
 
-1. Offline: the regions' embeddings Parquets (default: every data/embeddings/*.parquet) are merged into
-   data/feast/embeddings.parquet,
-   the FileSource of all regions and model versions. A region's rows replace the earlier rows of the same
-   (region, model, version, event_timestamp) and keep the others, so an older model version's rows stay
-   with their own event timestamps (point-in-time joins need them). The file is rewritten (atomically)
-   only when its content changes.
+1. Offline (serving/offline.py): each region embeddings file (default: every data/embeddings/*.parquet) is split
+   into partitions (region, model_name, model_version, event_timestamp); a partition new or changed since the
+   last publish (its content digest differs from the recorded one) gets its own Parquet file, and a new
+   generation of hard links swaps in under the FileSources (data/feast/embeddings.parquet, and
+   data/feast/versions/embeddings_vN.parquet per served version) with one `os.replace` each. Unchanged
+   partitions are neither read nor written. Every model version keeps its rows offline with its own event
+   timestamps (point-in-time joins need them).
 2. Apply: the definitions in feature_repo/ (imported like `feast apply` does), via FeatureStore.apply.
-3. Materialize. Feast writes, per feature view, the latest row of each cell within the materialized
-   event-time window, so the online store always serves the latest event_timestamp per cell (a new
-   model version, or a new import, wins; an old one can never overwrite it), whatever order regions and
-   versions were published in. Two modes:
+3. Online (serving/online_write.py): the rows each view must now serve for the changed cells, written with
+   Feast's online write path, one transaction per view. No `materialize`: it re-read all of the offline
+   history once per view. Two modes:
 
-   * full: the whole event-time range of the offline data. Used on the first publish to a store, when
-     the definitions or the store config changed, when the state has no partition record, when a
-     partition that was materialized is gone from the offline data or its set of cells changed, when
-     the online store disagrees with the offline data (a spot check; e.g. online.db deleted), and when
-     forced.
-   * window: otherwise, only [earliest event_timestamp of the changed partitions, end]. A partition is
-     (region, model_name, model_version, event_timestamp) (PARTITION); the state records a content
-     digest of each one materialized, and the changed ones are those that are new or whose digest
-     differs (same cells, other values). Why this is enough: a cell with a changed row has its globally
-     latest row at a timestamp >= that row's, so inside the window, and Feast writes exactly that row;
-     a cell without rows in the window has no changed row (every changed row is in the window) and
-     lost none (a partition that lost cells is "full"), so its online value, already correct, is left
-     untouched. The window may include unchanged partitions with later timestamps: their cells are
-     rewritten with the same values. Before a window is used, the cells outside it are spot-checked
-     online (they are not rewritten, so they must already be right); if they are not, it is "full".
+   * incremental: only the changed partitions' cells. Their newest rows are computed from the changed
+     partitions and the partitions that may share cells with them (a common H3 parent cell at resolution 5,
+     recorded per partition: other regions are not read), and a cell is written iff its newest row (per
+     view: the latest views over every version, each pinned view over its version) is in a changed
+     partition. A cell whose newest row is elsewhere keeps its online value, which was already correct;
+     a newer row is never overwritten by an older one, whatever order regions and versions are published in.
+   * full: every cell's newest row in every view (reads every partition). On the first publish to a store,
+     when the definitions or the store config changed, when the state predates partition records, when a
+     recorded partition's file is gone, when a changed partition's set of cells changed (a removed cell's
+     newest row may lie in any partition), when a version view is new for partitions already published, when
+     the online store fails its check (below; e.g. online.db deleted or damaged), and when forced.
 
-Idempotence: the content digests of the offline data and of each of its partitions, the definitions
-and the store config are recorded in data/feast/published_<store>.json, only after the materialization
-and a spot check of online rows (cells spread over all cells' latest rows, and over the window's)
-succeeded; when all match and a spot check agrees with the offline data, nothing is applied or written.
-(Forced, re-materializing the same data rewrites the same values and timestamps: the rows are identical.)
+Checks, without reading the offline data: the state keeps a sample of cells per view with a digest of what the
+view must serve for each (serialized values and event second), refreshed from the rows each publish writes.
+Before an incremental write the sampled cells it will not write are compared with the online store (they must
+already be right; if not, it is "full"), and a publish with nothing changed compares them all. After writing,
+the sample and up to 32 of the written cells per view must match, or the publish fails before the registry
+is swapped in.
+
+Idempotence: the content digests of each partition, the definitions and the store config are recorded in
+data/feast/published_<store>.json, only after the online writes and their check succeeded; when all match
+and the sample check agrees, nothing is applied or written. (Forced, the same rows are rewritten: the
+online store's rows are identical.)
 
 Killed at any point, consumers keep answering: the registry consumers read (data/feast/registry.db) is
-never written in place. A publish copies it to registry.db.staging, applies and materializes against
-the copy, and only when the spot checks pass swaps it in with one `os.replace`. Feast's file registry
-writes in place (truncate, then write) and materialize() flips every feature view to MATERIALIZING
-in it first; a kill -9 mid-materialize used to leave the live registry with views in MATERIALIZING,
-and every consumer lookup then failed until the next publish. Now a killed publish leaves only a stale
+never written in place. A publish copies it to registry.db.staging, applies and writes against the copy
+(recording the materialized interval per view, as `materialize` does, so `materialize_incremental` still
+works), and only when the checks pass swaps it in with one `os.replace`. A killed publish leaves only a stale
 staging file (the next publish starts a new one from the live registry). An unreadable live registry is
-rebuilt (apply + full materialization; it is derived state).
+rebuilt (apply + full write; it is derived state). A registry left with views MATERIALIZING by an older
+loc2vec fails the consumer-style read of the check, and is repaired the same way.
 
 An unreadable SQLite online store (a corrupt or truncated online.db) is moved aside to online.db.corrupt
-and rebuilt from the offline store (full materialization): it is derived from the offline Parquet too.
+and rebuilt from the offline store (full write): it is derived from the offline files too.
 
-No half-updated online store: Feast writes each feature view's rows in one `online_write_batch` call
-(`materialization.online_write_batch_size` unset, checked below), which both the SQLite store (one
-`with conn:` transaction) and the PostgreSQL store (executemany + one commit) make a single transaction:
-readers see a view all-old or all-new. The views are written one after the other; a view's columns
-that belong together (embedding + model_version) are in the same view. A crash mid-publish leaves
-each view at its old or new state and the recorded digests unchanged, so the next publish redoes it
-(the same window, or the full range).
+No half-updated online store: each view's rows are written in one `online_write_batch`-equivalent call
+(SQLite: one `with conn:` transaction; PostgreSQL: executemany + one commit): readers see a view all-old or
+all-new. A view's columns that belong together (embedding + model_version) are in the same view. A crash
+mid-publish leaves each view at its old or new state and the recorded digests unchanged, so the next
+publish redoes it.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +81,20 @@ import pyarrow.parquet as pq
 
 from loc2vec.core.atomic import file_lock, write_text
 from loc2vec.core.errors import Loc2VecError
-from loc2vec.embedding.store import SCHEMA, read_embeddings, write_parquet_atomic
+from loc2vec.embedding.store import read_embeddings
+from loc2vec.serving import online_write
 from loc2vec.serving.aligned import aligned_files
 from loc2vec.serving.feast_import import import_feast
+from loc2vec.serving.offline import (
+    PARTITION,
+    OfflineLayout,
+    Partition,
+    latest_per_cell,
+    overlapping,
+    resolve_ties,
+    split,
+    with_hidden,
+)
 from loc2vec.serving.sql_registry import staged_sql_registry
 from loc2vec.serving.store import (
     DEFINITION_MODULES,
@@ -106,15 +116,16 @@ from loc2vec.serving.versions import (
     VersionError,
     check_same_models,
     pinned_view,
-    served_versions,
+    served_partitions,
     version_key,
     view_version,
-    write_version_file,
 )
 
 log = logging.getLogger(__name__)
-PARTITION = ("region", "model_name", "model_version", "event_timestamp")
-SPOT_CHECK = 32  # cells compared between offline and online data
+LATEST_VIEWS = (LATEST_VIEW, "tile_histogram", "tag_counts")  # feature_repo/features.py: over every version
+SPOT_CHECK = 32  # written cells compared per view after writing
+SAMPLE_ADD = 32  # cells added to a view's recorded sample per publish
+SAMPLE_MAX = 256  # cells kept in a view's sample
 
 
 class PublishError(Loc2VecError, RuntimeError):
@@ -138,93 +149,6 @@ def _region_files(files: Iterable[Path] | None, settings: StoreSettings) -> list
             )
         return found
     return [Path(f) for f in files]
-
-
-def merge_offline(existing: pa.Table | None, new: list[pa.Table]) -> pa.Table:
-    """Existing rows minus the partitions the new tables bring, plus the new rows; one row per
-    (h3_cell, event_timestamp) (overlapping regions: the alphabetically first region's row), sorted."""
-    tables = [t.cast(SCHEMA) for t in new]
-    if existing is not None and existing.num_rows:
-        replaced = set()
-        for t in tables:
-            replaced |= {tuple(r[c] for c in PARTITION) for r in t.select(list(PARTITION)).to_pylist()}
-        part = existing.select(list(PARTITION)).to_pylist()
-        keep = np.array([tuple(r[c] for c in PARTITION) not in replaced for r in part], dtype=bool)
-        tables.insert(0, existing.cast(SCHEMA).filter(pa.array(keep)))
-    merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    merged = merged.sort_by([("h3_cell", "ascending"), ("event_timestamp", "ascending"), ("region", "ascending")])
-    # Feast's point-in-time join breaks ties on event_timestamp arbitrarily: keep one row per tie.
-    cell, ts = merged.column("h3_cell").to_numpy(zero_copy_only=False), merged.column("event_timestamp").to_numpy()
-    first = np.ones(len(cell), dtype=bool)
-    first[1:] = (cell[1:] != cell[:-1]) | (ts[1:] != ts[:-1])
-    return merged.filter(pa.array(first)).combine_chunks()
-
-
-def update_offline(files: Iterable[Path] | None, settings: StoreSettings) -> tuple[Path, bool, pa.Table]:
-    """Merge region embeddings into the offline Parquet; rewrite it only if its content changes."""
-    path = settings.paths.offline_store
-    existing = pq.read_table(path).cast(SCHEMA) if path.is_file() else None
-    merged = merge_offline(existing, [read_embeddings(p) for p in _region_files(files, settings)])
-    if existing is not None and existing.equals(merged):
-        return path, False, existing
-    write_parquet_atomic(merged, path)
-    log.info("offline store: %d rows → %s", merged.num_rows, path)
-    return path, True, merged
-
-
-def file_digest(path: Path) -> str:
-    """The offline file's sha256: it is rewritten only when its content changes, so this is stable."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _hash_array(h: Any, arr: pa.Array | pa.ChunkedArray) -> None:
-    """Feed an array's values into h in a canonical form: independent of chunks, slices and buffer layout."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    h.update(str(arr.type).encode() + b"\0" + len(arr).to_bytes(8, "little"))
-    h.update(np.packbits(arr.is_null().to_numpy(zero_copy_only=False)).tobytes())
-    typ = arr.type
-    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
-        h.update(pc.list_value_length(arr).fill_null(0).to_numpy().astype("<i8").tobytes())
-        _hash_array(h, arr.flatten())  # the values of the non-null lists, in order
-    elif pa.types.is_string(typ) or pa.types.is_large_string(typ):
-        arr = arr.fill_null("")
-        h.update(pc.binary_length(arr).to_numpy().astype("<i8").tobytes())
-        joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(arr)], pa.int32()), arr), "")[0]
-        h.update(joined.as_buffer() or b"")
-    else:
-        if pa.types.is_timestamp(typ):
-            arr = arr.cast(pa.int64())
-        h.update(np.ascontiguousarray(arr.fill_null(0).to_numpy(zero_copy_only=False)).tobytes())
-
-
-def _partition_id(key: tuple) -> str:
-    return "/".join(key)
-
-
-def partition_digests(table: pa.Table) -> dict[tuple[str, ...], dict[str, Any]]:
-    """Per partition (PARTITION; event_timestamp as UTC ISO text): rows, a digest of its cells and a digest
-    of its whole content (rows in h3_cell order; each cell has one row per partition). Vectorised: ~1 s for
-    850k rows."""
-    keys = [(c, "ascending") for c in PARTITION]
-    ordered = table.sort_by([*keys, ("h3_cell", "ascending")])
-    groups = table.group_by(list(PARTITION)).aggregate([([], "count_all")]).sort_by(keys)
-    columns = [c for c in ordered.column_names if c not in PARTITION]
-    out: dict[tuple[str, ...], dict[str, Any]] = {}
-    offset = 0
-    for group in groups.to_pylist():
-        n = group["count_all"]
-        part = ordered.slice(offset, n)
-        offset += n
-        cells, content = hashlib.sha256(), hashlib.sha256()
-        _hash_array(cells, part.column("h3_cell"))
-        for name in columns:
-            content.update(name.encode() + b"\0")
-            _hash_array(content, part.column(name))
-        key = (*(group[c] for c in PARTITION[:-1]), group["event_timestamp"].astimezone(UTC).isoformat())
-        out[key] = {"rows": n, "cells_digest": cells.hexdigest(), "digest": content.hexdigest()}
-    return out
 
 
 # ---------------------------------------------------------------- definitions
@@ -289,79 +213,6 @@ def definitions_digest() -> str:
     for name in DEFINITION_MODULES:
         h.update(name.encode() + b"\0" + (SOURCE_REPO / f"{name}.py").read_bytes())
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------- online checks
-
-
-def latest_rows(table: pa.Table) -> pa.Table:
-    """The row with the latest event_timestamp per cell: what the online store must serve."""
-    ordered = table.sort_by([("h3_cell", "ascending"), ("event_timestamp", "descending")])
-    cell = ordered.column("h3_cell").to_numpy(zero_copy_only=False)
-    first = np.ones(len(cell), dtype=bool)
-    first[1:] = cell[1:] != cell[:-1]
-    return ordered.filter(pa.array(first))
-
-
-def spot_check(store, latest: pa.Table, n: int = SPOT_CHECK, versions: dict[str, pa.Table] | None = None) -> list[str]:
-    """Compare n evenly spread cells' online values with the offline latest rows, and, for each served version
-    (`versions`: its view → its latest rows), n of its cells in its own view; returns the mismatches."""
-    bad = _spot_check_latest(store, latest, n)
-    for view, rows in (versions or {}).items():
-        bad += _spot_check_view(store, view, rows, n)
-    return bad
-
-
-def _spread(rows: pa.Table, n: int) -> list[dict[str, Any]]:
-    idx = np.unique(np.linspace(0, rows.num_rows - 1, min(n, rows.num_rows)).astype(int))
-    return rows.take(pa.array(idx)).to_pylist()
-
-
-def _spot_check_latest(store, latest: pa.Table, n: int) -> list[str]:
-    if latest.num_rows == 0:
-        return []
-    rows = _spread(latest, n)
-    online = store.get_online_features(
-        features=[
-            f"{LATEST_VIEW}:embedding",
-            f"{LATEST_VIEW}:model_version",
-            "tile_histogram:histogram",
-            "tag_counts:tag_counts",
-        ],
-        entity_rows={"h3_cell": [r["h3_cell"] for r in rows]},
-    ).to_dict()
-    bad = []
-    for i, r in enumerate(rows):
-        for col in ("embedding", "histogram", "tag_counts"):
-            got = online[col][i]
-            if got is None or not np.array_equal(np.asarray(got, np.float32), np.asarray(r[col], np.float32)):
-                bad.append(f"{r['h3_cell']}.{col}")
-        if online["model_version"][i] != r["model_version"]:
-            bad.append(f"{r['h3_cell']}.model_version")
-    return bad
-
-
-def _spot_check_view(store, view: str, latest: pa.Table, n: int) -> list[str]:
-    if latest.num_rows == 0:
-        return []
-    rows = _spread(latest, n)
-    online = store.get_online_features(
-        features=[f"{view}:embedding", f"{view}:model_version"],
-        entity_rows={"h3_cell": [r["h3_cell"] for r in rows]},
-    ).to_dict()
-    bad = []
-    for i, r in enumerate(rows):
-        got = online["embedding"][i]
-        if got is None or not np.array_equal(np.asarray(got, np.float32), np.asarray(r["embedding"], np.float32)):
-            bad.append(f"{view}:{r['h3_cell']}.embedding")
-        if online["model_version"][i] != r["model_version"]:
-            bad.append(f"{view}:{r['h3_cell']}.model_version")
-    return bad
-
-
-def version_latest(served: Iterable[ServedVersion]) -> dict[str, pa.Table]:
-    """Each served version's view → its latest row per cell (what that view must serve)."""
-    return {v.view: latest_rows(v.rows) for v in served}
 
 
 # ---------------------------------------------------------------- the registry and the online store
@@ -432,7 +283,7 @@ def repair_online_store(settings: StoreSettings) -> str | None:
     return reason
 
 
-# ---------------------------------------------------------------- publish
+# ---------------------------------------------------------------- state
 
 
 def _read_state(settings: StoreSettings) -> dict[str, Any]:
@@ -442,6 +293,18 @@ def _read_state(settings: StoreSettings) -> dict[str, Any]:
 
 def _write_state(settings: StoreSettings, state: dict[str, Any]) -> None:
     write_text(settings.paths.publish_state(settings.kind), json.dumps(state, indent=1, sort_keys=True))
+
+
+def _recorded(state: dict[str, Any]) -> dict[tuple[str, ...], Partition] | None:
+    """The partitions the state records, or None for a state of the single-file layout (no parents)."""
+    parts = state.get("partitions")
+    if parts is None or any("parents" not in p for p in parts):
+        return None
+    return {(p := Partition.from_record(r)).key: p for r in parts}
+
+
+def _partition_id(key: tuple) -> str:
+    return "/".join(key)
 
 
 def _check_single_batch(store) -> None:
@@ -458,61 +321,87 @@ def _apply(store, objects: list[Any]) -> None:
     store.refresh_registry()
 
 
-@dataclass
-class _Plan:
-    """What a publish writes: nothing (reason None), the full event-time range, or the window from start."""
-
-    reason: str | None
-    changed: list[tuple[str, ...]] = field(default_factory=list)  # partitions new or changed since the state
-    mode: str = "full"
-    start: datetime | None = None
+# ---------------------------------------------------------------- the online check
 
 
-def _state_partitions(parts: dict[tuple[str, ...], dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**dict(zip(PARTITION, key, strict=True)), **value} for key, value in sorted(parts.items())]
-
-
-def _recorded_partitions(state: dict[str, Any]) -> dict[tuple[str, ...], dict[str, Any]] | None:
-    if "partitions" not in state:
-        return None
-    return {tuple(p[c] for c in PARTITION): p for p in state["partitions"]}
-
-
-def _rows_from(rows: pa.Table, when: datetime, *, before: bool = False) -> pa.Table:
-    """The rows with event_timestamp >= when (or, before, < when)."""
-    ts = rows.column("event_timestamp")
-    at = pa.scalar(when, type=ts.type)
-    return rows.filter(pc.less(ts, at) if before else pc.greater_equal(ts, at))
-
-
-def _online_problem(store, rows: pa.Table, versions: dict[str, pa.Table] | None = None) -> str | None:
-    """Why the online store does not hold `rows` (and each version view its rows): a spot check; None when it does."""
+def _online_problem(store, sample: dict[str, dict[str, str]], skip: dict[str, set[str]] | None = None) -> str | None:
+    """Why the online store does not serve the recorded sample (minus `skip`: per view, cells about to be
+    written); None when it does. Reads each view once the way consumers do (a registry left MATERIALIZING,
+    a dropped table fail here) and compares digests."""
+    skip = skip or {}
+    bad: list[str] = []
     try:
-        bad = spot_check(store, rows, versions=versions)
-    except Exception as exc:  # a deleted online.db or dropped table is "not published", not a crash
+        for view, expected in sorted(sample.items()):
+            cells = sorted(c for c in expected if c not in skip.get(view, set()))
+            if not cells:
+                continue
+            features = [f"{view}:{f}" for f in online_write.feature_columns(store.get_feature_view(view))]
+            store.get_online_features(features=features, entity_rows=[{"h3_cell": cells[0]}])
+            got = online_write.online_digests(store, view, cells)
+            bad += [f"{view}:{c}" for c in cells if got[c] != expected[c]]
+    except Exception as exc:  # a deleted online.db, a dropped table, a registry left MATERIALIZING
         return f"online store unreadable ({type(exc).__name__}: {exc})"
     return f"online store differs from the offline data at {bad[:3]}" if bad else None
 
 
-def _versions_before(versions: dict[str, pa.Table], when: datetime) -> dict[str, pa.Table]:
-    return {view: _rows_from(rows, when, before=True) for view, rows in versions.items()}
+def _check_written(store, written: dict[str, pa.Table]) -> list[str]:
+    """Up to SPOT_CHECK spread cells of each view's written rows, read back from the online store."""
+    bad: list[str] = []
+    for view, rows in written.items():
+        some = rows.take(pa.array(online_write.spread(rows.num_rows, SPOT_CHECK)))
+        expected = online_write.expected_digests(store.get_feature_view(view), some)
+        got = online_write.online_digests(store, view, sorted(expected))
+        bad += [f"{view}:{c}" for c in sorted(expected) if got[c] != expected[c]]
+    return bad
+
+
+def _new_sample(
+    store, old: dict[str, dict[str, str]], written: dict[str, pa.Table], views: list[str], full: bool
+) -> dict[str, dict[str, str]]:
+    """The sample to record: per view, the digests of written cells already sampled updated, SAMPLE_ADD spread
+    written cells added (first), at most SAMPLE_MAX kept; views no longer served dropped; reset when full."""
+    out: dict[str, dict[str, str]] = {}
+    for view in views:
+        rows = written.get(view)
+        before = {} if full else dict(old.get(view, {}))
+        if rows is None or rows.num_rows == 0:
+            if before:
+                out[view] = before
+            continue
+        view_obj = store.get_feature_view(view)
+        cells = rows.column("h3_cell").to_pylist()
+        known = [i for i, c in enumerate(cells) if c in before]
+        add = online_write.spread(rows.num_rows, SAMPLE_ADD * (2 if full else 1)).tolist()
+        idx = sorted(set(known) | set(add))
+        digests = online_write.expected_digests(view_obj, rows.take(pa.array(idx, pa.int64())))
+        fresh = {cells[i]: digests[cells[i]] for i in add}
+        merged = {**fresh, **{c: digests.get(c, d) for c, d in before.items() if c not in fresh}}
+        out[view] = dict(list(merged.items())[:SAMPLE_MAX])
+    return out
+
+
+# ---------------------------------------------------------------- what to write
+
+
+@dataclass
+class _Plan:
+    """What a publish writes: nothing (reason None), every view in full, or only the changed partitions' cells."""
+
+    reason: str | None
+    changed: list[tuple[str, ...]] = field(default_factory=list)  # partitions new or changed since the state
+    mode: str = "full"
 
 
 def _plan(
     old: dict[str, Any],
     new: dict[str, Any],
-    parts: dict[tuple[str, ...], dict[str, Any]],
-    store,
-    latest: pa.Table,
+    recorded: dict[tuple[str, ...], Partition] | None,
+    current: dict[tuple[str, ...], Partition],
+    changed: list[tuple[str, ...]],
+    gone: list[tuple[str, ...]],
     force: bool,
-    versions: dict[str, pa.Table] | None = None,
 ) -> _Plan:
-    """Full range, window, apply only or nothing (see the module docstring); spot-checks the online store
-    when needed. `versions`: each served version's view → its latest rows."""
-    versions = versions or {}
-    recorded = _recorded_partitions(old)
-    known = recorded or {}
-    changed = sorted(k for k, v in parts.items() if known.get(k, {}).get("digest") != v["digest"])
+    """Full, incremental, apply only or nothing (see the module docstring), before any online check."""
     if force:
         return _Plan("forced", changed)
     if not old:
@@ -521,66 +410,90 @@ def _plan(
     if digests:
         return _Plan(f"changed: {', '.join(digests)}", changed)
     if recorded is None:
-        return _Plan("no record of the materialized partitions", changed)
-    gone = [k for k in recorded if k not in parts]
+        return _Plan("no record of the published partitions (an older loc2vec's state)", changed)
     if gone:
         return _Plan(
-            f"{len(gone)} materialized partition(s) gone from the offline data: {_partition_id(gone[0])}…", changed
+            f"{len(gone)} published partition(s) gone from the offline files: {_partition_id(gone[0])}…", changed
         )
-    recelled = [k for k in changed if k in recorded and recorded[k].get("cells_digest") != parts[k]["cells_digest"]]
-    if recelled:  # cells may have been removed: their latest row may now lie before any window
+    recelled = [k for k in changed if k in recorded and recorded[k].cells_digest != current[k].cells_digest]
+    if recelled:  # cells may have been removed: their newest row may now lie in any partition
         return _Plan(
-            f"the cells of {len(recelled)} materialized partition(s) changed: {_partition_id(recelled[0])}…", changed
+            f"the cells of {len(recelled)} published partition(s) changed: {_partition_id(recelled[0])}…", changed
         )
     was, now = old.get("versions"), new["versions"]
     added = [v for v in now if v not in (was or [])]
-    # A new version's view is empty: every row of it must be in the window, i.e. none of its partitions
-    # may have been materialized before (then its rows could lie before the window).
-    stale = [v for v in added if any(k[2] == v and k not in changed for k in parts)]
+    # A new version's view is empty: every partition of it must be written now, i.e. be a changed one.
+    model = new["model"]
+    stale = [
+        v
+        for v in added
+        if any(p.model_version == v and p.model_name == model and k not in changed for k, p in current.items())
+    ]
     if was is None or stale:
         return _Plan(f"version view(s) {stale or now} new for partitions already published", changed)
     retired = [v for v in was if v not in now]
     if not changed:
-        problem = _online_problem(store, latest, versions)
-        if problem:
-            return _Plan(f"unchanged, but {problem}")
         return _Plan(f"retiring version(s) {retired}", mode="apply") if retired else _Plan(None)
-    start = min(datetime.fromisoformat(k[-1]) for k in changed)
     what = f"{len(changed)} changed partition(s): {', '.join(_partition_id(k) for k in changed[:3])}"
-    # the cells the window leaves alone, in every view
-    problem = _online_problem(store, _rows_from(latest, start, before=True), _versions_before(versions, start))
-    if problem:
-        return _Plan(f"{what}, and outside their window the {problem}", changed)
-    return _Plan(what, changed, mode="window", start=start)
+    return _Plan(what, changed, mode="incremental")
 
 
-def _materialize(
-    store, table: pa.Table, latest: pa.Table, versions: dict[str, pa.Table], plan: _Plan
-) -> tuple[dict[str, Any], pa.Table, dict[str, pa.Table]]:
-    """Materialize the plan's range; returns the report and the latest rows of the cells it wrote (in the
-    latest views, and in each version's view)."""
-    ts = table.column("event_timestamp")
-    start = plan.start if plan.mode == "window" else pc.min(ts).as_py().astimezone(UTC)
-    assert start is not None
-    end = max(datetime.now(UTC), pc.max(ts).as_py().astimezone(UTC) + timedelta(microseconds=1))
+def _rows_to_write(
+    tables: dict[tuple[str, ...], pa.Table],
+    parts: dict[tuple[str, ...], Partition],
+    changed: set[tuple[str, ...]] | None,
+    served: list[ServedVersion],
+    latest_views: list[str],
+    known: dict[tuple[str, ...], Partition],
+) -> tuple[dict[str, pa.Table], dict[tuple[str, ...], tuple[Partition, pa.Table]], int]:
+    """Per view, the rows to write: the newest visible row of each cell over `tables` (all partitions, or the
+    changed ones and those that may share cells with them), restricted, when `changed` is given, to rows of
+    changed partitions; each partition's record and visible rows given its ties in `tables`; and how many of
+    the cells have rows only in partitions not in `known` (cells new to the store)."""
+    visible, losers = resolve_ties(tables)
+    keys = sorted(tables)
+    updated = {k: with_hidden(parts[k], tables[k], losers[k]) for k in keys}
+    part_col = visible.column("_part").to_numpy()
+    if changed is not None:
+        mine = np.isin(part_col, [i for i, k in enumerate(keys) if k in changed])
+        cells = pc.unique(visible.column("h3_cell").filter(pa.array(mine)))
+        visible = visible.filter(pc.is_in(visible.column("h3_cell"), value_set=cells))
+    chosen = np.array([k in changed for k in keys] if changed is not None else [True] * len(keys), dtype=bool)
+
+    def newest(rows: pa.Table) -> pa.Table:
+        latest = latest_per_cell(rows)
+        keep = chosen[latest.column("_part").to_numpy()] if latest.num_rows else np.zeros(0, bool)
+        return latest.filter(pa.array(keep)).drop_columns(["_part"])
+
+    fresh = np.array([k not in known for k in keys], dtype=bool)
+    per_cell = (
+        visible.select(["h3_cell"])
+        .append_column("_old", pa.array((~fresh[visible.column("_part").to_numpy()]).astype(np.int8)))
+        .group_by("h3_cell", use_threads=False)
+        .aggregate([("_old", "max")])
+    )
+    new_cells = int((per_cell.column("_old_max").to_numpy() == 0).sum())
+    latest = newest(visible)
+    out = {view: latest for view in latest_views}
+    for v in served:
+        mask = pc.and_(
+            pc.equal(visible.column("model_name"), v.model_name), pc.equal(visible.column("model_version"), v.version)
+        )
+        out[v.view] = newest(visible.filter(mask))
+    return out, updated, new_cells
+
+
+def _write_online(store, rows: dict[str, pa.Table]) -> tuple[int, float]:
     t0 = time.perf_counter()
-    store.materialize(start_date=start, end_date=end)
-    seconds = time.perf_counter() - t0
-    written = _rows_from(latest, start)  # a cell is written iff it has a row in the window
-    written_versions = {view: _rows_from(rows, start) for view, rows in versions.items()}
-    latest_views = len(store.list_feature_views()) - len(versions)
-    rows = written.num_rows * latest_views + sum(t.num_rows for t in written_versions.values())
-    report = {
-        "mode": plan.mode,
-        "changed_partitions": len(plan.changed),
-        "start": start.isoformat(),
-        "end": end.isoformat(),
-        "cells": written.num_rows,
-        "rows_written": rows,
-        "materialize_s": round(seconds, 2),
-        "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
-    }
-    return report, written, written_versions
+    n = sum(online_write.write_view(store, view, table) for view, table in rows.items())
+    return n, time.perf_counter() - t0
+
+
+def _read_partitions(
+    layout: OfflineLayout, keys: Iterable[tuple[str, ...]], parts: dict, incoming: dict
+) -> dict[tuple[str, ...], pa.Table]:
+    """The input rows of partitions: from this run's files when they brought them, else their partition files."""
+    return {k: incoming[k][1] if k in incoming else layout.read(parts[k]) for k in keys}
 
 
 def _retire(store, retired: list[str]) -> None:
@@ -601,15 +514,13 @@ def _retire(store, retired: list[str]) -> None:
     store.refresh_registry()
 
 
-def _drop_online(store, settings: StoreSettings, versions: list[str]) -> None:
+def _drop_online(store, layout: OfflineLayout, versions: list[str]) -> None:
     """Drop the online tables of retired versions (idempotent: a table already dropped is fine)."""
     if not versions:
         return
     features = _definition_modules()["features"]
     stubs = [
-        features.pinned_embedding_view(
-            v, os.path.relpath(settings.paths.version_offline_store(v), settings.paths.feature_repo), {}
-        )
+        features.pinned_embedding_view(v, os.path.relpath(layout.version_source(v), layout.paths.feature_repo), {})
         for v in versions
     ]
     store._get_provider().update_infra(
@@ -621,7 +532,7 @@ def _drop_online(store, settings: StoreSettings, versions: list[str]) -> None:
         partial=True,
     )
     for v in versions:
-        settings.paths.version_offline_store(v).unlink(missing_ok=True)
+        layout.drop_version(v)
 
 
 def _registry_versions(store) -> list[str]:
@@ -634,7 +545,7 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
     """Publish region embeddings to the offline and online stores.
 
     Idempotent: unchanged data, definitions and store → nothing is written (`"skipped": true`), unless force.
-    Otherwise materializes the full event-time range or only the window of the changed partitions (see
+    Otherwise writes every cell's newest rows (full) or only the changed partitions' cells (incremental; see
     the module docstring). The newest `settings.retain_versions` model versions get their own views and
     pinned services (serving/versions.py); older ones are retired: gone from the registry in the same swap
     that publishes the rest, then their online tables are dropped.
@@ -645,8 +556,8 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
         force: publish even if nothing changed.
 
     Returns:
-        What was done: offline rows, the versions served and retired, whether each step ran,
-        materialization mode, cells and rows/s.
+        What was done: offline rows and partitions, the versions served and retired, whether each step ran,
+        the write mode, cells and rows/s.
 
     Raises:
         PublishError: nothing to publish, or the online store disagrees with the offline data afterwards.
@@ -655,49 +566,95 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
     started = time.perf_counter()
     with publish_lock(settings):
         files = aligned_files(settings, files)  # publish.align_to: previous adds aligned versions (serving/aligned.py)
-        path, offline_changed, table = update_offline(None if files is None else list(files), settings)
-        if table.num_rows == 0:
-            raise PublishError(f"{path} holds no rows: nothing to publish")
+        layout = OfflineLayout(settings.paths)
         old = _read_state(settings)
+        recorded = _recorded(old)
+        incoming: dict[tuple[str, ...], tuple[Partition, pa.Table]] = {}
+        legacy = layout.legacy()
+        if legacy:  # the single file of an older loc2vec: its partitions become partition files
+            incoming.update(split(layout.read_legacy()))
+        for path in _region_files(None if files is None else list(files), settings):
+            incoming.update(split(read_embeddings(path)))
+        catalog = layout.read_catalog()
+        if catalog is None:  # no catalog yet: what this store recorded (of the partition layout) is the offline data
+            catalog = {k: p for k, p in (recorded or {}).items() if layout.has_input(p)}
+        added = sorted(k for k, (p, _) in incoming.items() if k not in catalog or catalog[k].digest != p.digest)
+        current = {**catalog, **{k: incoming[k][0] for k in added}}
+        written_inputs = sum(layout.write_input(current[k], incoming[k][1]) for k in added)
+        for k in [k for k, p in current.items() if k not in incoming and not layout.has_input(p)]:
+            log.warning("offline partition %s: its file is gone", _partition_id(k))
+            del current[k]
+        known = recorded or {}
+        changed = sorted(k for k, p in current.items() if k not in known or known[k].digest != p.digest)
+        gone = sorted(k for k in known if k not in current)
+        if not current:
+            raise PublishError(f"{layout.source} holds no rows: nothing to publish")
         try:
-            served, _ = served_versions(table, settings.retain_versions)
+            served, _ = served_partitions(list(current.values()), settings.retain_versions)
             check_same_models(served, old.get("served_models", {}))
         except VersionError as exc:
             raise PublishError(str(exc)) from None
-        for v in served:  # the pinned views' sources (rewritten only when a version's rows change)
-            write_version_file(settings.paths.version_offline_store(v.version), v.rows)
         repaired = repair_online_store(settings)
         with staged_registry(settings) as (store, swap_in):
             _check_single_batch(store)
             objects = load_definitions(settings, served)
-            parts = partition_digests(table)
+            latest_views = sorted(
+                o.name for o in objects if type(o).__name__ == "FeatureView" and view_version(o.name) is None
+            )
+            views = latest_views + [v.view for v in served]
             state = {
-                "offline_digest": file_digest(path),
                 "definitions_digest": definitions_digest(),
                 "store_digest": hashlib.sha256(store_yaml(settings, password=False).encode()).hexdigest(),
-                "partitions": _state_partitions(parts),
                 "versions": [v.version for v in served],
                 "served_models": {v.version: v.model_name for v in served},
+                "model": served[-1].model_name if served else None,
             }
             names = set(state["versions"])
             retired = sorted(
                 {v for v in [*old.get("versions", []), *_registry_versions(store)] if v not in names}, key=version_key
             )
-            latest = latest_rows(table)
-            versions = version_latest(served)
             report: dict[str, Any] = {
                 **describe(settings),
-                "offline_path": str(path),
-                "offline_rows": table.num_rows,
-                "offline_rewritten": offline_changed,
-                "cells": latest.num_rows,
-                "model_versions": sorted(set(table.column("model_version").to_pylist()), key=version_key),
+                "offline_path": str(layout.source),
+                "offline_rows": sum(p.rows for p in current.values()),
+                "offline_partitions": len(current),
+                "offline_rewritten": written_inputs > 0 or legacy,
+                "partitions_written": written_inputs,
+                "cells": old.get("cells"),
+                "model_versions": sorted({p.model_version for p in current.values()}, key=version_key),
                 "served_versions": state["versions"],
                 "retired_versions": retired,
             }
-            plan = _plan(old, state, parts, store, latest, force or repaired is not None, versions)
+            plan = _plan(old, state, recorded, current, changed, gone, force)
+            if legacy:
+                plan = _Plan("the offline store was one file (an older loc2vec's): split into partition files", changed)
             if repaired is not None:
-                plan.reason = repaired
+                plan = _Plan(repaired, changed)
+            sample = {v: s for v, s in old.get("sample", {}).items() if v in views}
+            rows: dict[str, pa.Table] = {}
+            t_read = time.perf_counter()
+            if plan.mode == "incremental":
+                group = sorted(
+                    {
+                        *changed,
+                        *(
+                            p.key
+                            for p in overlapping(
+                                [current[k] for k in changed], [p for k, p in current.items() if k not in changed]
+                            )
+                        ),
+                    }
+                )
+                tables = _read_partitions(layout, group, current, incoming)
+                rows, updated, new_cells = _rows_to_write(tables, current, set(changed), served, latest_views, known)
+                skip = {view: set(t.column("h3_cell").to_pylist()) for view, t in rows.items()}
+                problem = _online_problem(store, sample, skip)
+                if problem:
+                    plan = _Plan(f"{plan.reason}, and outside their window the {problem}", changed)
+            elif plan.reason is None or plan.mode == "apply":
+                problem = _online_problem(store, sample)
+                if problem:
+                    plan = _Plan(f"unchanged, but {problem}", changed)
             if plan.reason is None:
                 log.info("publish (%s): data, definitions and store unchanged: nothing to do", kind)
                 return {
@@ -707,6 +664,25 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
                     "materialized": None,
                     "seconds": round(time.perf_counter() - started, 2),
                 }
+            if plan.mode == "full":
+                tables = _read_partitions(layout, sorted(current), current, incoming)
+                rows, updated, new_cells = _rows_to_write(tables, current, None, served, latest_views, {})
+            read_s = time.perf_counter() - t_read
+            if plan.mode != "apply":
+                for k, (p, visible) in updated.items():
+                    current[k] = p
+                    layout.write_visible(p, visible)
+            report["cells"] = state["cells"] = (
+                rows[LATEST_VIEW].num_rows
+                if plan.mode == "full"
+                else (old.get("cells") or 0) + (new_cells if plan.mode == "incremental" else 0)
+            )
+            versions = {
+                v.version: [p for p in current.values() if (p.model_name, p.model_version) == (v.model_name, v.version)]
+                for v in served
+            }
+            layout.switch(layout.generation(current.values(), versions), versions)
+            layout.write_catalog(current.values())
             log.info("publish (%s, %s): %s", kind, plan.mode, plan.reason)
             report["reason"] = plan.reason
             t0 = time.perf_counter()
@@ -716,17 +692,31 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
             report["apply_s"] = round(time.perf_counter() - t0, 2)
             if plan.mode == "apply":
                 report["materialized"] = None
-                bad = spot_check(store, latest, versions=versions)
+                bad = []
             else:
-                report["materialized"], written, written_versions = _materialize(store, table, latest, versions, plan)
-                bad = spot_check(store, latest, versions=versions)  # cells spread over all of them, written or not
-                if plan.mode == "window":
-                    bad += spot_check(store, written, versions=written_versions)  # and over those written
-            if bad:
-                raise PublishError(f"online store disagrees with the offline data after materializing: {bad[:5]}")
+                n, seconds = _write_online(store, rows)
+                first = min(datetime.fromisoformat(p.event_timestamp) for p in current.values())
+                online_write.record_interval(store, views, first, datetime.now(UTC))
+                report["materialized"] = {
+                    "mode": plan.mode,
+                    "changed_partitions": len(plan.changed),
+                    "read_partitions": len(tables),
+                    "cells": rows[LATEST_VIEW].num_rows,
+                    "rows_written": n,
+                    "read_s": round(read_s, 2),
+                    "write_s": round(seconds, 2),
+                    "rows_per_s": round(n / seconds, 1) if seconds > 0 else None,
+                }
+                bad = _check_written(store, rows)
+            state["sample"] = _new_sample(store, sample, rows, views, plan.mode == "full")
+            problem = None if bad else _online_problem(store, state["sample"])
+            if bad or problem:
+                raise PublishError(f"online store disagrees with the offline data after writing: {bad[:5] or problem}")
             swap_in()
-            _drop_online(store, settings, retired)  # consumers no longer see them: now their rows can go
+            _drop_online(store, layout, retired)  # consumers no longer see them: now their rows can go
+        state["partitions"] = [p.record() for _, p in sorted(current.items())]
         _write_state(settings, state)
+        layout.clean(current.values())
     report.update(skipped=False, applied=True, seconds=round(time.perf_counter() - started, 2))
     done = report["materialized"] or {"cells": 0}
     log.info(
@@ -757,7 +747,8 @@ def published_record(settings: StoreSettings, files: Iterable[Path] | None = Non
     if not state.get("partitions"):
         raise PublishError(f"nothing published to the {settings.kind} store yet: run `loc2vec publish`")
     regions = None if files is None else {str(r) for f in files for r in _file_regions(Path(f))}
-    parts = [p for p in state["partitions"] if regions is None or p["region"] in regions]
+    fields = (*PARTITION, "rows", "cells_digest", "digest")
+    parts = [{f: p[f] for f in fields} for p in state["partitions"] if regions is None or p["region"] in regions]
     return {
         "online_store": settings.kind,
         "regions": sorted({p["region"] for p in parts}),
@@ -783,7 +774,7 @@ def materialize_incremental_only(settings: StoreSettings) -> dict[str, Any]:
     """
     with publish_lock(settings):
         offline = settings.paths.offline_store
-        if not offline.is_file():
+        if not offline.exists():
             raise PublishError(f"no offline data at {offline}: run `loc2vec publish` first")
         with staged_registry(settings) as (store, swap_in):
             _check_single_batch(store)

@@ -18,8 +18,9 @@ with its cells listed beside it, gives recall 1.0 at ef 64 and a 27% smaller gra
 (distance, region, h3_cell) order.
 
 Persistence: data/index/similar-<key>/ (FAISS files, the cells as Parquet, a manifest), where the key is the
-sha256 of the source file and of the build settings; a changed publication gets a new key and the index is
-rebuilt into a temporary directory and renamed into place (atomic), under a lock, and older ones removed.
+digest of the published snapshot (the offline store's generation, or its single file) and of the build
+settings; a changed publication gets a new key and the index is rebuilt into a temporary directory and
+renamed into place (atomic), under a lock, and older ones removed.
 """
 
 from __future__ import annotations
@@ -68,16 +69,17 @@ def build_settings(cfg: SimilarConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- published data
 
 
-def published_cells(path: Path, data: bytes | None = None) -> pd.DataFrame:
+def published_cells(path: Path, data: bytes | Path | None = None) -> pd.DataFrame:
     """The newest published row per H3 cell (what the online store serves), sorted by region and cell.
 
-    `path`: Feast's offline source (core.paths offline_store); `data`: the file's bytes, when the caller needs
-    the rows of exactly the snapshot it hashed."""
-    if data is None and not path.is_file():
+    `path`: Feast's offline source (core.paths offline_store: a link to a generation directory of partition
+    files, serving/offline.py, or an older loc2vec's single file); `data`: the file's bytes or the generation
+    directory (never changed once made), when the caller needs the rows of exactly the snapshot it hashed."""
+    if data is None and not path.exists():
         raise NothingPublishedError(
             f"nothing published: {path} does not exist (run `loc2vec embed` and `loc2vec publish` first)"
         )
-    source = pa.BufferReader(data) if data is not None else path
+    source = pa.BufferReader(data) if isinstance(data, bytes) else (data or path)
     df = pq.read_table(source, columns=SOURCE_COLUMNS).to_pandas()
     if df.empty:
         raise NothingPublishedError(f"nothing published: {path} has no rows")
@@ -96,6 +98,18 @@ def file_digest(path: Path) -> str:
         with open(path, "rb") as fh:
             _DIGESTS[memo] = hashlib.file_digest(fh, "sha256").hexdigest()
     return _DIGESTS[memo]
+
+
+def snapshot(source: Path) -> tuple[str, bytes | Path]:
+    """The published data as one unchanging snapshot and its digest: the generation directory the source links
+    to (named by the digest of its listing, its files named by content; publish never changes one in place),
+    or, for an older loc2vec's single file, its bytes."""
+    if source.is_dir():
+        generation = source.resolve()
+        listing = "\n".join(sorted(p.name for p in generation.glob("*.parquet")))
+        return hashlib.sha256(f"{generation.parent.name}/{generation.name}\n{listing}".encode()).hexdigest(), generation
+    data = source.read_bytes()
+    return hashlib.sha256(data).hexdigest(), data
 
 
 def index_key(source_digest: str, cfg: SimilarConfig) -> str:
@@ -162,10 +176,16 @@ def _write_group(directory: Path, i: int, index: Any, cells: pd.DataFrame, offse
 
 
 def build_index(
-    directory: Path, cfg: SimilarConfig, source: Path, data: bytes, key: str, progress: bool = True
+    directory: Path,
+    cfg: SimilarConfig,
+    source: Path,
+    data: bytes | Path,
+    key: str,
+    progress: bool = True,
+    digest: str | None = None,
 ) -> dict[str, Any]:
-    """Build every (region, model version) group of the published cells (`data`: the bytes of `source`)
-    into `directory`; returns the manifest."""
+    """Build every (region, model version) group of the published cells (`data`: the snapshot of `source`,
+    `digest` its digest) into `directory`; returns the manifest."""
     import faiss
     from tqdm import tqdm
 
@@ -191,7 +211,7 @@ def build_index(
     manifest = {
         "key": key,
         "source": str(source),
-        "source_sha256": hashlib.sha256(data).hexdigest(),
+        "source_sha256": digest or snapshot(source)[0],
         "settings": build_settings(cfg),
         "groups": groups,
         "cells": int(len(cells)),
@@ -329,30 +349,30 @@ def ensure_index(
         NothingPublishedError: nothing was published yet.
     """
     source = paths.offline_store
-    if not source.is_file():
+    if not source.exists():
         raise NothingPublishedError(
             f"nothing published: {source} does not exist (run `loc2vec embed` and `loc2vec publish` first)"
         )
-    key = index_key(file_digest(source), cfg)
+    key = index_key(file_digest(source) if source.is_file() else snapshot(source)[0], cfg)
     root = paths.similar_index
     final = root / f"similar-{key}"
     if final.is_dir() and not rebuild:
         return _load(final, cfg)
     with file_lock(root / ".similar.lock"):
-        data = source.read_bytes()  # one snapshot for the key and the rows: publish may replace the file
-        final = root / f"similar-{index_key(hashlib.sha256(data).hexdigest(), cfg)}"
+        digest, data = snapshot(source)  # one snapshot for the key and the rows: publish may switch generations
+        final = root / f"similar-{index_key(digest, cfg)}"
         if rebuild or not final.is_dir():
-            _build_into(final, cfg, source, data, progress)
+            _build_into(final, cfg, source, data, progress, digest)
     return _load(final, cfg)
 
 
-def _build_into(final: Path, cfg: SimilarConfig, source: Path, data: bytes, progress: bool) -> None:
+def _build_into(final: Path, cfg: SimilarConfig, source: Path, data: bytes | Path, progress: bool, digest: str) -> None:
     """Build in a temporary sibling, rename it to `final` (atomic), then drop other (stale) indexes."""
     root = final.parent
     _ignore_in_git(root)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        manifest = build_index(tmp, cfg, source, data, final.name.removeprefix("similar-"), progress)
+        manifest = build_index(tmp, cfg, source, data, final.name.removeprefix("similar-"), progress, digest)
         shutil.rmtree(final, ignore_errors=True)
         tmp.chmod(0o755)  # mkdtemp makes 0700
         tmp.rename(final)  # atomic: readers see no index or a complete one

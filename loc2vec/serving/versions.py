@@ -60,7 +60,7 @@ class ServedVersion:
     version: str
     model_name: str
     h3_resolution: int
-    rows: pa.Table
+    rows: pa.Table | None = None  # None when served from partition records (serving/offline.py)
 
     @property
     def view(self) -> str:
@@ -124,6 +124,33 @@ def served_versions(table: pa.Table, retain: int) -> tuple[list[ServedVersion], 
     for v in keep:
         mine = rows.filter(pc.equal(column, v))
         served.append(ServedVersion(v, model, int(_one(mine, "h3_resolution", v)), mine))
+    return served, retired
+
+
+def served_partitions(parts: list, retain: int) -> tuple[list[ServedVersion], list[str]]:
+    """`served_versions` from partition records (serving/offline.py Partition) instead of rows: the newest
+    partition's model, its newest `retain` versions (oldest first) and its older ones.
+
+    Raises:
+        VersionError: a version's partitions have two H3 resolutions.
+    """
+    if not parts:
+        return [], []
+    model = max(parts, key=lambda p: (p.event_timestamp, p.key)).model_name
+    mine = [p for p in parts if p.model_name == model]
+    versions = sorted({p.model_version for p in mine}, key=version_key)
+    for v in versions:
+        validate_model_version(v)
+    keep, retired = versions[-retain:], versions[:-retain]
+    served = []
+    for v in keep:
+        resolutions = sorted({r for p in mine if p.model_version == v for r in p.resolutions})
+        if len(resolutions) != 1:
+            raise VersionError(
+                f"model version {v} appears with h3_resolution {[str(r) for r in resolutions]} in the offline data: "
+                "a pinned version has one H3 resolution (re-embed the regions with one embed.h3_resolution)"
+            )
+        served.append(ServedVersion(v, model, resolutions[0]))
     return served, retired
 
 
