@@ -188,7 +188,7 @@ def test_killed_publish_leaves_the_sql_registry_as_it_was(pg: dict, project: Pat
     pinned = _client(client, env, "features", "--lat", lat, "--lon", lon, "--version", pg["v1"])
 
     for target, mode in (
-        ("loc2vec.serving.publish:spot_check", "before"),  # materialized into the staged registry, not swapped
+        ("loc2vec.serving.publish:_check_written", "after"),  # written online, staged registry not swapped in
         ("loc2vec.serving.sql_registry:_name_project", "after"),  # inside the transaction, rows deleted
     ):
         _killed_publish(target, mode)
