@@ -15,7 +15,7 @@ import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -420,16 +420,8 @@ SuiteBaseline = Literal[
     "srai_contextual_counts",
     "srai_hex2vec",
 ]
-SUITE_BASELINES: tuple[SuiteBaseline, ...] = (
-    "latlon",
-    "histogram",
-    "tag_counts",
-    "random_encoder",
-    "random_wide",
-    "nearest_way",
-    "srai_contextual_counts",  # the srai peers (evaluation/peers.py): the optional extra loc2vec[peers]
-    "srai_hex2vec",
-)
+# srai_*: the srai peers (evaluation/peers.py), the optional extra loc2vec[peers]
+SUITE_BASELINES: tuple[SuiteBaseline, ...] = get_args(SuiteBaseline)
 
 
 class SuiteConfig(Section):

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from loc2vec.core.atomic import write_text
-from loc2vec.core.config import EvaluateConfig, RenderConfig
+from loc2vec.core.config import SUITE_BASELINES, EvaluateConfig, RenderConfig
 from loc2vec.core.errors import ConfigError, Loc2VecError
 from loc2vec.core.names import validate_region_name
 from loc2vec.core.tracking import setup_mlflow
@@ -60,14 +60,7 @@ from loc2vec.training.model import Encoder
 log = logging.getLogger(__name__)
 
 SUITES: dict[str, tuple[str, ...]] = {"leakfree": LEAKFREE_TASKS, "consumer": TASKS, "all": (*LEAKFREE_TASKS, *TASKS)}
-CONSUMER_BASELINES: tuple[str, ...] = (
-    "latlon",
-    "histogram",
-    "tag_counts",
-    "random_encoder",
-    "random_wide",
-    "nearest_way",
-)
+CONSUMER_BASELINES: tuple[str, ...] = tuple(name for name in SUITE_BASELINES if not name.startswith("srai_"))
 # srai_* (evaluation/peers.py): fitted on the training region(s), computed on masked scenes (leak-free tasks)
 
 
