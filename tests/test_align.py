@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from .conftest import VADUZ
-from .fixtures.project import embed, load_project, publish, store_settings
-from .fixtures.registry import register_encoder
+from .fixtures.project import clear_published, embed, load_project, publish, store_settings
+from .fixtures.registry import register_untrained
 from .fixtures.trained import patched_params
 
 MODEL = "loc2vec-encoder-align-test"
@@ -30,10 +28,7 @@ RESOLUTION = 9
 
 
 def _register(seed: int) -> str:
-    from loc2vec.training.model import Encoder
-
-    torch.manual_seed(seed)
-    return register_encoder(Encoder().eval(), MODEL, "loc2vec-align-test")
+    return register_untrained(seed, MODEL, "loc2vec-align-test")
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +43,13 @@ def aligned_world(project: Path, region: str) -> Iterator[dict]:
         "publish": {"online_store": "sqlite", "align_to": "previous", "retain_versions": 5},
     }
     with patched_params(project, overrides):
-        for d in ("feast", "embeddings"):
-            shutil.rmtree(project / "data" / d, ignore_errors=True)
+        clear_published(project)
         forget_stores()
         v1 = _register(1)
         embed(region)
         yield {"region": region, "v1": v1}
         forget_stores()
-        for d in ("feast", "embeddings"):
-            shutil.rmtree(project / "data" / d, ignore_errors=True)
+        clear_published(project)
 
 
 def _vectors(project: Path, region: str) -> pd.DataFrame:

@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from .conftest import REPO, VADUZ
-from .fixtures.project import embed, load_project, publish, store_settings
-from .fixtures.registry import register_encoder
+from .fixtures.project import clear_published, embed, load_project, publish, store_settings
+from .fixtures.registry import register_untrained
 from .fixtures.trained import patched_params
 
 MODEL = "loc2vec-encoder-consumers-test"
@@ -38,10 +37,7 @@ SCHAAN = (47.1660, 9.5055)
 
 
 def _register(seed: int) -> str:
-    from loc2vec.training.model import Encoder
-
-    torch.manual_seed(seed)
-    return register_encoder(Encoder().eval(), MODEL, "loc2vec-consumers-test")
+    return register_untrained(seed, MODEL, "loc2vec-consumers-test")
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -53,7 +49,6 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def world(project: Path, region: str) -> Iterator[dict]:
     """Test params (coarse H3, own model name, 2 retained versions) and a clean Feast directory."""
-    import shutil
 
     from loc2vec.serving.store import forget_stores
 
@@ -63,14 +58,12 @@ def world(project: Path, region: str) -> Iterator[dict]:
         "publish": {"retain_versions": RETAIN},
     }
     with patched_params(project, overrides):
-        shutil.rmtree(project / "data" / "feast", ignore_errors=True)
-        shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
+        clear_published(project)
         forget_stores()
         yield {"region": region}
         forget_stores()
         # leave no published data behind: another module's model would reuse these version numbers
-        shutil.rmtree(project / "data" / "feast", ignore_errors=True)
-        shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
+        clear_published(project)
 
 
 def _fresh_store():

@@ -20,11 +20,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from .conftest import TEST_BBOX, VADUZ
-from .fixtures.project import embed, ingest_region, load_project, publish, store_settings
-from .fixtures.registry import register_encoder
+from .fixtures.project import clear_published, embed, ingest_region, load_project, publish, store_settings
+from .fixtures.registry import register_untrained
 from .fixtures.trained import patched_params
 
 MODEL = "loc2vec-encoder-publish-test"
@@ -34,25 +33,19 @@ VIEWS = 3  # the latest views: location_embedding, tile_histogram, tag_counts (+
 
 
 def _register(seed: int) -> str:
-    """A tiny untrained Encoder logged like training logs its model (pt2, batch-2 example); returns its version."""
-    from loc2vec.training.model import Encoder
-
-    torch.manual_seed(seed)
-    return register_encoder(Encoder().eval(), MODEL, "loc2vec-publish-test")
+    return register_untrained(seed, MODEL, "loc2vec-publish-test")
 
 
 @pytest.fixture(scope="module")
 def setup(project: Path, region: str) -> Iterator[dict]:
     """Test params (coarse H3, own model name), a clean Feast dir and Postgres schema, model v1 as champion."""
-    import shutil
 
     from loc2vec.osm.db import cursor
     from loc2vec.serving.store import forget_stores
 
     overrides = {"embed": {"h3_resolution": RESOLUTION, "batch_size": 64}, "train": {"registered_model": MODEL}}
     with patched_params(project, overrides):
-        shutil.rmtree(project / "data" / "feast", ignore_errors=True)
-        shutil.rmtree(project / "data" / "embeddings", ignore_errors=True)
+        clear_published(project)
         with cursor(load_project().info) as cur:
             cur.execute("DROP SCHEMA IF EXISTS feast CASCADE")  # the test database's online tables
             cur.execute("DROP SCHEMA IF EXISTS feast_registry CASCADE")  # and its SQL registry

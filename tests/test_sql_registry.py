@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from .conftest import REPO, VADUZ
-from .fixtures.project import embed, load_project, publish, store_settings
-from .fixtures.registry import register_encoder
+from .fixtures.project import clear_published, embed, load_project, publish, store_settings
+from .fixtures.registry import register_untrained
 from .fixtures.trained import patched_params
 from .test_consumers import BLOCKING_RUNNER, PIPELINE_ONLY
 
@@ -34,10 +33,7 @@ REGISTRY_SCHEMA = "feast_registry"
 
 
 def _register(seed: int) -> str:
-    from loc2vec.training.model import Encoder
-
-    torch.manual_seed(seed)
-    return register_encoder(Encoder().eval(), MODEL, "loc2vec-sqlregistry-test")
+    return register_untrained(seed, MODEL, "loc2vec-sqlregistry-test")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +48,7 @@ def pg(project: Path, region: str) -> Iterator[dict]:
         "publish": {"online_store": "postgres", "retain_versions": 2},
     }
     with patched_params(project, overrides):
-        for d in ("feast", "embeddings"):
-            shutil.rmtree(project / "data" / d, ignore_errors=True)
+        clear_published(project)
         with cursor(load_project().info) as cur:
             cur.execute(f"DROP SCHEMA IF EXISTS feast CASCADE; DROP SCHEMA IF EXISTS {REGISTRY_SCHEMA} CASCADE")
         forget_stores()
@@ -61,8 +56,7 @@ def pg(project: Path, region: str) -> Iterator[dict]:
         embed(region)
         yield {"region": region, "v1": v1}
         forget_stores()
-        for d in ("feast", "embeddings"):
-            shutil.rmtree(project / "data" / d, ignore_errors=True)
+        clear_published(project)
         with cursor(load_project().info) as cur:  # another module's model would reuse these version numbers
             cur.execute(f"DROP SCHEMA IF EXISTS feast CASCADE; DROP SCHEMA IF EXISTS {REGISTRY_SCHEMA} CASCADE")
 
