@@ -228,8 +228,8 @@ def run(project: Project, *, region: str | None = None, n: int | None = None, st
     $LOC2VEC_BENCH_STORES, else sqlite,postgres,redis), one after the other in this one run."""
     from loc2vec.serving.publish import PublishError
 
-    path = project.paths.offline_store
-    if not path.is_file():
+    path = project.paths.offline_store  # a file, or (partitioned, serving/offline.py) a link to a directory
+    if not path.exists():
         raise PublishError(f"no published offline data at {path}: run `loc2vec embed` and `loc2vec publish` first")
     full = table = pq.read_table(path)
     if region:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -216,6 +217,44 @@ def test_cli_services_and_features(world: dict, project: Path, tmp_path: Path) -
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+def test_default_store_is_read_as_feast_reads_it(world: dict, project: Path) -> None:
+    """A lookup on the default store reads the registry file and the SQLite rows itself (serving/online_read.py):
+    for the latest view and each pinned one, the same cells, vectors, model names and versions as Feast's
+    get_online_features, nothing where Feast has nothing; a retired version is refused with the same words;
+    the views and tags read from the registry file are Feast's."""
+    import h3
+
+    from loc2vec.serving import lookup
+    from loc2vec.serving.catalog import VersionNotServedError
+    from loc2vec.serving.online_read import view_tags
+    from loc2vec.serving.store import EMBEDDING_FEATURES, direct_store
+
+    settings = store_settings("sqlite")
+    store = direct_store(settings)
+    assert store is not None
+    assert view_tags(store) == {v.name: dict(v.tags) for v in _fresh_store().list_feature_views()}
+    cells = sorted(_offline(project, world["region"]).index)[::3]
+    lat, lon = (np.array(x) for x in zip(*[h3.cell_to_latlng(c) for c in cells], (40.0, 9.5), strict=True))
+
+    def same(values: list) -> list:
+        return [None if v is None or len(v) == 0 else [float(x) for x in v] for v in values]
+
+    for version in (None, world["v2"], world["v3"]):
+        direct = lookup._read_direct(settings, lat, lon, version)
+        via_feast = lookup._read_feast(settings, lat, lon, version)
+        assert direct is not None and direct[0] == via_feast[0], version
+        for name in EMBEDDING_FEATURES:
+            got, want = direct[1][name], via_feast[1][name]
+            assert same(got) == same(want) if name == "embedding" else got == want, (version, name)
+        assert direct[1]["embedding"][-1] is None and sum(e is None for e in direct[1]["embedding"]) == 1
+    refused = []
+    for read in (lookup._read_direct, lookup._read_feast):
+        with pytest.raises(VersionNotServedError) as caught:
+            read(settings, lat, lon, world["v1"])
+        refused.append(str(caught.value))
+    assert refused[0] == refused[1]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -316,7 +355,8 @@ def test_versioned_read_check_answers_as_feasts() -> None:
 
 def test_thin_client_imports_no_torch_mapnik_or_sklearn(world: dict) -> None:
     """`from loc2vec.serving import get_location_embeddings` and a lookup load neither torch, Mapnik nor
-    scikit-learn (a fresh interpreter, checked through sys.modules)."""
+    scikit-learn (a fresh interpreter, checked through sys.modules); `lookup_locations` (what `loc2vec features`
+    calls) on the default store loads neither Feast, pandas nor pyarrow."""
     code = f"""
 import sys
 from loc2vec.serving import get_location_embeddings
@@ -324,13 +364,17 @@ from loc2vec.cli.project import Project
 from loc2vec.serving.store import StoreSettings
 p = Project.load()
 s = StoreSettings.from_config(p.params.publish, p.params.embed, p.paths, p.info, "sqlite", reader=p.reader)
+from loc2vec.serving.lookup import lookup_locations
+found = lookup_locations([{VADUZ[0]}], [{VADUZ[1]}], s, version="{world["v2"]}")
+print(sorted(m for m in ("feast", "pandas", "pyarrow") if m in sys.modules))  # the default store: read directly
 row = get_location_embeddings([{VADUZ[0]}], [{VADUZ[1]}], s, version="{world["v2"]}").iloc[0]
+assert row["embedding"] == found.embedding[0]
 print(row["model_version"], sorted(m for m in ("torch", "mapnik", "sklearn") if m in sys.modules))
 print("dask.dataframe" in sys.modules)  # the file offline store's, 1.7 s: not needed online
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == [world["v2"], "[]", "False"], out.stdout
+    assert out.stdout.split() == ["[]", world["v2"], "[]", "False"], out.stdout
 
 
 PIPELINE_ONLY = (  # the `pipeline` extra's packages (pyproject.toml) a client install lacks (tqdm comes with Feast)
@@ -352,7 +396,6 @@ sys.exit(main(sys.argv[1:]))
 def test_client_cli_without_pipeline_packages(world: dict, tmp_path: Path) -> None:
     """`loc2vec features` and `services` where none of the pipeline's packages can be imported, run from a
     directory outside the checkout with only the store templates (LOC2VEC_FEATURE_REPO): the same vector."""
-    import os
     import shutil
 
     repo = tmp_path / "feature_repo"
@@ -515,3 +558,18 @@ def test_versions_of_another_model_are_not_pinned_and_never_reuse_a_number() -> 
     check_same_models(served, {"1": "new-model", "7": "old-model"})
     with pytest.raises(VersionError, match="consumers pinned to it would silently get another model"):
         check_same_models(served, {"1": "old-model", "2": "old-model"})
+
+
+def test_lookups_run_without_a_second_interpreter() -> None:
+    """`loc2vec features`/`services` are not re-executed under tcmalloc (cli/allocator.py: they compute
+    nothing, and a second interpreter start is ~0.1 s of a lookup); the command is found past options and
+    --params' value."""
+    from loc2vec.cli.allocator import command_of
+
+    assert command_of(["--params", "features", "train", "--out", "x"]) == "train"
+    assert command_of(["-v", "features", "--lat", "47.1"]) == "features"
+    assert command_of(["--debug"]) is None
+    code = "from loc2vec.cli.allocator import reexec_under_tcmalloc as r; r(['features', '--lat', '1']); print('ran')"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LOC2VEC_ALLOCATOR")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ran", out.stderr[-2000:]

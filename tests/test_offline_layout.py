@@ -82,6 +82,53 @@ def test_values_and_keys_encode_as_feast_does() -> None:
     ]
 
 
+def test_values_and_registry_decode_as_feast_does() -> None:
+    """serving/wire.py reads Feast's bytes as Feast's protobuf classes do: the ValueProto cases loc2vec's views
+    hold (strings, ints, float lists packed or not, unset) and the file registry's feature views with their
+    tags; any other value case is refused, not guessed."""
+    from loc2vec.serving.feast_import import import_feast
+    from loc2vec.serving.wire import WireFormatError, decode_value, registry_feature_views
+
+    import_feast()
+    from feast.protos.feast.core.Entity_pb2 import Entity, EntitySpecV2
+    from feast.protos.feast.core.FeatureView_pb2 import FeatureView, FeatureViewSpec
+    from feast.protos.feast.core.Registry_pb2 import Registry
+    from feast.protos.feast.types.Value_pb2 import FloatList, Value
+
+    values = [
+        Value(string_val="loc2vec-encoder"),
+        Value(string_val="é" * 200),
+        Value(string_val=""),
+        Value(int64_val=-5),
+        Value(int64_val=1 << 40),
+        Value(int32_val=-7),
+        Value(float_list_val=FloatList(val=(np.arange(16, dtype=np.float32) * -0.37).tolist())),
+        Value(float_list_val=FloatList(val=[])),
+    ]
+    for v in values:
+        got = decode_value(v.SerializeToString())
+        want = getattr(v, v.WhichOneof("val"))
+        assert (list(got) == list(want.val)) if v.HasField("float_list_val") else got == want, v
+    assert decode_value(Value().SerializeToString()) is None
+    unpacked = b"\x82\x01\x0a" + b"".join(b"\x0d" + np.float32(x).tobytes() for x in (1.5, -2.25))
+    assert list(decode_value(unpacked)) == list(Value.FromString(unpacked).float_list_val.val) == [1.5, -2.25]
+    for bad in (Value(bytes_val=b"x").SerializeToString(), Value(double_val=1.0).SerializeToString(), b"\x12\x05ab"):
+        with pytest.raises(WireFormatError):
+            decode_value(bad)
+
+    views = {
+        ("loc2vec", "location_embedding_v3"): {"model_name": "loc2vec-encoder", "h3_resolution": "11"},
+        ("loc2vec", "location_embedding"): {},
+        ("other", "location_embedding"): {"h3_resolution": "9"},
+    }
+    registry = Registry(
+        entities=[Entity(spec=EntitySpecV2(name="h3_cell", project="loc2vec"))],
+        feature_views=[FeatureView(spec=FeatureViewSpec(name=n, project=p, tags=t)) for (p, n), t in views.items()],
+        version_id="x",
+    )
+    assert registry_feature_views(registry.SerializeToString()) == views
+
+
 def _store(root: Path):
     from loc2vec.serving.feast_import import import_feast
 

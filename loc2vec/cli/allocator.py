@@ -8,6 +8,9 @@ a program re-executes itself once with tcmalloc preloaded (Debian's libtcmalloc-
 `make setup`); every process it starts — DVC stage commands, spawned Mapnik workers, torchrun's DDP
 workers — inherits LD_PRELOAD. The Makefile sets it for `make test`, `make run` and `make repro` too.
 
+Lookups (`features`, `services`) compute nothing and are not re-executed: a second interpreter start is
+~0.1 s of a lookup that should take well under a second.
+
 Set LOC2VEC_ALLOCATOR=system to keep glibc's allocator (e.g. to measure the difference). Nothing changes
 numerically: an allocator decides where memory lives, not what is computed.
 """
@@ -19,6 +22,7 @@ import os
 import sys
 
 ALLOCATOR_ENV = "LOC2VEC_ALLOCATOR"
+LOOKUP_COMMANDS = frozenset({"features", "services"})  # what runs as is: no tensors, nothing to gain
 LIBRARY_GLOBS = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
 
 
@@ -36,10 +40,24 @@ def preloaded() -> bool:
     return "tcmalloc" in os.environ.get("LD_PRELOAD", "")
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The sub-command an argument list runs (the first word that is not an option or --params' value)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--params":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def reexec_under_tcmalloc(argv: list[str]) -> None:
     """Replace this process by `python -m loc2vec.cli ARGV` with tcmalloc preloaded, when it is installed,
-    not loaded yet and not declined (LOC2VEC_ALLOCATOR=system); otherwise return and run as is."""
-    if os.environ.get(ALLOCATOR_ENV, "tcmalloc") == "system" or preloaded():
+    not loaded yet, not declined (LOC2VEC_ALLOCATOR=system) and the command computes (not a lookup);
+    otherwise return and run as is."""
+    if os.environ.get(ALLOCATOR_ENV, "tcmalloc") == "system" or preloaded() or command_of(argv) in LOOKUP_COMMANDS:
         return
     library = tcmalloc_path()
     if library is None:  # not installed (`make setup` installs it): glibc's malloc, slower on CPU training

@@ -52,7 +52,7 @@ def cmd_bench(args: argparse.Namespace, project: Project) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench", help="benchmarks (JSON)")
     s.add_argument(
-        "what", help="render | tiles | metatiles | train | embed | publish | serve | similar | align | suite"
+        "what", help="render | tiles | metatiles | train | embed | publish | serve | features | similar | align | suite"
     )
     s.add_argument("--region", default=None)
     s.add_argument("--n", type=int, default=None, help="number of tiles/items")

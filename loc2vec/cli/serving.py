@@ -69,7 +69,7 @@ def cmd_pyfunc(args: argparse.Namespace, project: Project) -> int:
 
 
 def cmd_features(args: argparse.Namespace, project: Project) -> int:
-    from loc2vec.serving.lookup import get_location_embeddings
+    from loc2vec.serving.lookup import lookup_locations
 
     if (args.csv is None) == (args.lat is None or args.lon is None):
         from loc2vec.core.errors import Loc2VecError
@@ -78,13 +78,17 @@ def cmd_features(args: argparse.Namespace, project: Project) -> int:
     settings = store_settings(project, args.online_store)
     with result_stream() as out:
         if args.csv:
+            import csv
+
             lats, lons = read_points(Path(args.csv))
-            found = get_location_embeddings(lats, lons, settings, version=args.version)
-            found.assign(embedding=[json.dumps(e) for e in found["embedding"]]).to_csv(out, index=False)
+            found = lookup_locations(lats, lons, settings, version=args.version)
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(found.COLUMNS)
+            for row in found.rows():
+                writer.writerow([json.dumps(v) if k == "embedding" else v for k, v in row.items()])
             return 0
-        row = get_location_embeddings([args.lat], [args.lon], settings, version=args.version).iloc[0]
-        values = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
-        print(json.dumps(values, default=str), file=out)
+        row = lookup_locations([args.lat], [args.lon], settings, version=args.version).rows()[0]
+        print(json.dumps(row, default=str), file=out)
     return 0
 
 

@@ -37,7 +37,7 @@ from loc2vec.core.atomic import write_text
 from loc2vec.embedding.store import SCHEMA, read_embeddings, write_parquet_atomic
 from loc2vec.serving.procrustes import Alignment, fit_alignment
 from loc2vec.serving.store import StoreSettings
-from loc2vec.serving.versions import version_key
+from loc2vec.serving.view_names import version_key
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "loc2vec-align"

@@ -18,7 +18,6 @@ Feast's `online_write_batch` with protos parsed from those bytes.
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -28,29 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from loc2vec.serving.feast_import import import_feast
+from loc2vec.serving.wire import JOIN_KEY, entity_keys, varint
 
-JOIN_KEY = "h3_cell"
 SQLITE_CACHE_KIB = 256 * 1024  # page cache while writing (PRAGMA cache_size, negative: KiB)
 REBUILD_INDEX_ROWS = 50_000  # cells from which a view's write drops Feast's entity_key index and builds it anew
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def entity_keys(cells: Iterable[str]) -> list[bytes]:
-    """Feast's serialized entity key (serialization version 3) of each H3 cell: one join key, a string."""
-    prefix = struct.pack("<I", 1) + struct.pack("<I", 2) + struct.pack("<I", len(JOIN_KEY)) + JOIN_KEY.encode()
-    prefix += struct.pack("<I", 2)  # ValueType.STRING
-    return [prefix + struct.pack("<I", len(b)) + b for b in (c.encode() for c in cells)]
 
 
 def _float_lists(column: pa.ChunkedArray | pa.Array) -> list[bytes]:
@@ -65,14 +45,14 @@ def _float_lists(column: pa.ChunkedArray | pa.Array) -> list[bytes]:
         return out
     if (lengths == lengths[0]).all():  # the usual case: one length, one prefix, one reshape
         n = int(lengths[0])
-        inner = b"\x0a" + _varint(4 * n) if n else b""
-        prefix = b"\x82\x01" + _varint(len(inner) + 4 * n) + inner
+        inner = b"\x0a" + varint(4 * n) if n else b""
+        prefix = b"\x82\x01" + varint(len(inner) + 4 * n) + inner
         rows = values.reshape(len(lengths), n).view(np.uint8).reshape(len(lengths), 4 * n)
         return [prefix + r.tobytes() for r in rows]
     start = 0
     for n in lengths.tolist():
-        inner = (b"\x0a" + _varint(4 * n) + values[start : start + n].tobytes()) if n else b""
-        out.append(b"\x82\x01" + _varint(len(inner)) + inner)
+        inner = (b"\x0a" + varint(4 * n) + values[start : start + n].tobytes()) if n else b""
+        out.append(b"\x82\x01" + varint(len(inner)) + inner)
         start += n
     return out
 
@@ -86,7 +66,7 @@ def _strings(column: pa.ChunkedArray | pa.Array) -> tuple[list[bytes], list[str]
         b = cache.get(t)
         if b is None:
             raw = t.encode()
-            b = cache[t] = b"\x12" + _varint(len(raw)) + raw
+            b = cache[t] = b"\x12" + varint(len(raw)) + raw
         out.append(b)
     return out, texts
 

@@ -110,16 +110,8 @@ from loc2vec.serving.store import (
     staged_store,
     store_yaml,
 )
-from loc2vec.serving.versions import (
-    LATEST_VIEW,
-    ServedVersion,
-    VersionError,
-    check_same_models,
-    pinned_view,
-    served_partitions,
-    version_key,
-    view_version,
-)
+from loc2vec.serving.versions import ServedVersion, VersionError, check_same_models, served_partitions
+from loc2vec.serving.view_names import LATEST_VIEW, pinned_view, version_key, view_version
 
 log = logging.getLogger(__name__)
 LATEST_VIEWS = (LATEST_VIEW, "tile_histogram", "tag_counts")  # feature_repo/features.py: over every version

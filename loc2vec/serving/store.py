@@ -193,6 +193,41 @@ def online_db_path(settings: StoreSettings) -> Path | None:
     return _resolve(settings, online.get("path", "data/online.db"))
 
 
+@dataclass(frozen=True)
+class DirectStore:
+    """The default store's files, which lookups read without importing Feast (serving/online_read.py): its Feast
+    project, registry file and SQLite online store file."""
+
+    project: str
+    registry: Path
+    online_db: Path
+
+    def table(self, view: str) -> str:
+        """The view's online table, as Feast names it (`compute_table_id` without view versioning)."""
+        return f"{self.project}_{view}"
+
+
+def direct_store(settings: StoreSettings) -> DirectStore | None:
+    """The default store's files, or None when the store is another kind (read it through Feast): not SQLite,
+    a SQL registry, SQLite's optional vector columns, or Feast's online view versioning."""
+    if settings.kind != "sqlite":
+        return None
+    data = _config_data(settings, consumer=True)
+    registry, online = data.get("registry"), data.get("online_store") or {}
+    if isinstance(registry, dict):
+        if registry.get("registry_type", "file") != "file" or registry.get("enable_online_feature_view_versioning"):
+            return None
+        registry = registry.get("path")
+    if not isinstance(registry, str) or "://" in registry or not isinstance(online, dict):
+        return None  # a registry in object storage: Feast reads it
+    if online.get("type") != "sqlite":
+        return None
+    if online.get("vector_enabled") or online.get("enable_openai_compatible_store"):
+        return None
+    online_db = _resolve(settings, online.get("path", "data/online.db"))
+    return DirectStore(str(data["project"]), _resolve(settings, registry), online_db)
+
+
 def _build(settings: StoreSettings, registry: Path | None = None, *, consumer: bool = False) -> FeatureStore:
     from loc2vec.serving.feast_import import import_feast
 

@@ -23,34 +23,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from loc2vec.core.errors import Loc2VecError
-from loc2vec.core.names import MODEL_VERSION_RE, validate_model_version
+from loc2vec.core.names import validate_model_version
 from loc2vec.embedding.store import SCHEMA, write_parquet_atomic
+from loc2vec.serving.view_names import pinned_view, version_key
 
 log = logging.getLogger(__name__)
-
-LATEST_VIEW = "location_embedding"
-PINNED_PREFIX = "location_embedding_v"  # as feature_repo/features.py names them
 
 
 class VersionError(Loc2VecError, ValueError):
     """The offline data cannot be served by version (a version at two resolutions, or a version number that
     pinned consumers know as another model's)."""
-
-
-def pinned_view(version: str) -> str:
-    """The feature view of one model version."""
-    return PINNED_PREFIX + validate_model_version(version)
-
-
-def view_version(name: str) -> str | None:
-    """The model version a pinned view's name carries, or None for another view."""
-    rest = name.removeprefix(PINNED_PREFIX)
-    return rest if rest != name and MODEL_VERSION_RE.match(rest) else None
-
-
-def version_key(v: str) -> tuple[int, str]:
-    """Order versions numerically (MLflow's are integers; an aligned `NaM` right after N); anything else last."""
-    return (int(v.split("a")[0]), v) if MODEL_VERSION_RE.match(v) else (1 << 62, v)
 
 
 @dataclass(frozen=True)
