@@ -594,7 +594,7 @@ def publish(settings: StoreSettings, files: Iterable[Path] | None = None, *, for
                 o.name for o in objects if type(o).__name__ == "FeatureView" and view_version(o.name) is None
             )
             views = latest_views + [v.view for v in served]
-            state = {
+            state: dict[str, Any] = {
                 "definitions_digest": definitions_digest(),
                 "store_digest": hashlib.sha256(store_yaml(settings, password=False).encode()).hexdigest(),
                 "versions": [v.version for v in served],

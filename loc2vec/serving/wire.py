@@ -97,55 +97,49 @@ def decode_value(buf: bytes) -> str | int | np.ndarray | None:
     Raises:
         WireFormatError: another case (bytes, doubles, maps, …), which loc2vec's views never hold.
     """
-    for number, wire, value in fields(buf):
-        if number == VALUE_STRING and wire == LEN:
+    for number, _, value in fields(buf):
+        if number == VALUE_STRING and isinstance(value, bytes):
             return value.decode()
-        if number in (VALUE_INT32, VALUE_INT64) and wire == VARINT:
-            v = int(value)
+        if number in (VALUE_INT32, VALUE_INT64) and isinstance(value, int):
             bits = 32 if number == VALUE_INT32 else 64
-            return v - (1 << 64) if v >= 1 << (bits - 1) else v  # two's complement, as protobuf's int32/int64
-        if number == VALUE_FLOAT_LIST and wire == LEN:
+            return value - (1 << 64) if value >= 1 << (bits - 1) else value  # two's complement, as protobuf's
+        if number == VALUE_FLOAT_LIST and isinstance(value, bytes):
             return _float_list(value)
-        raise WireFormatError(f"ValueProto field {number} (wire type {wire}) is not decoded here")
+        raise WireFormatError(f"ValueProto field {number} is not decoded here")
     return None
 
 
 def _float_list(buf: bytes) -> np.ndarray:
     parts: list[np.ndarray] = []
     for number, wire, value in fields(buf):
-        if number != FLOAT_LIST_VAL:
-            raise WireFormatError(f"FloatList field {number} is not decoded here")
-        if wire == LEN:  # packed (what protobuf writes)
-            if len(value) % 4:
-                raise WireFormatError("packed float list of a length not a multiple of 4")
-            parts.append(np.frombuffer(value, dtype="<f4"))
-        elif wire == I32:  # unpacked (parsers must accept both)
-            parts.append(np.frombuffer(value, dtype="<f4"))
-        else:
-            raise WireFormatError(f"FloatList value of wire type {wire}")
+        if number != FLOAT_LIST_VAL or not isinstance(value, bytes) or wire not in (LEN, I32):
+            raise WireFormatError(f"FloatList field {number} (wire type {wire}) is not decoded here")
+        if len(value) % 4:  # packed (what protobuf writes) or one unpacked fixed32 (parsers must accept both)
+            raise WireFormatError("packed float list of a length not a multiple of 4")
+        parts.append(np.frombuffer(value, dtype="<f4"))
     return np.concatenate(parts) if parts else np.zeros(0, dtype="<f4")
+
+
+def _messages(buf: bytes, number: int) -> Iterator[bytes]:
+    """The length-delimited fields `number` of a message (embedded messages, strings)."""
+    for n, _, value in fields(buf):
+        if n == number and isinstance(value, bytes):
+            yield value
+
+
+def _string(buf: bytes, number: int) -> str:
+    """A string field of a message ("" when unset; the last occurrence wins, as protobuf's parsers do)."""
+    found = b""
+    for found in _messages(buf, number):  # noqa: B007  # the last one
+        pass
+    return found.decode()
 
 
 def registry_feature_views(buf: bytes) -> dict[tuple[str, str], dict[str, str]]:
     """The feature views of a serialized feast Registry (a file registry's content): (project, name) → tags."""
     out: dict[tuple[str, str], dict[str, str]] = {}
-    for number, wire, view in fields(buf):
-        if number != REGISTRY_FEATURE_VIEWS or wire != LEN:
-            continue
-        for n, w, spec in fields(view):  # type: ignore[arg-type]
-            if n != FEATURE_VIEW_SPEC or w != LEN:
-                continue
-            name = project = ""
-            tags: dict[str, str] = {}
-            for sn, sw, sv in fields(spec):  # type: ignore[arg-type]
-                if sw != LEN:
-                    continue
-                if sn == SPEC_NAME:
-                    name = sv.decode()  # type: ignore[union-attr]
-                elif sn == SPEC_PROJECT:
-                    project = sv.decode()  # type: ignore[union-attr]
-                elif sn == SPEC_TAGS:
-                    entry = {en: ev for en, ew, ev in fields(sv) if ew == LEN}  # type: ignore[arg-type]
-                    tags[entry.get(MAP_KEY, b"").decode()] = entry.get(MAP_VALUE, b"").decode()  # type: ignore[union-attr]
-            out[(project, name)] = tags
+    for view in _messages(buf, REGISTRY_FEATURE_VIEWS):
+        for spec in _messages(view, FEATURE_VIEW_SPEC):
+            tags = {_string(entry, MAP_KEY): _string(entry, MAP_VALUE) for entry in _messages(spec, SPEC_TAGS)}
+            out[(_string(spec, SPEC_PROJECT), _string(spec, SPEC_NAME))] = tags
     return out
