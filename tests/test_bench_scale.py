@@ -63,3 +63,22 @@ def test_bench_scale_bad_size_is_one_line() -> None:
         parse_sizes("li10,atlantis", None)
     assert [s.name for s in parse_sizes(None, 200)] == ["li10", "li40", "liechtenstein"]
     assert parse_sizes("andorra_x3", None)[0].synthetic
+
+
+def test_bench_scale_failed_stage_is_one_line_and_cleans_up(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty cut (a bbox with no OSM data): a stage fails; one line names it, nothing is left behind."""
+    from benchmarks import scale
+    from loc2vec.cli.bench import run
+    from loc2vec.osm.db import cursor
+
+    empty = (0.0, 0.0, 0.01, 0.01)
+    monkeypatch.setitem(scale.CATALOGUE, "nowhere", scale.Size("nowhere", "liechtenstein", 1.2, empty))
+    with pytest.raises(scale.ScaleError, match=r"^bench scale: \w+ of bench_nowhere failed \(exit \d+\): \S") as err:
+        run("scale", load_project(), out=str(tmp_path / "out"), sizes="nowhere")
+    assert "\n" not in str(err.value)
+    with cursor(load_project().info) as cur:
+        cur.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bench\\_nowhere%%'")
+        assert cur.fetchone()[0] == 0
+    assert not (tmp_path / "out" / "work").exists()
