@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import platform
 import sys
@@ -25,16 +26,27 @@ def available() -> list[str]:
     return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem != "common")
 
 
-def run(name: str, project: Project, *, region: str | None = None, n: int | None = None) -> dict[str, Any]:
-    """Run one benchmark; returns its dict with the benchmark's name, wall time and the machine."""
+def run(
+    name: str, project: Project, *, region: str | None = None, n: int | None = None, **options: Any
+) -> dict[str, Any]:
+    """Run one benchmark; returns its dict with the benchmark's name, wall time and the machine.
+
+    `options` (None: not given) go to benchmarks whose `run` takes them (bench scale: out, sizes, max_km2, keep).
+    """
     path = BENCH_DIR / f"{name}.py"
     if not path.is_file():
         raise Loc2VecError(f"unknown benchmark {name!r}; available: {', '.join(available())}")
     if str(BENCH_DIR.parent) not in sys.path:
         sys.path.insert(0, str(BENCH_DIR.parent))
     module = importlib.import_module(f"benchmarks.{name}")
+    given = {k: v for k, v in options.items() if v not in (None, False)}
+    accepted = inspect.signature(module.run).parameters
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise Loc2VecError(f"bench {name} does not take {flags}")
     started = time.perf_counter()
-    result = module.run(project, region=region, n=n)
+    result = module.run(project, region=region, n=n, **given)
     result.setdefault("benchmark", name)
     result.setdefault("wall_s", round(time.perf_counter() - started, 2))
     result.setdefault(
@@ -44,7 +56,16 @@ def run(name: str, project: Project, *, region: str | None = None, n: int | None
 
 
 def cmd_bench(args: argparse.Namespace, project: Project) -> int:
-    result = run(args.what, project, region=args.region, n=args.n)
+    result = run(
+        args.what,
+        project,
+        region=args.region,
+        n=args.n,
+        out=args.out,
+        sizes=args.sizes,
+        max_km2=args.max_km2,
+        keep=args.keep,
+    )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -52,9 +73,14 @@ def cmd_bench(args: argparse.Namespace, project: Project) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench", help="benchmarks (JSON)")
     s.add_argument(
-        "what", help="render | tiles | metatiles | train | embed | publish | serve | features | similar | align | suite"
+        "what",
+        help="render | tiles | metatiles | train | embed | publish | serve | features | similar | align | suite | scale",
     )
     s.add_argument("--region", default=None)
     s.add_argument("--n", type=int, default=None, help="number of tiles/items")
     s.add_argument("--json", action="store_true", help="compact JSON on one line")
+    s.add_argument("--out", help="scale: where scale.json and scale.png go (default: a temporary directory)")
+    s.add_argument("--sizes", help="scale: comma-separated sizes (li10, li40, liechtenstein, andorra, andorra_x2, …)")
+    s.add_argument("--max-km2", type=float, help="scale: only sizes up to this nominal area (default 1000)")
+    s.add_argument("--keep", action="store_true", help="scale: keep the bench regions' schemas and files")
     s.set_defaults(func=cmd_bench)
