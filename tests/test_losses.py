@@ -10,10 +10,8 @@ import torch
 from loc2vec.core.config import LossConfig
 from loc2vec.training.losses import (
     LOSSES,
-    CoverageHead,
     build_loss,
     contrastive_loss,
-    coverage_loss,
     distance,
     get_loss,
     infonce_loss,
@@ -252,20 +250,6 @@ def test_loss_config_matches_params_and_builds(proj) -> None:
     assert contrastive(t([[0, 0]]), t([[3, 4]]), t([[0, 1]])).item() == 13.0
     with pytest.raises(ValueError, match="softpn"):
         LossConfig(name="nope")
-
-
-def test_coverage_loss_hand_computed() -> None:
-    tiles = torch.zeros((1, 2, 2, 2), dtype=torch.uint8)
-    tiles[0, 0, 0, 0] = 7  # channel 0: 1 of 4 pixels drawn → √0.25 = 0.5; channel 1: nothing → 0
-    predicted = torch.tensor([[0.5, 0.1]], requires_grad=True)
-    loss = coverage_loss(predicted, tiles)
-    assert loss.item() == pytest.approx(0.01)
-    loss.backward()
-    assert predicted.grad is not None and predicted.grad[0, 1].item() == pytest.approx(0.2)
-    head = CoverageHead(embedding_dim=16, channels=12)
-    assert head(torch.zeros(3, 16)).shape == (3, 12)
-    with pytest.raises(ValueError, match="coverage_weight"):
-        LossConfig(coverage_weight=-1.0)
 
 
 # ---------------------------------------------------------------- losses with many negatives

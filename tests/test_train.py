@@ -21,7 +21,6 @@ from .fixtures.trained import patched_params
 TINY = {
     "sample": {"n_locations": 160, "block_m": 400.0, "seed": 7},
     "triplets": {"locations_per_batch": 4, "pairs_per_location": 2},
-    "loss": {"coverage_weight": 0.5},  # the read-out head trains, checkpoints and resumes with the encoder
     "train": {
         "max_steps": 24,
         "checkpoint_every": 4,
@@ -74,49 +73,6 @@ def test_triplet_batches_follow_the_article(tiny: Path, region: str) -> None:
     # batch k is a pure function of (seed, k)
     again = stream.batch(0)
     assert torch.equal(again.positive, batch.positive) and torch.equal(again.negative, batch.negative)
-
-
-def _metres(xyz: np.ndarray) -> np.ndarray:
-    from loc2vec.core.geo import MEAN_EARTH_RADIUS_M
-
-    chord = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)
-    return 2 * MEAN_EARTH_RADIUS_M * np.arcsin(np.clip(chord / 2, 0, 1))
-
-
-def test_neighbourhood_batches_draw_hard_negatives_nearby(tiny: Path, region: str) -> None:
-    """local_fraction=1: every batch is a centre and its neighbours, at least min_separation_m apart."""
-    from dataclasses import replace
-
-    from loc2vec.core.geo import unit_xyz
-    from loc2vec.training.batches import TripletBatches, TripletConfig
-    from loc2vec.training.sources import build_source
-    from loc2vec.training.trainer import Trainer
-
-    p = load_project()
-    trainer = Trainer.from_params(p.params, [region], p.info)
-    samples = trainer.samples
-    source = build_source(samples, trainer.source, torch.device("cpu"))
-    rows = np.flatnonzero(samples["split"].to_numpy() == "train")
-    xyz = unit_xyz(samples["lat"].to_numpy(), samples["lon"].to_numpy())
-    base = TripletConfig.from_config(p.params.triplets, p.params.augment)
-    local = replace(base, local_fraction=1.0, neighbourhood_m=800.0, min_separation_m=150.0)
-    with pytest.raises(ValueError, match="xyz"):
-        TripletBatches(source, rows, local, seed=3)
-    near, far = TripletBatches(source, rows, local, seed=3, xyz=xyz), TripletBatches(source, rows, base, seed=3)
-    spread = {"near": [], "far": []}
-    for k in range(12):
-        for name, stream in (("near", near), ("far", far)):
-            locs = list(dict.fromkeys(stream.batch(k).location.numpy().tolist()))  # batch order, centre first
-            assert len(locs) == base.locations_per_batch
-            d = _metres(xyz[locs])
-            spread[name].append(d[0, 1:].max())
-            if name == "near":
-                inside = [0] + [i for i in range(1, len(locs)) if d[0, i] <= 800.0]
-                pair = d[np.ix_(inside, inside)] + np.eye(len(inside)) * 1e9
-                assert pair.min() >= 150.0, "neighbourhood locations share no tile"
-    assert np.median(spread["near"]) <= 800.0 < np.median(spread["far"])
-    again = TripletBatches(source, rows, local, seed=3, xyz=xyz).batch(5)
-    assert torch.equal(again.location, near.batch(5).location), "batch k stays a pure function of (seed, k)"
 
 
 def test_channel_drop_switches_whole_channels_off() -> None:
@@ -186,9 +142,6 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny: Path) -> None:
         for name in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(res_opt[pid][name], ref_opt[pid][name], rtol=0, atol=0)
     assert resumed["scheduler"]["last_epoch"] == reference["scheduler"]["last_epoch"]
-    for key in reference["coverage_head"]:
-        torch.testing.assert_close(resumed["coverage_head"][key], reference["coverage_head"][key], rtol=0, atol=0)
-    assert all("coverage_loss" in r and "triplet_loss" in r for r in resumed["state"].history)
 
 
 def test_training_is_tracked_in_mlflow_and_registered(tiny: Path, region: str) -> None:

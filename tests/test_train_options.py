@@ -23,10 +23,10 @@ def test_article_preset_resolves_to_the_articles_setup() -> None:
     p = _params(
         preset="article",
         model={"embedding_dim": 64, "conv_channels": [8, 32, 64, 96, 128], "dense_units": 256},
-        loss={"name": "infonce", "coverage_weight": 0.5},
+        loss={"name": "infonce"},
         augment={"max_shift_m": 15.0, "channel_drop_p": 0.0},
         shards={"k_positives": 4},
-        triplets={"locations_per_batch": 64, "pairs_per_location": 2, "local_fraction": 0.5},
+        triplets={"locations_per_batch": 64, "pairs_per_location": 2},
         train={"cpu_bf16": True, "max_steps": 1234},
         compute={"cpu_isa": "native"},
     )
@@ -36,9 +36,9 @@ def test_article_preset_resolves_to_the_articles_setup() -> None:
     assert p.model.conv_channels == (16, 32, 64, 96, 128) and p.model.nin_channels == (64, 32)
     assert p.model.dense_units == 192
     assert count_parameters(Encoder(p.model)) == 303_248
-    assert p.loss.name == "softpn" and p.loss.coverage_weight == 0.0
+    assert p.loss.name == "softpn"
     assert (p.augment.max_shift_m, p.augment.channel_drop_p) == (80.0, 0.2)
-    assert (p.triplets.locations_per_batch, p.triplets.pairs_per_location, p.triplets.local_fraction) == (20, 5, 0.0)
+    assert (p.triplets.locations_per_batch, p.triplets.pairs_per_location) == (20, 5)
     assert p.train.cpu_bf16 is False
     assert p.shards.k_positives == 20
     # What the preset does not name stays the file's: the step budget is the run's.

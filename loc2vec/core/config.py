@@ -247,7 +247,6 @@ class LossConfig(Section):
     vicreg_invariance: float = Field(25.0, ge=0)
     vicreg_variance: float = Field(25.0, ge=0)
     vicreg_covariance: float = Field(1.0, ge=0)
-    coverage_weight: float = Field(0.0, ge=0)  # weight of the coverage read-out loss (0: the triplet loss alone)
 
 
 class TripletsConfig(Section):
@@ -255,9 +254,6 @@ class TripletsConfig(Section):
 
     locations_per_batch: int = Field(20, ge=2)  # L
     pairs_per_location: int = Field(5, ge=1)  # P
-    local_fraction: float = Field(0.0, ge=0, le=1)  # share of batches whose locations come from one neighbourhood
-    neighbourhood_m: float = Field(1500.0, gt=0)
-    min_separation_m: float = Field(200.0, ge=0)
 
 
 class TrainConfig(Section):
@@ -561,10 +557,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "dropout": 0.1,
             "leaky_slope": 0.1,
         },
-        "loss": {"name": "softpn", "coverage_weight": 0.0},
+        "loss": {"name": "softpn"},
         "augment": {"max_shift_m": 80.0, "channel_drop_p": 0.2},
         "shards": {"k_positives": 20},  # the article's 20 stored (anchor, positive) pairs per location
-        "triplets": {"locations_per_batch": 20, "pairs_per_location": 5, "local_fraction": 0.0},
+        "triplets": {"locations_per_batch": 20, "pairs_per_location": 5},
         "train": {"cpu_bf16": False},
     },
 }

@@ -42,12 +42,10 @@ class Checkpointer:
         return None
 
     def restore(
-        self, ckpt: dict[str, Any], model, head, optimizer, scheduler, ctx: ddp.DistContext
+        self, ckpt: dict[str, Any], model, optimizer, scheduler, ctx: ddp.DistContext
     ) -> tuple[TrainState, dict[str, Any]]:
         """Load a checkpoint into the run's objects; returns its state and best weights."""
         model.load_state_dict(ckpt["model"])
-        if head is not None:
-            head.load_state_dict(ckpt["coverage_head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         self._restore_rng(ckpt, ctx)
@@ -72,7 +70,7 @@ class Checkpointer:
         else:
             torch.manual_seed(ddp.rank_seed(self.seed, ctx.rank) + ckpt["state"].step)
 
-    def save(self, model, head, optimizer, scheduler, state: TrainState, best_weights, ctx: ddp.DistContext) -> None:
+    def save(self, model, optimizer, scheduler, state: TrainState, best_weights, ctx: ddp.DistContext) -> None:
         """Write the checkpoint atomically (a collective under DDP: every rank's RNG goes to rank 0)."""
         extra: dict[str, Any] = {}
         if ctx.enabled:  # every rank's dropout RNG, so that a resumed DDP run continues exactly
@@ -89,7 +87,6 @@ class Checkpointer:
             "state": state,
             "best_weights": best_weights,
             **extra,
-            **({} if head is None else {"coverage_head": head.state_dict()}),
         }
         with atomic_path(self.path) as tmp:
             torch.save(content, tmp)

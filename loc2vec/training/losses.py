@@ -18,16 +18,6 @@ copy, before channel drop, of a positive of another location of the batch. `grou
 location, passed by the trainer to every loss that accepts it.
 
 The choice of loss and its knobs live in params.yaml `loss:` (core.config.LossConfig; `build_loss`).
-
-Coverage read-out (``loss.coverage_weight`` > 0): a training-only linear head predicts each
-channel's √(fraction of drawn pixels) of a tile from its embedding, and its squared error is
-added to the triplet loss (anchors and negatives: tiles with all their channels). SoftPN alone
-only keeps what tells a location from the other locations of a batch, which the land cover
-mostly does: which kinds of way are in the tile (a cycleway, a footway, a road), a few pixels of
-one channel, is not needed for that and is lost, although consumers such as the transport-mode
-classifier depend on it. The read-out asks for it to stay linearly decodable from the 16
-dimensions; the head is not part of the encoder and is not published. Measured, it made the
-transport classifier worse (README, Evaluation), so it is off by default.
 """
 
 from __future__ import annotations
@@ -39,10 +29,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from loc2vec.core.config import LOSS_NAMES, LossConfig
-from loc2vec.training.model import channel_coverage
 
 Mining = Literal["semi-hard", "hard", "none"]
 MINING_CHOICES: tuple[str, ...] = ("semi-hard", "hard", "none")
@@ -260,26 +248,6 @@ def get_loss(name: str, **kwargs: object) -> LossFn:
     if bad:
         raise ValueError(f"loss {name!r} takes no {sorted(bad)}; it accepts {sorted(accepted) or 'no options'}")
     return partial(fn, **kwargs) if kwargs else fn
-
-
-class CoverageHead(nn.Module):
-    """Embedding (B, D) → predicted √coverage of each channel (B, C); used during training only."""
-
-    def __init__(self, embedding_dim: int, channels: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(embedding_dim, channels)
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.linear(emb)
-
-
-def coverage_loss(predicted: torch.Tensor, tiles_uint8: torch.Tensor) -> torch.Tensor:
-    """Squared error of the predicted √coverage, summed over channels, mean over tiles.
-
-    The square root spreads the small coverages of thin line channels (a path is ~1% of a tile).
-    """
-    target = channel_coverage(tiles_uint8.to(predicted.device)).sqrt()
-    return (predicted.float() - target).pow(2).sum(dim=1).mean()
 
 
 def build_loss(cfg: LossConfig) -> LossFn:

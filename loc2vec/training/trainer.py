@@ -43,7 +43,6 @@ from tqdm import tqdm
 
 from loc2vec.core.config import LossConfig, ModelConfig, Params, TrainConfig
 from loc2vec.core.errors import Loc2VecError
-from loc2vec.core.geo import unit_xyz
 from loc2vec.core.paths import ProjectPaths
 from loc2vec.osm.db import ConnInfo
 from loc2vec.raster.metatiles import MetatileSpec
@@ -51,7 +50,7 @@ from loc2vec.training import distributed as ddp
 from loc2vec.training.batches import TripletBatch, TripletBatches, TripletConfig
 from loc2vec.training.checkpoint import Checkpointer
 from loc2vec.training.early_stopping import TrainState, record_budgets, record_validation
-from loc2vec.training.losses import CoverageHead, build_loss, coverage_loss, softpn_terms, triplet_accuracy
+from loc2vec.training.losses import build_loss, softpn_terms, triplet_accuracy
 from loc2vec.training.model import Encoder, to_input
 from loc2vec.training.outputs import write_outputs
 from loc2vec.training.sources import SourceSettings, build_source, load_samples
@@ -80,13 +79,11 @@ def lr_lambda(cfg: TrainConfig):
 
 def forward_triplets(
     model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool, cpu_bf16: bool = False
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-    """One forward pass over anchors, positives and negatives together (shared BN statistics).
+) -> tuple[torch.Tensor, ...]:
+    """One forward pass over anchors, positives and negatives together (shared BN statistics): the (a, p, n)
+    embeddings.
 
     bf16 autocast on CUDA always, on the CPU when `cpu_bf16`; the embeddings come back as float32.
-
-    Returns ((a, p, n) embeddings, the coverage read-out of all 3B tiles or None): a
-    `TrainingModel` with a coverage head returns both, a bare encoder the embeddings.
     """
     x = torch.cat([batch.anchor, batch.positive, batch.negative]).to(device, non_blocking=True)
     x = to_input(x)
@@ -94,31 +91,8 @@ def forward_triplets(
         x = x.contiguous(memory_format=torch.channels_last)
     bf16 = device.type == "cuda" or cpu_bf16
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(x)
-    emb, coverage = out if isinstance(out, tuple) else (out, None)
-    return emb.float().split(len(batch.anchor)), coverage
-
-
-def embed_triplets(
-    model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool, cpu_bf16: bool = False
-):
-    """(a, p, n) embeddings of a batch (see `forward_triplets`)."""
-    return forward_triplets(model, batch, device, channels_last, cpu_bf16)[0]
-
-
-class TrainingModel(torch.nn.Module):
-    """What the optimizer trains: the encoder, plus the coverage read-out head when loss.coverage_weight > 0.
-
-    One module, so that DDP synchronises the head's gradients with the encoder's.
-    """
-
-    def __init__(self, encoder: Encoder, coverage_head: CoverageHead | None) -> None:
-        super().__init__()
-        self.encoder, self.coverage_head = encoder, coverage_head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        emb = self.encoder(x)
-        return emb if self.coverage_head is None else (emb, self.coverage_head(emb))
+        emb = model(x)
+    return emb.float().split(len(batch.anchor))
 
 
 def run_signature(regions: list[str], samples: pd.DataFrame, parts: dict[str, Any]) -> str:
@@ -231,11 +205,7 @@ class Trainer:
         channels_last = cfg.channels_last  # faster on CUDA and on CPU (oneDNN) alike
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        head = None
-        if self.loss_cfg.coverage_weight > 0:
-            head = CoverageHead(self.model_cfg.embedding_dim, self.model_cfg.in_channels).to(device)
-        trainable = TrainingModel(model, head)
-        optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         loss_fn = build_loss(self.loss_cfg)
         state = TrainState(history=[])
@@ -246,24 +216,23 @@ class Trainer:
         checkpoints = Checkpointer(self.checkpoint_path, self.signature, cfg.seed)
         ckpt = checkpoints.load(device) if resume else None
         if ckpt is not None:
-            state, best_weights = checkpoints.restore(ckpt, model, head, optimizer, scheduler, ctx)
+            state, best_weights = checkpoints.restore(ckpt, model, optimizer, scheduler, ctx)
         if ctx.enabled and len(set(ddp.all_gather(state.step, ctx))) > 1:
             raise Loc2VecError(
                 f"DDP ranks would start at different steps: every rank must see {self.checkpoint_path} "
                 "(use a filesystem shared by all nodes, or --no-resume)"
             )
-        step_model = self._step_model(trainable, ctx)
+        step_model = self._step_model(model, ctx)
 
         source = build_source(self.samples, self.source, device)
         train_rows, train_w = self._split_rows("train")
         val_rows, _ = self._split_rows("val")
-        xyz = unit_xyz(self.samples["lat"].to_numpy(), self.samples["lon"].to_numpy())
-        train_stream = TripletBatches(source, train_rows, self.triplet_cfg, weights=train_w, seed=cfg.seed, xyz=xyz)
+        train_stream = TripletBatches(source, train_rows, self.triplet_cfg, weights=train_w, seed=cfg.seed)
         # Channel drop is a training-time augmentation (the article: "during training"); val
         # positives are rotated and shifted re-renders with all channels. Val batches are composed
-        # like training's (neighbourhood batches included), so early stopping follows the same task.
+        # like training's, so early stopping follows the same task.
         val_cfg = replace(self.triplet_cfg, channel_drop_p=0.0)
-        val_stream = TripletBatches(source, val_rows, val_cfg, seed=cfg.seed + 7919, xyz=xyz)
+        val_stream = TripletBatches(source, val_rows, val_cfg, seed=cfg.seed + 7919)
         draw, loss_scale = self._batch_draw(train_stream, len(train_rows), ctx)
         if tracker is not None:
             state.mlflow_run_id = tracker.start(self, model, state.mlflow_run_id)
@@ -281,7 +250,7 @@ class Trainer:
                 k = state.step
                 batch = pending.pop(k).result()
                 pending[k + cfg.prefetch + 1] = pool.submit(draw, k + cfg.prefetch + 1)
-                record = self._step(step_model, trainable, batch, loss_fn, loss_scale, optimizer, scheduler, ctx)
+                record = self._step(step_model, model, batch, loss_fn, loss_scale, optimizer, scheduler, ctx)
                 state.step += 1
                 record = {"step": state.step, **record}
                 if ctx.is_main and (state.step % cfg.val_every == 0 or state.step == cfg.max_steps):
@@ -303,7 +272,7 @@ class Trainer:
                     if not ctx.is_main:
                         state.stopped_reason = "stopped with rank 0" if stop else ""
                 if state.step % cfg.checkpoint_every == 0 or state.stopped_reason:
-                    checkpoints.save(model, head, optimizer, scheduler, state, best_weights, ctx)
+                    checkpoints.save(model, optimizer, scheduler, state, best_weights, ctx)
                 if state.stopped_reason:
                     break
         finally:
@@ -350,21 +319,12 @@ class Trainer:
         return summary
 
     def _step(
-        self, step_model, trainable, batch: TripletBatch, loss_fn, loss_scale: float, optimizer, scheduler, ctx
+        self, step_model, model, batch: TripletBatch, loss_fn, loss_scale: float, optimizer, scheduler, ctx
     ) -> dict[str, float]:
         """One optimisation step on a batch; returns its metrics (under DDP: the global batch's)."""
-        trainable.train()
-        (a, p, n), coverage = forward_triplets(
-            step_model, batch, self.device, self.cfg.channels_last, self.cfg.cpu_bf16
-        )
-        loss = triplet_loss = loss_fn(a, p, n, groups=batch.location.to(self.device))
-        cov_loss = None
-        if coverage is not None:  # anchors and negatives: the tiles with all their channels
-            b = len(batch.anchor)
-            cov_loss = coverage_loss(
-                torch.cat([coverage[:b], coverage[2 * b :]]), torch.cat([batch.anchor, batch.negative])
-            )
-            loss = triplet_loss + self.loss_cfg.coverage_weight * cov_loss
+        model.train()
+        a, p, n = forward_triplets(step_model, batch, self.device, self.cfg.channels_last, self.cfg.cpu_bf16)
+        loss = loss_fn(a, p, n, groups=batch.location.to(self.device))
         optimizer.zero_grad(set_to_none=True)
         # under DDP, each rank's mean weighted by its share of the global batch (1.0 when even)
         (loss if loss_scale == 1.0 else loss * loss_scale).backward()
@@ -373,7 +333,6 @@ class Trainer:
         terms = softpn_terms(a.detach(), p.detach(), n.detach())
         record = {
             "loss": float(loss.detach()),
-            **self._coverage_record(coverage, triplet_loss, cov_loss),
             "d_pos": float(terms["d_pos"]),
             "d_neg": float(terms["d_neg"]),
             "triplet_accuracy": float(triplet_accuracy(a.detach(), p.detach(), n.detach())),
@@ -384,20 +343,13 @@ class Trainer:
             record.update(ddp.weighted_mean({k: record[k] for k in keys}, len(batch.anchor), ctx, self.device))
         return record
 
-    @staticmethod
-    def _coverage_record(coverage, triplet_loss: torch.Tensor, cov_loss) -> dict[str, float]:
-        """The two parts of the loss, logged when the coverage read-out is on."""
-        if coverage is None:
-            return {}
-        return {"triplet_loss": float(triplet_loss.detach()), "coverage_loss": float(cov_loss.detach())}
-
     @torch.no_grad()
     def _validate(self, model, stream: TripletBatches, loss_fn, channels_last: bool) -> dict[str, float]:
         model.eval()
         accs, losses = [], []
         for k in range(self.cfg.val_batches):
             batch = stream.batch(k)
-            a, p, n = embed_triplets(model, batch, self.device, channels_last, self.cfg.cpu_bf16)
+            a, p, n = forward_triplets(model, batch, self.device, channels_last, self.cfg.cpu_bf16)
             accs.append(float(triplet_accuracy(a, p, n)))
             losses.append(float(loss_fn(a, p, n, groups=batch.location.to(self.device))))
         return {"val_triplet_accuracy": float(np.mean(accs)), "val_loss": float(np.mean(losses))}
