@@ -18,6 +18,10 @@ def cmd_evaluate(args: argparse.Namespace, project: Project) -> int:
     region = one_region(args.region, params)
     if args.suite:
         return cmd_suite(args, project, region)
+    if args.inputs:
+        from loc2vec.core.errors import ConfigError
+
+        raise ConfigError("--inputs are the added-value suite's: give --suite leakfree|consumer|all")
     result = evaluate(
         region,
         Path(args.out) if args.out else project.paths.evaluation(region),
