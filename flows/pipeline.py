@@ -3,7 +3,7 @@
     loc2vec flow pipeline [--regions a,b] [--stages embed,publish] [--from-stage train] [--force] [--push]
 
 (`make run`; the on-demand deployment runs the same flow.) How stages map to tasks: `dvc dag` lists the
-stages (ingest@R, sample@R, render@R, train, promote, embed@R, publish@R, evaluate@R: foreach stages
+stages (ingest@R, sample@R, render@R, train, promote, embed@R, publish@R, suite_inputs@R, evaluate@R: foreach stages
 expanded for params.yaml's pipeline.regions); each selected stage is one task run, `dvc repro
 --single-item <stage>`, in dependency order and serially (DVC's repo lock forbids concurrent repros; the
 parallelism is inside stages: loc2vec.orchestration.runners). DVC skips a stage whose deps and params did
@@ -249,16 +249,23 @@ def summarize(
         md += [f"Embeddings evaluated: {region}: {model}." for region, model in models.items()] + [""]
     if metrics:
         md += [
-            "| evaluation | task | featureset | logreg macro-F1 | logreg accuracy | kNN macro-F1 | kNN accuracy |",
+            "| evaluation | task | featureset | logreg macro-F1 | logreg accuracy | hgb (kNN) macro-F1 | hgb (kNN) accuracy |",
             "|---|---|---|---|---|---|---|",
         ]
         for name, tasks in metrics.items():
             for task_name, featuresets in tasks.items():
                 for fs, models in featuresets.items():
-                    lr, knn = models.get("logreg", {}), models.get("knn", {})
+                    if fs == "lift":  # the suite's lift of best_baseline+loc2vec over best_baseline, with its interval
+                        lifts = [
+                            f"{_f(v.get('lift'))} {v.get('ci95')} over {v.get('best_baseline')}"
+                            for v in (models.get("logreg", {}), models.get("hgb", {}))
+                        ]
+                        md.append(f"| {name} | {task_name} | lift | {lifts[0]} | | {lifts[1]} | |")
+                        continue
+                    lr, other = models.get("logreg", {}), models.get("hgb") or models.get("knn") or {}
                     md.append(
                         f"| {name} | {task_name} | {fs} | {_f(lr.get('macro_f1'))} | {_f(lr.get('accuracy'))} "
-                        f"| {_f(knn.get('macro_f1'))} | {_f(knn.get('accuracy'))} |"
+                        f"| {_f(other.get('macro_f1'))} | {_f(other.get('accuracy'))} |"
                     )
     else:
         md.append(f"No evaluation of {', '.join(regions) or 'any region'} yet (data/evaluate/<region>.json).")

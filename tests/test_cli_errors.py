@@ -98,6 +98,16 @@ BAD_ARGUMENTS = [
         "shift",
     ),
     ("two-regions-for-one", ["evaluate", "--region", "a,b"], "expected one region"),
+    (
+        "inputs-without-suite",
+        ["evaluate", "--region", "nowhere", "--inputs", "x"],
+        "--inputs are the added-value suite",
+    ),
+    (
+        "suite-inputs-missing",
+        ["evaluate", "--suite", "consumer", "--region", "nowhere", "--inputs", "/nonexistent"],
+        "no suite inputs at /nonexistent",
+    ),
     ("reserved-region", ["ingest", "--region", "feast", "--pbf", "x.pbf"], "reserved"),
     ("bad-region-name", ["ingest", "--region", "Bad-Name", "--pbf", "x.pbf"], "invalid region name 'Bad-Name'"),
     ("missing-pbf", ["ingest", "--region", "nowhere", "--pbf", "/nonexistent/x.osm.pbf"], "/nonexistent/x.osm.pbf"),

@@ -334,7 +334,8 @@ def test_consumer_classifiers_train_historical_and_serve_online(published: str, 
 
 def test_consumer_suite_adds_nearest_way_and_the_lift(published: str, region: str, tmp_path: Path) -> None:
     """`evaluate --suite consumer`: the consumer tasks through Feast, nearest_way for transport, random_wide on the
-    cell tiles, the lift rows (the srai peers are leak-free featuresets only)."""
+    cell tiles, the srai peers (fitted on the region, each label's plain scene) as best_baseline candidates, the lift
+    rows."""
     from loc2vec.evaluation.added_value import BEST, BEST_PLUS
     from loc2vec.evaluation.suite import run_suite
 
@@ -347,11 +348,16 @@ def test_consumer_suite_adds_nearest_way_and_the_lift(published: str, region: st
     tasks = result["tasks"]
     assert set(tasks) == {"transport", "venue"} and out.with_suffix(".png").is_file()
     base = {"loc2vec", "latlon", "histogram", "tag_counts", "random_encoder", "random_wide", BEST, BEST_PLUS, "lift"}
+    base |= {"srai_contextual_counts", "srai_hex2vec"}
     assert set(tasks["transport"]) == base | {"nearest_way"} and set(tasks["venue"]) == base
-    for table in tasks.values():
+    for task, table in tasks.items():
         for kind in ("logreg", "hgb"):
             lift = table["lift"][kind]
             assert lift["ci95"][0] <= lift["lift"] <= lift["ci95"][1]
+            assert 0.0 < table["srai_hex2vec"][kind]["macro_f1"] <= 1.0
+        dims = result["meta"]["tasks"][task]["online_vs_historical_max_abs_diff"]
+        assert dims["srai_contextual_counts"] == 0.0, "one peer vector per label on both paths"
+    assert result["meta"]["peers"]["fitted_on"] == [region]
     # nearest_way reads the way under a point on a way: the strongest transport baseline, as an engineer expects
     assert tasks["transport"]["nearest_way"]["logreg"]["macro_f1"] > tasks["transport"]["latlon"]["logreg"]["macro_f1"]
     assert result["meta"]["consumer_lift"] == pytest.approx(

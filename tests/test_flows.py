@@ -6,7 +6,8 @@ like `loc2vec evaluate` and a training summary like `loc2vec train`, naming a ru
 real MLflow store. The database is reached through a TCP proxy that drops its first connection — a real
 `server closed the connection unexpectedly` from libpq — so the first attempt of the first stage fails
 transiently, and the retry goes through. The stage graph and its selection are checked on the project's
-own dvc.yaml (8 stages: ingest@R, sample@R, render@R, train, promote, embed@R, publish@R, evaluate@R).
+own dvc.yaml (9 stages: ingest@R, sample@R, render@R, train, promote, embed@R, publish@R, suite_inputs@R,
+evaluate@R).
 """
 
 from __future__ import annotations
@@ -462,10 +463,10 @@ def test_transient_exceptions() -> None:
 
 
 def _dag_dot(regions: tuple[str, ...]) -> str:
-    """`dvc dag --dot` of dvc.yaml's 8 stages over these regions, as DVC writes it."""
+    """`dvc dag --dot` of dvc.yaml's 9 stages over these regions, as DVC writes it."""
     per_region = ("ingest", "sample", "render")
     nodes = [f"{s}@{r}" for s in per_region for r in regions] + ["train", "promote"]
-    nodes += [f"{s}@{r}" for s in ("embed", "publish", "evaluate") for r in regions]
+    nodes += [f"{s}@{r}" for s in ("embed", "publish", "suite_inputs", "evaluate") for r in regions]
     edges = []
     for r in regions:
         edges += [
@@ -482,6 +483,8 @@ def _dag_dot(regions: tuple[str, ...]) -> str:
     edges.append(("train", "promote"))
     for r in regions:
         edges += [("promote", f"embed@{r}"), (f"embed@{r}", f"publish@{r}"), (f"publish@{r}", f"evaluate@{r}")]
+        edges += [(f"ingest@{r}", f"suite_inputs@{r}"), (f"suite_inputs@{r}", f"evaluate@{r}")]
+        edges += [(f"render@{r}", f"evaluate@{r}"), ("promote", f"evaluate@{r}")]
     lines = [f'"{n}";' for n in nodes] + [f'"{a}" -> "{b}";' for a, b in edges]
     return "strict digraph {\n" + "\n".join(lines) + "\n}\n"
 
@@ -505,10 +508,12 @@ def test_stage_graph_order_and_selection() -> None:
         "embed@b",
         "publish@a",
         "publish@b",
+        "suite_inputs@a",
+        "suite_inputs@b",
         "evaluate@a",
         "evaluate@b",
     ]
-    assert len(order) == 14 and len({s.split("@")[0] for s in order}) == 8, "8 stages, 6 of them per region"
+    assert len(order) == 16 and len({s.split("@")[0] for s in order}) == 9, "9 stages, 7 of them per region"
     assert g.select(from_stage="train") == [
         "train",
         "promote",
@@ -545,7 +550,7 @@ def test_stage_graph_order_and_selection() -> None:
 
 
 def test_stage_graph_of_the_project_dvc_yaml(tmp_path: Path) -> None:
-    """The project's dvc.yaml, as `dvc dag` expands it for two regions: the 8 stages in dependency order."""
+    """The project's dvc.yaml, as `dvc dag` expands it for two regions: the 9 stages in dependency order."""
     from flows.dvc_stages import StageGraph, stage_env, stage_graph
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())

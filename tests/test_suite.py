@@ -133,3 +133,44 @@ def test_suite_gate_score_is_leakfree_f1_plus_weighted_consumer_lift(project: Pa
     assert scores["constant"]["consumer_lift"] == pytest.approx(0.0, abs=0.02), "a constant adds nothing to a baseline"
     assert scores["random"]["leakfree"] > scores["constant"]["leakfree"]
     assert scores["random"]["score"] > scores["constant"]["score"]
+
+
+def test_suite_inputs_give_the_same_scores_as_the_suite_without_them(
+    project: Path, region: str, model_dir: Path, suite_result: dict, tmp_path: Path
+) -> None:
+    """The `suite_inputs@R` → `evaluate@R` path (stored labels, masked tiles, baselines and their fits) scores the
+    same model exactly as the suite computing everything itself; inputs of other params are refused."""
+    from loc2vec.core.errors import ConfigError
+    from loc2vec.evaluation.suite_inputs import SuiteInputs
+
+    from .fixtures.project import evaluation_context
+
+    inputs, out = tmp_path / "inputs", tmp_path / "cached.json"
+    cli = [sys.executable, "-m", "loc2vec.cli"]
+    with patched_params(project, {"evaluate": SMALL}):
+        built = subprocess.run(
+            [*cli, "suite-inputs", "--region", region, "--out", str(inputs)], capture_output=True, text=True
+        )
+        assert built.returncode == 0, built.stderr[-3000:]
+        cmd = [*cli, "evaluate", "--suite", "leakfree", "--region", region, "--model", str(model_dir), "--no-track"]
+        done = subprocess.run([*cmd, "--out", str(out), "--inputs", str(inputs)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        proj = load_project()
+        cfg = proj.params.evaluate
+        other = cfg.model_copy(update={"split": cfg.split.model_copy(update={"seed": 2})})
+        with pytest.raises(ConfigError, match="built with other split"):
+            SuiteInputs.open(inputs, region, other, evaluation_context(proj))
+    cached = json.loads(out.read_text())
+    assert list(cached["tasks"]) == list(suite_result["tasks"])
+    for task, table in suite_result["tasks"].items():
+        for name, by_kind in table.items():
+            for kind, value in by_kind.items():
+                if name == "lift":
+                    assert cached["tasks"][task]["lift"][kind] == value, (task, kind)
+                else:
+                    assert cached["tasks"][task][name][kind]["macro_f1"] == value["macro_f1"], (task, name, kind)
+        assert cached["meta"]["tasks"][task]["n_tested"] == suite_result["meta"]["tasks"][task]["n_tested"]
+    manifest = json.loads((inputs / "manifest.json").read_text())
+    assert set(manifest["tasks"]) == {*LEAKFREE_TASKS, "transport", "venue"}
+    assert {f.name for f in inputs.glob("*.peers.npz")} == {"transport.peers.npz", "venue.peers.npz"}
+    assert cached["meta"]["inputs"]["digest"] == manifest["digest"] and cached["meta"]["peers"]["fitted_on"] == [region]

@@ -18,6 +18,10 @@ def cmd_evaluate(args: argparse.Namespace, project: Project) -> int:
     region = one_region(args.region, params)
     if args.suite:
         return cmd_suite(args, project, region)
+    if args.inputs:
+        from loc2vec.core.errors import ConfigError
+
+        raise ConfigError("--inputs are the added-value suite's: give --suite leakfree|consumer|all")
     result = evaluate(
         region,
         Path(args.out) if args.out else project.paths.evaluation(region),
@@ -34,8 +38,10 @@ def cmd_suite(args: argparse.Namespace, project: Project, region: str) -> int:
     """`evaluate --suite S`: the added-value suite (evaluation/suite.py) with the given or champion encoder."""
     from loc2vec.evaluation.context import EvaluationContext
     from loc2vec.evaluation.suite import run_suite
+    from loc2vec.evaluation.suite_inputs import SuiteInputs
 
     params = project.params
+    ctx = EvaluationContext.from_params(params, project.info)
     encoder, model = None, {}
     if args.suite != "consumer":
         if args.model:
@@ -55,13 +61,27 @@ def cmd_suite(args: argparse.Namespace, project: Project, region: str) -> int:
         region,
         Path(args.out) if args.out else default.with_name(f"{stem}.json"),
         params.evaluate,
-        EvaluationContext.from_params(params, project.info),
+        ctx,
         encoder=encoder,
         train_regions=train,
         model=model,
         track=not args.no_track,
+        inputs=SuiteInputs.open(Path(args.inputs), region, params.evaluate, ctx) if args.inputs else None,
     )
     print(json.dumps(result["tasks"], indent=1, default=str))
+    return 0
+
+
+def cmd_suite_inputs(args: argparse.Namespace, project: Project) -> int:
+    """`suite-inputs`: a region's model-independent suite inputs (the suite_inputs stage)."""
+    from loc2vec.evaluation.context import EvaluationContext
+    from loc2vec.evaluation.suite_inputs import build_suite_inputs
+
+    params = project.params
+    region = one_region(args.region, params)
+    out = Path(args.out) if args.out else project.paths.suite_inputs(region)
+    manifest = build_suite_inputs(region, out, params.evaluate, EvaluationContext.from_params(params, project.info))
+    print(json.dumps({t: m["seconds"] for t, m in manifest["tasks"].items()} | {"seconds": manifest["seconds"]}))
     return 0
 
 
@@ -77,4 +97,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--model", help="--suite: a model directory (model.pt + model_config.json); default: the champion")
     s.add_argument("--no-track", action="store_true", help="--suite: do not log to MLflow")
+    s.add_argument(
+        "--inputs",
+        help="--suite, in-region: the region's suite inputs (`loc2vec suite-inputs`): only what depends on the model"
+        " is computed",
+    )
     s.set_defaults(func=cmd_evaluate)
+    s = sub.add_parser(
+        "suite-inputs",
+        help="the suite's model-independent inputs of a region: labels, masked tiles, baselines and their fits, peers",
+    )
+    s.add_argument("--region", required=True, help="the region")
+    s.add_argument("--out", help="the directory to write (default data/suite/REGION)")
+    s.set_defaults(func=cmd_suite_inputs)

@@ -189,6 +189,10 @@ class ProjectPaths:
         """A region's evaluation metrics (the evaluate stage's output)."""
         return self.data / "evaluate" / f"{validate_region_name(region)}.json"
 
+    def suite_inputs(self, region: str) -> Path:
+        """A region's model-independent suite inputs (the suite_inputs stage's output, evaluation/suite_inputs.py)."""
+        return self.data / "suite" / validate_region_name(region)
+
     # ---------------------------------------------------------------- coordination
     def lock(self, name: str) -> Path:
         """An OS file lock; outside every DVC output, whose content must change only with the data."""

@@ -22,8 +22,10 @@ baseline's own fit on each fold (the same model on the same rows) instead of fit
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -148,6 +150,77 @@ def paired_lift(
     return float(point), [float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))]
 
 
+@dataclass
+class BaselineFits:
+    """What the baselines alone give on a task's folds, whatever the model: each baseline's test predictions per
+    (featureset, classifier, fold) and best_baseline's choice per classifier and fold. The suite's inputs stage
+    (evaluation/suite_inputs.py) computes them once per region; `score_added_value` then fits only loc2vec and
+    best_baseline+loc2vec.
+    """
+
+    preds: dict[tuple[str, str, int], np.ndarray] = field(default_factory=dict)
+    chosen: dict[str, list[str]] = field(default_factory=dict)  # classifier → the chosen baseline of each fold
+    tested: list[int] = field(default_factory=list)  # test rows per fold: the fits belong to these folds only
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (predictions as lists of class names)."""
+        preds: dict[str, dict[str, list[list[str]]]] = {}
+        for (name, kind, i), p in sorted(self.preds.items()):
+            folds = preds.setdefault(kind, {}).setdefault(name, [])
+            assert len(folds) == i, "folds in order"
+            folds.append([str(v) for v in p])
+        return {"tested": self.tested, "chosen": self.chosen, "preds": preds}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BaselineFits:
+        """Inverse of `to_json`."""
+        preds = {
+            (name, kind, i): np.asarray(p, dtype=object)
+            for kind, by_name in data["preds"].items()
+            for name, folds in by_name.items()
+            for i, p in enumerate(folds)
+        }
+        return cls(preds, {k: list(v) for k, v in data["chosen"].items()}, list(data["tested"]))
+
+
+def _cut(kind: str, cfg: EvaluateConfig):
+    """The columns a classifier sees of a featureset: the tree model at most suite.hgb_max_dims."""
+    width = cfg.suite.hgb_max_dims if kind == "hgb" else None
+    return lambda x: x if width is None else x[:, :width]
+
+
+def baseline_fits(
+    data: TaskData, baselines: Sequence[str], cfg: EvaluateConfig, radius_m: float, seconds: dict | None = None
+) -> BaselineFits:
+    """Each baseline alone on every fold and the choice of best_baseline: the model-independent fits.
+
+    Args:
+        data: labels, folds and the baselines' features.
+        baselines: the candidates for best_baseline (each also scored alone).
+        cfg: params `evaluate`.
+        radius_m: the tile radius (the inner folds' buffer).
+        seconds: if given, adds the seconds of each baseline's fits (``fit_<name>``) and of the choice.
+
+    Returns:
+        The fits, as `score_added_value` takes them.
+    """
+    clock = seconds if seconds is not None else {}
+    y = data.labels["label"].to_numpy()
+    fits = BaselineFits(tested=[len(f.test) for f in data.folds])
+    for kind in cfg.suite.classifiers:
+        cols = _cut(kind, cfg)
+        for name in baselines:
+            t0 = time.perf_counter()
+            for i, fold in enumerate(data.folds):
+                x_train, x_test = cols(data.historical[name][fold.train]), cols(data.online[name][fold.test])
+                fits.preds[(name, kind, i)] = _fit_predict(kind, cfg, x_train, y[fold.train], x_test)
+            clock[f"fit_{name}"] = clock.get(f"fit_{name}", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fits.chosen[kind] = [choose_baseline(data, f.train, baselines, kind, cfg, radius_m) for f in data.folds]
+        clock["choose_best_baseline"] = clock.get("choose_best_baseline", 0.0) + time.perf_counter() - t0
+    return fits
+
+
 def score_added_value(
     data: TaskData,
     featuresets: Sequence[str],
@@ -156,6 +229,8 @@ def score_added_value(
     radius_m: float,
     lift: bool = True,
     reuse_fits: bool = True,
+    fits: BaselineFits | None = None,
+    seconds: dict | None = None,
 ) -> tuple[dict[str, Any], Predictions, dict[str, Any]]:
     """Every featureset, best_baseline and best_baseline+loc2vec under each suite classifier, and the lift.
 
@@ -168,6 +243,9 @@ def score_added_value(
         lift: also best_baseline, best_baseline+loc2vec and the lift (False: the featuresets alone).
         reuse_fits: best_baseline takes the chosen baseline's own predictions on each fold (False: fitted again,
             the same model; `loc2vec bench suite` measures the cost before).
+        fits: the baselines' fits made beforehand on these very folds (`baseline_fits`): only loc2vec and
+            best_baseline+loc2vec are fitted here.
+        seconds: if given, adds the seconds of each featureset's fits (``fit_<name>``) and of the choice.
 
     Returns:
         ({featureset: {classifier: {accuracy, macro_f1}}}, the tested rows' predictions,
@@ -183,17 +261,24 @@ def score_added_value(
     lifts: dict[str, Any] = {}
 
     fold_preds: dict[tuple[str, str, int], np.ndarray] = {}  # (featureset, classifier, fold) → its test predictions
+    if fits is not None:
+        if fits.tested != [len(f.test) for f in data.folds]:
+            raise Loc2VecError("the baselines' fits were made on other folds: build the suite inputs again")
+        fold_preds.update(fits.preds)
+    clock = seconds if seconds is not None else {}
 
     def pooled(name: str, kind: str, fold_features, reuse=None) -> None:
+        t0 = time.perf_counter()
         pred = np.empty(len(y), dtype=object)
         for i, fold in enumerate(data.folds):
-            key = reuse(i) if reuse is not None else None
+            key = reuse(i) if reuse is not None else (name, kind, i)
             if key in fold_preds:  # the same model on the same rows was already fitted: not fitted twice
                 pred[fold.test] = fold_preds[key]
                 continue
             x_train, x_test = fold_features(fold)
             pred[fold.test] = fold_preds[(name, kind, i)] = _fit_predict(kind, cfg, x_train, y[fold.train], x_test)
         table.setdefault(name, {})[kind] = scores(y[tested], pred[tested])
+        clock[f"fit_{name}"] = clock.get(f"fit_{name}", 0.0) + time.perf_counter() - t0
         preds[(name, kind)] = pred[tested]
 
     def alone(name: str):
@@ -211,7 +296,12 @@ def score_added_value(
             pooled(name, kind, alone(name))
         if not lift:
             continue
-        chosen = {id(f): choose_baseline(data, f.train, baselines, kind, cfg, radius_m) for f in data.folds}
+        t0 = time.perf_counter()
+        if fits is not None:
+            chosen = {id(f): fits.chosen[kind][i] for i, f in enumerate(data.folds)}
+        else:
+            chosen = {id(f): choose_baseline(data, f.train, baselines, kind, cfg, radius_m) for f in data.folds}
+        clock["choose_best_baseline"] = clock.get("choose_best_baseline", 0.0) + time.perf_counter() - t0
 
         def best(f: Fold, chosen: dict[int, str] = chosen) -> tuple[np.ndarray, np.ndarray]:
             return alone(chosen[id(f)])(f)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -165,6 +166,29 @@ def _masked(features: gpd.GeoDataFrame, hidden: Sequence[str], keep_footprint: b
         if not is_building:
             out = out.drop(index=h)
     return out
+
+
+@contextmanager
+def _canonical_pairs() -> Iterator[None]:
+    """srai's Hex2Vec training pairs in one order, whatever the process: srai lists each region's neighbours from
+    a set of H3 strings (its order follows PYTHONHASHSEED), so the same seed gave another fit in another process.
+    Within the block the (anchor, positive) pairs are sorted."""
+    import srai.embedders.hex2vec.embedder as module
+    from srai.embedders.hex2vec.neighbour_dataset import NeighbourDataset
+
+    class Sorted(NeighbourDataset):  # type: ignore[misc, valid-type]
+        def _build_lookup_tables(self, data: pd.DataFrame, neighbourhood: Any) -> None:
+            super()._build_lookup_tables(data, neighbourhood)
+            order = np.lexsort((self._positive_df_locs_lookup, self._anchor_df_locs_lookup))
+            self._anchor_df_locs_lookup = self._anchor_df_locs_lookup[order]
+            self._positive_df_locs_lookup = self._positive_df_locs_lookup[order]
+
+    original = module.NeighbourDataset
+    module.NeighbourDataset = Sorted
+    try:
+        yield
+    finally:
+        module.NeighbourDataset = original
 
 
 @dataclass
@@ -302,21 +326,26 @@ class Peers:
             list(self.cfg.hex2vec_sizes),
             expected_output_features=cast(Any, tag_filter()),
         )
-        embedder.fit(
-            regions,
-            features,
-            joint,
-            H3Neighbourhood(regions),
-            batch_size=self.cfg.hex2vec_batch_size,
-            trainer_kwargs={
-                "max_epochs": self.cfg.hex2vec_epochs,
-                "accelerator": "cpu",
-                "logger": False,
-                "enable_checkpointing": False,
-                "enable_progress_bar": False,
-                "enable_model_summary": False,
-            },
-        )
+        # srai's counts come in a row and column order that varies from call to call: sorted (fit and transform
+        # alike), and the training pairs sorted too (_canonical_pairs), the same seed gives the same fit anywhere
+        raw_counts = embedder._get_raw_counts
+        embedder._get_raw_counts = lambda *a, **k: raw_counts(*a, **k).sort_index().sort_index(axis=1)  # type: ignore[method-assign]
+        with _canonical_pairs():
+            embedder.fit(
+                regions,
+                features,
+                joint,
+                H3Neighbourhood(regions),
+                batch_size=self.cfg.hex2vec_batch_size,
+                trainer_kwargs={
+                    "max_epochs": self.cfg.hex2vec_epochs,
+                    "accelerator": "cpu",
+                    "logger": False,
+                    "enable_checkpointing": False,
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                },
+            )
         self.seconds["fit_hex2vec"] = round(time.perf_counter() - start, 1)
         log.info(
             "srai_hex2vec fitted on %s: %d cells (%.0f s)", self.fit_regions, len(regions), self.seconds["fit_hex2vec"]

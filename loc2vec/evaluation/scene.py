@@ -13,6 +13,7 @@ be 400 MB held at once for nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -66,7 +67,13 @@ def scene_tiles(
 
 
 def tile_features(
-    points: pd.DataFrame, fns: Mapping[str, TileFn], render: RenderConfig, info: ConnInfo, batch_size: int
+    points: pd.DataFrame,
+    fns: Mapping[str, TileFn],
+    render: RenderConfig,
+    info: ConnInfo,
+    batch_size: int,
+    seconds: dict[str, float] | None = None,
+    sink: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """{name: (n, d)} of each tile function over the points' masked tiles (rendered once, in batches).
 
@@ -76,20 +83,33 @@ def tile_features(
         render: the tile geometry (params render: what the encoder was trained on).
         info: the database.
         batch_size: tiles per batch.
+        seconds: if given, adds the seconds spent rendering (``render``) and in each function (by name).
+        sink: if given, called with each batch's row indices and tiles (the suite's tile cache keeps them).
 
     Returns:
         Row-aligned feature arrays.
     """
     points = points.reset_index(drop=True)
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in fns}
+    clock = seconds if seconds is not None else {}
     for region, group in points.groupby("region", sort=True):
         rows = group.index.to_numpy()
         start = 0
-        for tiles in scene_tiles(str(region), group, render, info, batch_size):
+        batches = scene_tiles(str(region), group, render, info, batch_size)
+        while True:
+            t0 = time.perf_counter()
+            tiles = next(batches, None)
+            clock["render"] = clock.get("render", 0.0) + time.perf_counter() - t0
+            if tiles is None:
+                break
             sel = rows[start : start + len(tiles)]
             start += len(tiles)
+            if sink is not None:
+                sink(sel, tiles)
             for name, fn in fns.items():
+                t0 = time.perf_counter()
                 parts[name].append((sel, np.asarray(fn(tiles), dtype=float).reshape(len(tiles), -1)))
+                clock[name] = clock.get(name, 0.0) + time.perf_counter() - t0
     out = {}
     for name, chunks in parts.items():
         dim = chunks[0][1].shape[1] if chunks else 1

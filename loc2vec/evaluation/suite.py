@@ -11,9 +11,13 @@ Suites:
   removed from their inputs).
 * ``consumer`` – the consumer tasks transport and venue as `loc2vec evaluate` scores them (loc2vec and the
   histogram from Feast: historical for training rows, online for tested rows), plus ``nearest_way``
-  for transport and ``random_wide`` on each point's cell tile (as ``random_encoder``); the srai peers
-  are measured on the leak-free tasks only.
+  for transport, ``random_wide`` on each point's cell tile (as ``random_encoder``) and the srai peers
+  (fitted as for the leak-free tasks, each label's plain scene: these tasks are not masked).
 * ``all`` – both.
+
+The model-independent part (labels, masked tiles, every baseline, the peers, the baselines' fits) can be
+built once per region (evaluation/suite_inputs.py, the ``suite_inputs@R`` stage) and passed as ``inputs``:
+the scores are the same (tests/test_suite.py).
 
 Each task is scored by evaluation/added_value.py (every featureset, best_baseline, best_baseline+loc2vec,
 the lift and its interval) under blocked spatial CV, or trained on ``train_regions`` and tested on the
@@ -31,23 +35,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from loc2vec.core.atomic import write_text
-from loc2vec.core.config import SUITE_BASELINES, EvaluateConfig, RenderConfig
+from loc2vec.core.config import SUITE_BASELINES, EvaluateConfig, ModelConfig, RenderConfig
 from loc2vec.core.errors import ConfigError, Loc2VecError
 from loc2vec.core.names import validate_region_name
 from loc2vec.core.tracking import setup_mlflow
-from loc2vec.evaluation.added_value import REFERENCE, score_added_value
+from loc2vec.evaluation.added_value import REFERENCE, BaselineFits, score_added_value
 from loc2vec.evaluation.context import EvaluationContext
 from loc2vec.evaluation.cv import Fold, block_bootstrap, spatial_folds
 from loc2vec.evaluation.featuresets import Featurizer, cell_tile_features
-from loc2vec.evaluation.labels import TASKS, class_counts
+from loc2vec.evaluation.labels import TASKS, class_counts, make_labels
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, TRANSPORT_TASKS, building_coverage, make_leakfree_labels
 from loc2vec.evaluation.peers import PEERS, Peers, check_sources, drop_empty_columns, fit_regions_of, require_srai
 from loc2vec.evaluation.run import TaskData, prepare_task
@@ -60,12 +64,13 @@ from loc2vec.training.model import Encoder
 log = logging.getLogger(__name__)
 
 SUITES: dict[str, tuple[str, ...]] = {"leakfree": LEAKFREE_TASKS, "consumer": TASKS, "all": (*LEAKFREE_TASKS, *TASKS)}
-CONSUMER_BASELINES: tuple[str, ...] = tuple(name for name in SUITE_BASELINES if not name.startswith("srai_"))
-# srai_* (evaluation/peers.py): fitted on the training region(s), computed on masked scenes (leak-free tasks)
+CONSUMER_BASELINES: tuple[str, ...] = SUITE_BASELINES
+# srai_* (evaluation/peers.py): fitted on the training region(s); on the leak-free tasks computed on masked
+# scenes, on the consumer tasks (not masked: they are the leaky ones) on each label's plain scene
 
 
 def task_baselines(task: str, cfg: EvaluateConfig) -> list[str]:
-    """The suite's baselines that apply to a task (nearest_way: transport tasks; the srai peers: leak-free ones)."""
+    """The suite's baselines that apply to a task (nearest_way: transport tasks only)."""
     out: list[str] = [b for b in cfg.suite.baselines if b != "nearest_way" or task in TRANSPORT_TASKS]
     return [b for b in out if b in CONSUMER_BASELINES] if task in TASKS else out
 
@@ -75,8 +80,10 @@ def scene_featuresets(
     task: str,
     cfg: EvaluateConfig,
     ctx: EvaluationContext,
-    encoder: Encoder,
+    encoder: Encoder | None,
     peers: Peers | None = None,
+    seconds: dict[str, float] | None = None,
+    sink: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every featureset of the labels, all from their masked scenes (row-aligned, float).
 
@@ -85,31 +92,47 @@ def scene_featuresets(
         task: the leak-free task.
         cfg: params `evaluate` (suite, random_encoder_seed).
         ctx: the database, tile radius and geometry.
-        encoder: the model measured (`loc2vec`).
+        encoder: the model measured (`loc2vec`); None: the baselines only (the suite's inputs stage).
         peers: the srai peers of this run (fitted once; needed when a srai_* baseline is wanted).
+        seconds: if given, adds the seconds of each phase (render, each featureset).
+        sink: if given, receives each batch of masked tiles with its row indices (scene.tile_features).
 
     Returns:
         {featureset: (n, d)}.
     """
     s = cfg.suite
+    clock = seconds if seconds is not None else {}
     wanted = {REFERENCE, *task_baselines(task, cfg)}
-    fns = {"loc2vec": encoder_tiles(encoder), "histogram": histogram}
+    fns: dict[str, Callable[[np.ndarray], np.ndarray]] = {"histogram": histogram}
+    if encoder is not None:
+        fns["loc2vec"] = encoder_tiles(encoder)
     if "random_encoder" in wanted:
-        fns["random_encoder"] = encoder_tiles(untrained_encoder(encoder.cfg, cfg.random_encoder_seed))
+        fns["random_encoder"] = encoder_tiles(untrained_encoder(cfg_model(encoder, ctx), cfg.random_encoder_seed))
     if "random_wide" in wanted:
         fns["random_wide"] = RandomWide(s.random_wide_features, s.random_wide_seed)
-    out = tile_features(labels, fns, ctx.render or RenderConfig(), ctx.info, s.tile_batch)
+    out = tile_features(labels, fns, ctx.render or RenderConfig(), ctx.info, s.tile_batch, clock, sink)
+    t0 = time.perf_counter()
     out["tag_counts"] = np.log1p(scene_tag_counts(labels, ctx.info, ctx.radius_m))
+    clock["tag_counts"] = clock.get("tag_counts", 0.0) + time.perf_counter() - t0
     out["latlon"] = labels[["lat", "lon"]].to_numpy(float)
     if "nearest_way" in wanted:
+        t0 = time.perf_counter()
         out["nearest_way"] = nearest_way(labels, ctx.info, ctx.radius_m)
+        clock["nearest_way"] = clock.get("nearest_way", 0.0) + time.perf_counter() - t0
     for name in PEERS:
         if name in wanted:
             if peers is None:
                 raise Loc2VecError(f"{name} needs the srai peers of the run")
+            t0 = time.perf_counter()
             x = peers.embed(name, labels)
             out[name] = drop_empty_columns(x) if name == "srai_contextual_counts" else x  # 651 tag values, most absent
+            clock[name] = clock.get(name, 0.0) + time.perf_counter() - t0
     return {k: v for k, v in out.items() if k in wanted}
+
+
+def cfg_model(encoder: Encoder | None, ctx: EvaluationContext) -> ModelConfig:
+    """The architecture of `random_encoder`: the measured encoder's, else params' (the inputs stage)."""
+    return encoder.cfg if encoder is not None else ctx.model
 
 
 def _per_region_standardise(features: dict[str, np.ndarray], regions: np.ndarray) -> dict[str, np.ndarray]:
@@ -130,8 +153,10 @@ def prepare_leakfree(
     train_regions: Sequence[str],
     cfg: EvaluateConfig,
     ctx: EvaluationContext,
-    encoder: Encoder,
+    encoder: Encoder | None,
     peers: Peers | None = None,
+    seconds: dict[str, float] | None = None,
+    sink: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> TaskData:
     """Labels → masked-scene featuresets → folds (spatial blocks, or train regions → region).
 
@@ -141,18 +166,37 @@ def prepare_leakfree(
         train_regions: train on these instead (transfer); empty: blocked spatial CV in `region`.
         cfg: params `evaluate`.
         ctx: the database and tile geometry.
-        encoder: the model measured.
+        encoder: the model measured; None: every featureset but loc2vec (the suite's inputs stage).
         peers: the srai peers of this run.
+        seconds: if given, adds the seconds of each phase (labels, render, each featureset).
+        sink: if given, receives each batch of masked tiles with its row indices (before rows are dropped).
 
     Returns:
         The task's data; features are the same on both paths (no feature store involved).
     """
+    clock = seconds if seconds is not None else {}
     source = ctx.labels
+    t0 = time.perf_counter()
     frames = [make_leakfree_labels(r, task, cfg.labels, source) for r in (*train_regions, region)]
     labels = pd.concat(frames, ignore_index=True)
+    clock["labels"] = clock.get("labels", 0.0) + time.perf_counter() - t0
     start = time.perf_counter()
-    feats = scene_featuresets(labels, task, cfg, ctx, encoder, peers)
-    seconds = time.perf_counter() - start
+    feats = scene_featuresets(labels, task, cfg, ctx, encoder, peers, clock, sink)
+    return finish_leakfree(task, region, train_regions, cfg, ctx, labels, feats, time.perf_counter() - start)
+
+
+def finish_leakfree(
+    task: str,
+    region: str,
+    train_regions: Sequence[str],
+    cfg: EvaluateConfig,
+    ctx: EvaluationContext,
+    labels: pd.DataFrame,
+    feats: dict[str, np.ndarray],
+    seconds_scenes: float,
+) -> TaskData:
+    """Rows lacking a featureset (or, in transfer, of a class never trained on) dropped, then folds and meta."""
+    source = ctx.labels
     ok = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in feats.values()])
     is_eval = (labels["region"] == region).to_numpy()
     if train_regions:  # a class never seen in the training regions cannot be predicted: not scored
@@ -180,17 +224,72 @@ def prepare_leakfree(
         "class_counts_tested": class_counts(labels.iloc[tested]),
         "class_counts_train_regions": class_counts(labels[~is_eval]) if train_regions else None,
         "feature_dims": {k: int(v.shape[1]) for k, v in feats.items()},
-        "seconds_scenes": round(seconds, 1),
+        "seconds_scenes": round(seconds_scenes, 1),
     }
     if task == "building_type":
         meta["building_coverage"] = {r: building_coverage(r, source) for r in (*train_regions, region)}
     return TaskData(labels, folds, feats, feats, np.asarray(blocks), meta)
 
 
+PeerFeatures = dict[str, dict[str, np.ndarray]]  # peer → {label_id: (d,) vector}
+
+
+class CachedInputs(Protocol):
+    """A region's stored suite inputs (evaluation/suite_inputs.SuiteInputs), as run_suite reads them."""
+
+    region: str
+    peers_meta: dict[str, Any] | None
+
+    def leakfree(self, task: str, encoder: Encoder, phases: dict[str, float]) -> tuple[TaskData, BaselineFits]:
+        """The task's data with loc2vec encoded from the stored masked tiles, and its baselines' fits."""
+        ...
+
+    def consumer_peers(self, task: str) -> PeerFeatures:
+        """The srai peers of the consumer task's labels, by label_id."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """What the evaluation's meta records of its inputs."""
+        ...
+
+
+def consumer_peer_features(
+    task: str, region: str, train_regions: Sequence[str], cfg: EvaluateConfig, ctx: EvaluationContext, peers: Peers
+) -> PeerFeatures:
+    """The srai peers of every consumer label of a task (the regions' labels as prepare_task makes them), by
+    label_id: each label's plain scene (the consumer tasks are not masked), computed once for both paths."""
+    labels = pd.concat(
+        [make_labels(r, task, cfg.labels, ctx.labels) for r in (*train_regions, region)], ignore_index=True
+    )
+    out: PeerFeatures = {}
+    for name in PEERS:
+        if name in task_baselines(task, cfg):
+            x = peers.embed(name, labels)
+            x = drop_empty_columns(x) if name == "srai_contextual_counts" else x
+            out[name] = dict(zip(labels["label_id"].astype(str), x, strict=True))
+    return out
+
+
+def _peer_lookup(table: dict[str, np.ndarray]) -> Callable[[pd.DataFrame, Any, str], np.ndarray]:
+    def fn(points: pd.DataFrame, mode: Any, service: str) -> np.ndarray:
+        missing = [i for i in points["label_id"].astype(str) if i not in table]
+        if missing:
+            raise Loc2VecError(f"no srai peer features for labels {missing[:3]}: build the suite inputs again")
+        return np.stack([table[i] for i in points["label_id"].astype(str)])
+
+    return fn
+
+
 def prepare_consumer(
-    task: str, region: str, train_regions: Sequence[str], cfg: EvaluateConfig, ctx: EvaluationContext
+    task: str,
+    region: str,
+    train_regions: Sequence[str],
+    cfg: EvaluateConfig,
+    ctx: EvaluationContext,
+    peer_features: PeerFeatures | None = None,
 ) -> TaskData:
-    """A consumer task as `loc2vec evaluate` prepares it (Feast), with nearest_way added for transport."""
+    """A consumer task as `loc2vec evaluate` prepares it (Feast), with nearest_way added for transport, random_wide
+    on the cell tile, and the srai peers (`consumer_peer_features`) when they are baselines."""
     featurizer = Featurizer.default(cfg, ctx)
     featurizer.base["nearest_way"] = lambda points, mode, service: nearest_way(points, ctx.info, ctx.radius_m)
     wide = RandomWide(cfg.suite.random_wide_features, cfg.suite.random_wide_seed)
@@ -198,6 +297,11 @@ def prepare_consumer(
         points, lambda tiles: wide(tiles.numpy()), wide.n_features, ctx, cfg.batch_size
     )  # on the cell's tile, as random_encoder (the consumer tasks' loc2vec is the cell's published embedding)
     names = (REFERENCE, *task_baselines(task, cfg))
+    for name in PEERS:
+        if name in names:
+            if peer_features is None or name not in peer_features:
+                raise Loc2VecError(f"{name} needs the srai peers of the run")
+            featurizer.base[name] = _peer_lookup(peer_features[name])
     return prepare_task(
         task, region, list(train_regions) or None, cfg.model_copy(update={"featuresets": names}), featurizer, ctx
     )
@@ -214,6 +318,7 @@ def run_suite(
     train_regions: Sequence[str] = (),
     model: dict[str, str] | None = None,
     track: bool = True,
+    inputs: CachedInputs | None = None,
 ) -> dict[str, Any]:
     """Run a suite on a region; write the JSON and its chart (same stem, .png); log both to MLflow.
 
@@ -227,6 +332,8 @@ def run_suite(
         train_regions: train on these regions instead (transfer).
         model: what `encoder` is ({name, version} or {path}), recorded in meta.
         track: log to MLflow.
+        inputs: the region's suite inputs (evaluation/suite_inputs.SuiteInputs, opened for these params: labels,
+            masked tiles, baselines, their fits, the peers): only what depends on the model is computed here.
 
     Returns:
         The JSON written.
@@ -237,29 +344,47 @@ def run_suite(
     train_regions = [validate_region_name(r) for r in train_regions if r]
     if region in train_regions:
         raise ConfigError(f"--train-regions must not include the evaluated region {region!r}")
+    cached = inputs
+    if cached is not None and cached.region != region:
+        raise ConfigError(f"the suite inputs are {cached.region!r}'s, not {region!r}'s")
+    if cached is not None and train_regions:
+        raise ConfigError("--inputs are in-region suite inputs: not for a transfer run (--train-regions)")
     tasks: dict[str, Any] = {}
     metas: dict[str, Any] = {}
     peers = None
-    if any(p in cfg.suite.baselines for p in PEERS) and any(t in LEAKFREE_TASKS for t in SUITES[suite]):
+    if cached is None and any(p in cfg.suite.baselines for p in PEERS):
         require_srai()
         peers = Peers(cfg.suite, ctx.info, fit_regions_of(region, train_regions))
     for task in SUITES[suite]:
         start = time.perf_counter()
-        if task in LEAKFREE_TASKS:
-            if encoder is None:
-                raise Loc2VecError("the leak-free suite needs an encoder (--model DIR, or a registered champion)")
-            data = prepare_leakfree(task, region, train_regions, cfg, ctx, encoder, peers)
+        phases: dict[str, float] = {}
+        fits = None
+        if task in LEAKFREE_TASKS and encoder is None:
+            raise Loc2VecError("the leak-free suite needs an encoder (--model DIR, or a registered champion)")
+        if cached is not None and task in LEAKFREE_TASKS:
+            data, fits = cached.leakfree(task, encoder, phases)  # type: ignore[arg-type]
+        elif cached is not None:
+            data, fits = prepare_consumer(task, region, [], cfg, ctx, cached.consumer_peers(task)), None
+        elif task in LEAKFREE_TASKS:
+            data = prepare_leakfree(task, region, train_regions, cfg, ctx, encoder, peers, phases)
         else:
-            data = prepare_consumer(task, region, train_regions, cfg, ctx)
+            peer_features = consumer_peer_features(task, region, train_regions, cfg, ctx, peers) if peers else None
+            data = prepare_consumer(task, region, train_regions, cfg, ctx, peer_features)
+        phases["prepare"] = time.perf_counter() - start
         baselines = task_baselines(task, cfg)
-        table, preds, lift = score_added_value(data, [REFERENCE, *baselines], baselines, cfg, ctx.radius_m)
+        table, preds, lift = score_added_value(
+            data, [REFERENCE, *baselines], baselines, cfg, ctx.radius_m, fits=fits, seconds=phases
+        )
         tasks[task] = {**table, "lift": lift}
         meta = dict(data.meta)
+        t0 = time.perf_counter()
         if cfg.bootstrap:
             tested = np.concatenate([f.test for f in data.folds])
             y = data.labels["label"].to_numpy()[tested]
             meta["bootstrap"] = block_bootstrap(y, preds, data.blocks[tested], cfg.bootstrap, cfg.split.seed)
+        phases["bootstrap"] = time.perf_counter() - t0
         meta["seconds"] = round(time.perf_counter() - start, 1)
+        meta["seconds_phases"] = {k: round(v, 2) for k, v in phases.items()}
         metas[task] = meta
         log.info(
             "%s %s: loc2vec %.3f, best baseline %s, lift %+.3f %s (%.0f s)",
@@ -289,6 +414,10 @@ def run_suite(
             "seconds": peers.seconds,
             "config": {k: v for k, v in cfg.suite.model_dump(mode="json").items() if k.startswith(("peer", "hex2vec"))},
         }
+    if cached is not None:
+        result["meta"]["inputs"] = cached.summary()
+        if cached.peers_meta:
+            result["meta"]["peers"] = cached.peers_meta
     path = Path(out)
     write_text(path, json.dumps(result, indent=2) + "\n")
     from loc2vec.evaluation.chart import suite_chart

@@ -1,0 +1,276 @@
+"""The suite's model-independent inputs of a region, built once (the `suite_inputs@R` stage).
+
+Most of what the added-value suite (evaluation/suite.py) computes does not depend on the model measured:
+the leak-free labels, their masked tiles, every baseline (histogram, tag_counts, latlon, nearest_way,
+random_encoder, random_wide), the srai peers, and even the baselines' classifier fits and the choice of
+best_baseline on each fold (the folds are made from the labels alone). `build_suite_inputs` computes all of
+it for the in-region suite and stores it in a directory; `evaluate --suite … --inputs DIR` (the `evaluate@R`
+stage) then only encodes the stored masked tiles with the model and fits loc2vec and best_baseline+loc2vec.
+The scores are the same as the suite's without inputs on the same model (tests/test_suite.py checks it).
+
+Directory (written whole, then swapped in):
+
+* ``manifest.json`` – what the inputs were built from (``fingerprint``: params, the import's sha256, this
+  format's version; evaluate refuses inputs of other params), per-task meta and timings, the peers' meta;
+* ``<task>.labels.parquet``, ``<task>.features.npz`` (the baselines, rows aligned with the labels),
+  ``<task>.tiles.npz`` (the masked uint8 tiles, compressed), ``<task>.fits.json`` (`added_value.BaselineFits`)
+  for each leak-free task;
+* ``<task>.peers.npz`` for each consumer task: the srai peers of every consumer label (``label_id`` and one
+  matrix per peer; the consumer tasks' other featuresets come from Feast at evaluation, as without inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from loc2vec.core.atomic import swap_dir
+from loc2vec.core.config import EvaluateConfig, RenderConfig
+from loc2vec.core.errors import ConfigError, Loc2VecError
+from loc2vec.core.names import validate_region_name
+from loc2vec.evaluation.added_value import BaselineFits, baseline_fits
+from loc2vec.evaluation.context import EvaluationContext
+from loc2vec.evaluation.labels import TASKS
+from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, make_leakfree_labels
+from loc2vec.evaluation.peers import PEERS, Peers, check_sources, require_srai
+from loc2vec.evaluation.run import TaskData
+from loc2vec.evaluation.suite import (
+    PeerFeatures,
+    consumer_peer_features,
+    finish_leakfree,
+    scene_featuresets,
+    task_baselines,
+)
+from loc2vec.evaluation.tilefeatures import encoder_tiles
+from loc2vec.osm.db import require_import
+from loc2vec.training.model import Encoder
+
+log = logging.getLogger(__name__)
+
+INPUTS_VERSION = 1  # bump when what is stored, or how it is computed, changes
+MANIFEST = "manifest.json"
+
+
+def fingerprint(region: str, cfg: EvaluateConfig, ctx: EvaluationContext) -> dict[str, Any]:
+    """Everything the stored inputs depend on: the params that shape labels, scenes, folds and baseline fits,
+    the tile geometry, the architecture of random_encoder, and the imported extract."""
+    return {
+        "version": INPUTS_VERSION,
+        "region": region,
+        "import_sha256": require_import(region, ctx.info).sha256,
+        "labels": cfg.labels.model_dump(mode="json", exclude={"label_time"}),
+        "split": cfg.split.model_dump(mode="json"),
+        "suite": cfg.suite.model_dump(mode="json"),
+        "logreg_c": cfg.logreg_c,
+        "random_encoder_seed": cfg.random_encoder_seed,
+        "render": (ctx.render or RenderConfig()).model_dump(mode="json"),
+        "model": ctx.model.model_dump(mode="json"),
+        "radius_m": ctx.radius_m,
+    }
+
+
+def _digest(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_suite_inputs(region: str, out: Path, cfg: EvaluateConfig, ctx: EvaluationContext) -> dict[str, Any]:
+    """Build and store a region's suite inputs (in-region: blocked spatial CV); returns the manifest.
+
+    Args:
+        region: an ingested region.
+        out: the directory to write (replaced whole when finished).
+        cfg: params `evaluate` (labels, split, suite, logreg_c, random_encoder_seed).
+        ctx: the database and tile geometry (ctx.model: random_encoder's architecture).
+
+    Returns:
+        The manifest written.
+    """
+    from tqdm import tqdm
+
+    validate_region_name(region)
+    start = time.perf_counter()
+    fp = fingerprint(region, cfg, ctx)
+    peers = None
+    if any(p in cfg.suite.baselines for p in PEERS):
+        require_srai()
+        peers = Peers(cfg.suite, ctx.info, (region,))
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tasks: dict[str, Any] = {}
+    for task in tqdm((*LEAKFREE_TASKS, *TASKS), desc=f"suite inputs {region}", unit="task"):
+        t0 = time.perf_counter()
+        phases: dict[str, float] = {}
+        if task in LEAKFREE_TASKS:
+            tasks[task] = _leakfree_inputs(task, region, cfg, ctx, peers, tmp, phases)
+        elif peers is not None:
+            _consumer_inputs(task, region, cfg, ctx, peers, tmp, phases)
+            tasks[task] = {}
+        else:
+            tasks[task] = {}
+        tasks[task]["seconds"] = round(time.perf_counter() - t0, 1)
+        tasks[task]["seconds_phases"] = {k: round(v, 2) for k, v in phases.items()}
+        log.info("%s %s inputs: %.0f s %s", region, task, tasks[task]["seconds"], tasks[task]["seconds_phases"])
+    manifest: dict[str, Any] = {
+        "fingerprint": fp,
+        "digest": _digest(fp),
+        "tasks": tasks,
+        "peers": None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    if peers is not None:
+        manifest["peers"] = {
+            "fitted_on": list(peers.fit_regions),
+            "sources": check_sources([region], ctx.info),
+            "seconds": peers.seconds,
+            "config": {k: v for k, v in cfg.suite.model_dump(mode="json").items() if k.startswith(("peer", "hex2vec"))},
+        }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    swap_dir(tmp, out)
+    return manifest
+
+
+def _leakfree_inputs(
+    task: str,
+    region: str,
+    cfg: EvaluateConfig,
+    ctx: EvaluationContext,
+    peers: Peers | None,
+    tmp: Path,
+    phases: dict[str, float],
+) -> dict[str, Any]:
+    """One leak-free task's labels, masked tiles, baselines and baseline fits, written into `tmp`."""
+    t0 = time.perf_counter()
+    labels = make_leakfree_labels(region, task, cfg.labels, ctx.labels)
+    phases["labels"] = time.perf_counter() - t0
+    tiles: list[np.ndarray | None] = [None]
+
+    def keep(rows: np.ndarray, batch: np.ndarray) -> None:
+        if tiles[0] is None:
+            tiles[0] = np.zeros((len(labels), *batch.shape[1:]), dtype=np.uint8)
+        tiles[0][rows] = batch
+
+    start = time.perf_counter()
+    feats = scene_featuresets(labels, task, cfg, ctx, None, peers, phases, keep)
+    ok = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in feats.values()])
+    data = finish_leakfree(task, region, [], cfg, ctx, labels, feats, time.perf_counter() - start)
+    fits = baseline_fits(data, task_baselines(task, cfg), cfg, ctx.radius_m, phases)
+    t0 = time.perf_counter()
+    data.labels.to_parquet(tmp / f"{task}.labels.parquet", index=False)
+    np.savez(tmp / f"{task}.features.npz", **data.historical)
+    assert tiles[0] is not None
+    np.savez_compressed(tmp / f"{task}.tiles.npz", tiles=tiles[0][ok])
+    (tmp / f"{task}.fits.json").write_text(json.dumps(fits.to_json()) + "\n")
+    phases["write"] = time.perf_counter() - t0
+    return {"meta": data.meta, "tiles_bytes": (tmp / f"{task}.tiles.npz").stat().st_size}
+
+
+def _consumer_inputs(
+    task: str,
+    region: str,
+    cfg: EvaluateConfig,
+    ctx: EvaluationContext,
+    peers: Peers,
+    tmp: Path,
+    phases: dict[str, float],
+) -> None:
+    """The srai peers of a consumer task's labels, written into `tmp`."""
+    t0 = time.perf_counter()
+    table = consumer_peer_features(task, region, [], cfg, ctx, peers)
+    phases["srai_peers"] = time.perf_counter() - t0
+    arrays: dict[str, np.ndarray] = {}
+    for name, by_id in table.items():
+        arrays["label_id"] = np.asarray(list(by_id), dtype=str)
+        arrays[name] = np.stack(list(by_id.values()))
+    np.savez(tmp / f"{task}.peers.npz", **arrays)
+
+
+@dataclass
+class SuiteInputs:
+    """A region's stored suite inputs, opened for an evaluation with matching params."""
+
+    path: Path
+    region: str
+    manifest: dict[str, Any]
+    cfg: EvaluateConfig
+    ctx: EvaluationContext
+
+    @classmethod
+    def open(cls, path: Path, region: str, cfg: EvaluateConfig, ctx: EvaluationContext) -> SuiteInputs:
+        """Open `path`; a ConfigError if it is missing or was built for another region or other params."""
+        try:
+            manifest = json.loads((Path(path) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            raise ConfigError(
+                f"no suite inputs at {path}: build them with `loc2vec suite-inputs --region {region}`"
+                f" (`dvc repro suite_inputs@{region}`)"
+            ) from None
+        want, have = fingerprint(region, cfg, ctx), manifest.get("fingerprint", {})
+        differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if differ:
+            raise ConfigError(
+                f"the suite inputs at {path} were built with other {', '.join(differ)}: build them again"
+                f" (`loc2vec suite-inputs --region {region}`)"
+            )
+        return cls(Path(path), region, manifest, cfg, ctx)
+
+    @property
+    def peers_meta(self) -> dict[str, Any] | None:
+        """The peers' meta as the suite reports it (fitted_on, sources, seconds, config)."""
+        return self.manifest.get("peers")
+
+    def summary(self) -> dict[str, Any]:
+        """What the evaluation's meta records of its inputs."""
+        return {
+            "path": str(self.path),
+            "digest": self.manifest["digest"],
+            "seconds": self.manifest["seconds"],
+            "tasks": {t: {k: v for k, v in m.items() if k != "meta"} for t, m in self.manifest["tasks"].items()},
+        }
+
+    def leakfree(self, task: str, encoder: Encoder, phases: dict[str, float]) -> tuple[TaskData, BaselineFits]:
+        """A leak-free task's data with loc2vec encoded from the stored masked tiles, and its baselines' fits."""
+        if encoder.cfg.model_dump(mode="json") != self.manifest["fingerprint"]["model"]:
+            raise ConfigError(
+                "the model's architecture differs from params.model, which random_encoder in the suite inputs was"
+                " built with: run the suite without --inputs, or build them with this architecture"
+            )
+        t0 = time.perf_counter()
+        labels = pd.read_parquet(self.path / f"{task}.labels.parquet")
+        with np.load(self.path / f"{task}.features.npz") as npz:
+            feats = {k: npz[k] for k in npz.files}
+        with np.load(self.path / f"{task}.tiles.npz") as npz:
+            tiles = npz["tiles"]
+        fits = BaselineFits.from_json(json.loads((self.path / f"{task}.fits.json").read_text()))
+        phases["load_inputs"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        encode = encoder_tiles(encoder)
+        batch = self.cfg.suite.tile_batch
+        chunks = [encode(tiles[i : i + batch]) for i in range(0, len(tiles), batch)]
+        feats["loc2vec"] = np.concatenate(chunks).astype(float) if chunks else np.zeros((0, encoder.cfg.embedding_dim))
+        phases["loc2vec"] = time.perf_counter() - t0
+        stored = self.manifest["tasks"][task]["meta"]
+        data = finish_leakfree(task, self.region, [], self.cfg, self.ctx, labels, feats, stored["seconds_scenes"])
+        if data.meta["n_dropped_missing_features_or_class"]:
+            raise Loc2VecError(f"the model gives non-finite embeddings on {task} tiles")
+        data.meta = {**stored, "feature_dims": {**stored["feature_dims"], "loc2vec": int(feats["loc2vec"].shape[1])}}
+        return data, fits
+
+    def consumer_peers(self, task: str) -> PeerFeatures:
+        """The srai peers of a consumer task's labels, by label_id (empty without peers)."""
+        path = self.path / f"{task}.peers.npz"
+        if not path.is_file():
+            return {}
+        with np.load(path) as npz:
+            ids = [str(i) for i in npz["label_id"]]
+            return {name: dict(zip(ids, npz[name], strict=True)) for name in npz.files if name != "label_id"}
