@@ -176,7 +176,7 @@ def _canonical_pairs() -> Iterator[None]:
     import srai.embedders.hex2vec.embedder as module
     from srai.embedders.hex2vec.neighbour_dataset import NeighbourDataset
 
-    class Sorted(NeighbourDataset):  # type: ignore[misc, valid-type]
+    class Sorted(NeighbourDataset):
         def _build_lookup_tables(self, data: pd.DataFrame, neighbourhood: Any) -> None:
             super()._build_lookup_tables(data, neighbourhood)
             order = np.lexsort((self._positive_df_locs_lookup, self._anchor_df_locs_lookup))
@@ -184,11 +184,11 @@ def _canonical_pairs() -> Iterator[None]:
             self._positive_df_locs_lookup = self._positive_df_locs_lookup[order]
 
     original = module.NeighbourDataset
-    module.NeighbourDataset = Sorted
+    setattr(module, "NeighbourDataset", Sorted)  # noqa: B010  # a class attribute of srai's module, swapped back
     try:
         yield
     finally:
-        module.NeighbourDataset = original
+        setattr(module, "NeighbourDataset", original)  # noqa: B010
 
 
 @dataclass

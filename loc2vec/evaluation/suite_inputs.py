@@ -156,9 +156,10 @@ def _leakfree_inputs(
     tiles: list[np.ndarray | None] = [None]
 
     def keep(rows: np.ndarray, batch: np.ndarray) -> None:
-        if tiles[0] is None:
-            tiles[0] = np.zeros((len(labels), *batch.shape[1:]), dtype=np.uint8)
-        tiles[0][rows] = batch
+        buffer = tiles[0]
+        if buffer is None:
+            buffer = tiles[0] = np.zeros((len(labels), *batch.shape[1:]), dtype=np.uint8)
+        buffer[rows] = batch
 
     start = time.perf_counter()
     feats = scene_featuresets(labels, task, cfg, ctx, None, peers, phases, keep)
@@ -167,7 +168,8 @@ def _leakfree_inputs(
     fits = baseline_fits(data, task_baselines(task, cfg), cfg, ctx.radius_m, phases)
     t0 = time.perf_counter()
     data.labels.to_parquet(tmp / f"{task}.labels.parquet", index=False)
-    np.savez(tmp / f"{task}.features.npz", **data.historical)
+    historical: dict[str, Any] = dict(data.historical)  # (numpy's stubs read ** as its allow_pickle flag)
+    np.savez(tmp / f"{task}.features.npz", **historical)
     assert tiles[0] is not None
     np.savez_compressed(tmp / f"{task}.tiles.npz", tiles=tiles[0][ok])
     (tmp / f"{task}.fits.json").write_text(json.dumps(fits.to_json()) + "\n")
@@ -188,7 +190,7 @@ def _consumer_inputs(
     t0 = time.perf_counter()
     table = consumer_peer_features(task, region, [], cfg, ctx, peers)
     phases["srai_peers"] = time.perf_counter() - t0
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}  # (numpy's stubs read ** as its allow_pickle flag)
     for name, by_id in table.items():
         arrays["label_id"] = np.asarray(list(by_id), dtype=str)
         arrays[name] = np.stack(list(by_id.values()))
