@@ -23,7 +23,9 @@ SMALL = {
     },
     "split": {"block_m": 600.0, "folds": 3, "seed": 1},
     "bootstrap": 100,
-    "suite": {"random_wide_features": 64, "hgb_max_iter": 10, "inner_folds": 2},
+    # the srai peers at their cheapest that still exercises them: one ring of neighbours (each label's counts
+    # are still recomputed without its object) and one Hex2Vec epoch (still a fit: fit_hex2vec > 0, 50 dims)
+    "suite": {"random_wide_features": 64, "hgb_max_iter": 10, "inner_folds": 2, "peer_rings": 1, "hex2vec_epochs": 1},
 }  # fmt: skip
 
 
