@@ -96,25 +96,90 @@ def _check(model: Encoder, stride: int) -> None:
         raise ValueError(f"dense stride {stride} must divide the trunk's stride {block} (a power of two)")
 
 
-def _layer(m: nn.Module, x: torch.Tensor, spacing: int, step: int, stride: int) -> tuple[torch.Tensor, int, int]:
-    """One trunk module over a map whose grid positions are `spacing` px apart, sampled every `step` px."""
-    if isinstance(m, nn.Dropout2d):
-        return x, spacing, step  # the identity in eval mode
-    if isinstance(m, nn.Conv2d):
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) of an eval-mode BatchNorm with running statistics, or None if it has none."""
+    if bn.running_mean is None or bn.running_var is None:
+        return None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _plan(model: Encoder) -> list[tuple[nn.Module, torch.Tensor | None, torch.Tensor | None]]:
+    """The trunk's modules in order, each conv with its weight in channels_last (prepared once per call, not per
+    window) and, when it is followed by max-pool → BatchNorm with positive scales, that BatchNorm folded into
+    it (w·a, b·a + shift: a positive per-channel affine map commutes with the max, so the pool then the
+    BatchNorm equal the pool of the folded conv up to float rounding; a pass over each map saved). A
+    BatchNorm with a scale ≤ 0 stays where it is (the max does not commute with it)."""
+    mods = [m for m in model.features if not isinstance(m, nn.Dropout2d)]  # the identity in eval mode
+    plan: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor | None]] = []
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if not isinstance(m, nn.Conv2d):
+            plan.append((m, None, None))
+            i += 1
+            continue
         if m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1:
             raise ValueError(f"unsupported conv for the dense path: {m}")
+        weight, bias = m.weight.detach(), None if m.bias is None else m.bias.detach()
+        nxt = mods[i + 1 : i + 3]
+        affine = (
+            _bn_affine(nxt[1])
+            if len(nxt) == 2 and isinstance(nxt[0], nn.MaxPool2d) and isinstance(nxt[1], nn.BatchNorm2d)
+            else None
+        )
+        if affine is not None and bool((affine[0] > 0).all()):
+            scale, shift = affine
+            weight = weight * scale[:, None, None, None]
+            bias = shift if bias is None else bias * scale + shift
+            plan += [(m, weight.contiguous(memory_format=torch.channels_last), bias), (nxt[0], None, None)]
+            i += 3
+            continue
+        plan.append((m, weight.contiguous(memory_format=torch.channels_last), bias))
+        i += 1
+    return plan
+
+
+def _max2(x: torch.Tensor, d: int, stride: int) -> torch.Tensor:
+    """The 2×2 max over taps `d` apart of a channels_last map, sampled every `stride` (1 or 2) positions: the
+    maxima of four strided views (exact; measured 1.6× faster than max_pool2d on a 16-channel map, slower from
+    32 channels on)."""
+    h, w = x.shape[-2] - d, x.shape[-1] - d
+    if stride == 2:  # d == 1: max_pool2d's windows, floor mode
+        h, w = x.shape[-2] // 2 * 2 - 1, x.shape[-1] // 2 * 2 - 1
+    out = torch.maximum(x[..., 0:h:stride, 0:w:stride], x[..., 0:h:stride, d : d + w : stride])
+    torch.maximum(out, x[..., d : d + h : stride, 0:w:stride], out=out)
+    torch.maximum(out, x[..., d : d + h : stride, d : d + w : stride], out=out)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def _layer(
+    m: nn.Module,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    x: torch.Tensor,
+    spacing: int,
+    step: int,
+    stride: int,
+) -> tuple[torch.Tensor, int, int]:
+    """One trunk module over a map whose grid positions are `spacing` px apart, sampled every `step` px."""
+    if isinstance(m, nn.Conv2d):
         d = spacing // step
-        weight = m.weight.contiguous(memory_format=torch.channels_last)
         pad = (m.padding[0] * d, m.padding[1] * d) if isinstance(m.padding, tuple) else m.padding
-        return F.conv2d(x, weight, m.bias, padding=pad, dilation=d), spacing, step
+        return F.conv2d(x, weight, bias, padding=pad, dilation=d), spacing, step
     if isinstance(m, nn.MaxPool2d):
         if m.kernel_size not in (2, (2, 2)) or m.stride not in (2, (2, 2)) or m.padding not in (0, (0, 0)):
             raise ValueError(f"unsupported pool for the dense path: {m}")
-        if 2 * spacing <= stride:
-            return F.max_pool2d(x, 2), 2 * spacing, 2 * spacing
-        d = spacing // step  # a 2×2 max at stride 1 over taps d apart (max_pool2d with dilation: ~7× slower)
-        x = torch.maximum(x[..., :-d, :], x[..., d:, :])
-        return torch.maximum(x[..., :-d], x[..., d:]).contiguous(memory_format=torch.channels_last), 2 * spacing, step
+        if 2 * spacing <= stride:  # few channels: max_pool2d's channels_last kernel is slow on them
+            y = _max2(x, 1, 2) if x.shape[1] < 32 else F.max_pool2d(x, 2)
+            return y, 2 * spacing, 2 * spacing
+        # a 2×2 max at stride 1 over taps d apart (max_pool2d with dilation: ~7× slower)
+        return _max2(x, spacing // step, 1), 2 * spacing, step
     if isinstance(m, nn.LeakyReLU):
         return F.leaky_relu_(x, m.negative_slope), spacing, step
     if isinstance(m, nn.BatchNorm2d):
@@ -140,8 +205,8 @@ def dense_trunk(model: Encoder, x: torch.Tensor, stride: int) -> torch.Tensor:
     x = x.contiguous(memory_format=torch.channels_last)
     x = to_input(x) if x.dtype == torch.uint8 else x
     spacing, step = 1, 1  # px between the features' grid positions, and between their samples
-    for m in model.features:
-        x, spacing, step = _layer(m, x, spacing, step, stride)
+    for m, weight, bias in _plan(model):
+        x, spacing, step = _layer(m, weight, bias, x, spacing, step, stride)
     return x
 
 
@@ -152,6 +217,32 @@ def windows_at(fmap: torch.Tensor, rows: np.ndarray, cols: np.ndarray, taps: int
     c = torch.as_tensor(cols, dtype=torch.int64)[:, None] + offsets
     hwc = fmap.permute(1, 2, 0)  # a view: channels_last maps gather whole C-vectors
     return hwc[r[:, :, None], c[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _gather(flat: torch.Tensor, height: int, rows: np.ndarray, cols: np.ndarray, taps: int, step: int) -> torch.Tensor:
+    """(N, taps·taps·C) windows in (row, col, channel) order from the (H·W, C) positions of a channels_last map:
+    one `index_select` of whole C-vectors (measured faster than `windows_at`'s advanced indexing)."""
+    width = flat.shape[0] // height
+    off = torch.arange(taps, dtype=torch.int64) * step
+    r = torch.as_tensor(rows, dtype=torch.int64)[:, None, None] + off[:, None]
+    c = torch.as_tensor(cols, dtype=torch.int64)[:, None, None] + off[None, :]
+    if len(rows) and (int(r.min()) < 0 or int(c.min()) < 0 or int(r.max()) >= height or int(c.max()) >= width):
+        raise IndexError(f"a head window leaves the {height}×{width} trunk map")
+    return flat.index_select(0, (r * width + c).reshape(-1)).reshape(len(rows), -1)
+
+
+def _head(model: Encoder, win: torch.Tensor, channels: int, taps: int) -> torch.Tensor:
+    """The encoder's head on (N, taps·taps·C) windows in (row, col, channel) order: its first Linear's weight
+    is permuted to that order instead of each window to the flatten's (C, row, col), saving a copy."""
+    mods = list(model.head)
+    if len(mods) < 2 or not isinstance(mods[0], nn.Flatten) or not isinstance(mods[1], nn.Linear):
+        return model.head(win.reshape(len(win), taps, taps, channels).permute(0, 3, 1, 2))
+    lin = mods[1]
+    weight = lin.weight.reshape(lin.out_features, channels, taps, taps).permute(0, 2, 3, 1)
+    x = F.linear(win, weight.reshape(lin.out_features, -1), lin.bias)
+    for m in mods[2:]:
+        x = m(x)
+    return x
 
 
 def head_at(
@@ -169,14 +260,16 @@ def head_at(
     """
     _check(model, stride)
     taps, step = model.cfg.feature_size, block_px(model) // stride
+    channels, height = fmap.shape[0], fmap.shape[1]
+    flat = fmap.permute(1, 2, 0).reshape(-1, channels)  # a view of a channels_last map
     if frac is None:
-        return model.head(windows_at(fmap, rows, cols, taps, step))
-    fy, fx = (torch.as_tensor(f, dtype=fmap.dtype)[:, None, None, None] for f in frac)
-    win = windows_at(fmap, rows, cols, taps, step).mul((1 - fy) * (1 - fx))
-    win += windows_at(fmap, rows, cols + 1, taps, step).mul_((1 - fy) * fx)
-    win += windows_at(fmap, rows + 1, cols, taps, step).mul_(fy * (1 - fx))
-    win += windows_at(fmap, rows + 1, cols + 1, taps, step).mul_(fy * fx)
-    return model.head(win)
+        return _head(model, _gather(flat, height, rows, cols, taps, step), channels, taps)
+    fy, fx = (torch.as_tensor(f, dtype=fmap.dtype)[:, None] for f in frac)
+    win = _gather(flat, height, rows, cols, taps, step).mul_((1 - fy) * (1 - fx))
+    win.addcmul_(_gather(flat, height, rows, cols + 1, taps, step), (1 - fy) * fx)
+    win.addcmul_(_gather(flat, height, rows + 1, cols, taps, step), fy * (1 - fx))
+    win.addcmul_(_gather(flat, height, rows + 1, cols + 1, taps, step), fy * fx)
+    return _head(model, win, channels, taps)
 
 
 def tile_corners(index: MetatileIndex, lats: np.ndarray, lons: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,30 +295,52 @@ def tile_corners(index: MetatileIndex, lats: np.ndarray, lons: np.ndarray) -> tu
     return keys, aff[:, 0] - 0.5, aff[:, 3] - 0.5
 
 
-def _crop(array: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """array[y0:y1, x0:x1] of an (H, W, C) array, zeros where the range leaves it."""
-    out = np.zeros((y1 - y0, x1 - x0, array.shape[2]), dtype=array.dtype)
+def _window_input(array: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+    """The encoder's input over array[y0:y1, x0:x1] of an (H, W, C) uint8 metatile, zeros where the range leaves
+    it: (1, C, h, w) float32 in [0, 1] in channels_last memory, written in one pass (cast and ÷255 as
+    `to_input` computes it) instead of a uint8 crop, a float copy and a division over it."""
+    out = np.empty((y1 - y0, x1 - x0, array.shape[2]), dtype=np.float32)
     sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, array.shape[0]), max(x0, 0), min(x1, array.shape[1])
     if sy0 < sy1 and sx0 < sx1:
-        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = array[sy0:sy1, sx0:sx1]
-    return out
+        inner = out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+        np.divide(array[sy0:sy1, sx0:sx1], np.float32(255), out=inner, casting="unsafe")
+        out[: sy0 - y0], out[sy1 - y0 :] = 0, 0  # the halo beyond the metatile's edge
+        out[sy0 - y0 : sy1 - y0, : sx0 - x0], out[sy0 - y0 : sy1 - y0, sx1 - x0 :] = 0, 0
+    else:
+        out[:] = 0
+    return torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0)
 
 
-def _box_counts(window: np.ndarray, ys: np.ndarray, xs: np.ndarray, size: int) -> np.ndarray:
-    """(N, C) non-zero pixels per channel of the size×size boxes at (ys, xs) (ys ≥ 1) of an (H, W, C) uint8 window.
+def _box_counts(array: np.ndarray, ys: np.ndarray, xs: np.ndarray, size: int) -> np.ndarray:
+    """(N, C) non-zero pixels per channel of the size×size boxes at (ys, xs) of an (H, W, C) uint8 array (pixels
+    outside it count as zero).
 
-    Column prefix sums down the window (one contiguous row added at a time: numpy's and torch's cumsum over a
-    leading axis walk it element by element, ~4× slower here), then per box the difference of its bottom and
-    top prefix rows, summed over its `size` columns.
+    Column prefix sums over the rows and columns the boxes span, one row added at a time (numpy's and torch's
+    cumsum over a leading axis walk it element by element, ~4× slower here) with the non-zero test fused into
+    the addition, then per box the difference of its bottom and top prefix rows over its `size` columns (in
+    uint16: a column of a box holds ≤ size pixels), summed.
     """
-    if len(ys) and ys.min() < 1:
-        raise ValueError("a box touches the window's first row")
-    prefix = (window != 0).astype(np.uint16)  # a column of a window holds < 2^16 pixels
-    for i in range(1, prefix.shape[0]):
-        np.add(prefix[i], prefix[i - 1], out=prefix[i])
-    cols = xs[:, None] + np.arange(size)
-    bottom = prefix[(ys + size - 1)[:, None], cols].astype(np.int32)
-    return (bottom - prefix[(ys - 1)[:, None], cols]).sum(axis=1, dtype=np.int32)
+    n, channels = len(ys), array.shape[2]
+    if not n:
+        return np.zeros((0, channels), np.int32)
+    r0, r1 = max(int(ys.min()), 0), min(int(ys.max()) + size, array.shape[0])
+    c0, c1 = max(int(xs.min()), 0), min(int(xs.max()) + size, array.shape[1])
+    if r0 >= r1 or c0 >= c1:
+        return np.zeros((n, channels), np.int32)
+    prefix = np.empty((r1 - r0 + 1, c1 - c0, channels), dtype=np.uint16)  # a column holds < 2^16 pixels
+    prefix[0] = 0
+    for i in range(r1 - r0):
+        np.add(prefix[i], array[r0 + i, c0:c1] != 0, out=prefix[i + 1])
+    top = np.clip(ys - r0, 0, r1 - r0)[:, None]
+    bottom = np.clip(ys + size - r0, 0, r1 - r0)[:, None]
+    cols = xs[:, None] - c0 + np.arange(size)
+    inside = (cols >= 0) & (cols < c1 - c0)
+    if not inside.all():
+        cols = np.clip(cols, 0, c1 - c0 - 1)
+    diff = prefix[bottom, cols] - prefix[top, cols]
+    if not inside.all():
+        diff[~inside] = 0
+    return diff.sum(axis=1, dtype=np.int32)
 
 
 def _window_ids(positions: np.ndarray, per_window: int) -> np.ndarray:
@@ -267,11 +382,9 @@ def encode_metatile(
         y0, x0 = gy0 * s - block, gx0 * s - block
         y1 = (int(ay[sel].max()) + reach) * s + size + block
         x1 = (int(ax[sel].max()) + reach) * s + size + block
-        window = _crop(array, y0, y1, x0, x1)
-        counts[sel] = _box_counts(window, py[sel] - y0, px[sel] - x0, size)
-        x = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)  # channels_last memory
-        with torch.no_grad():
-            fmap = dense_trunk(model, x, s)[0]
+        counts[sel] = _box_counts(array, py[sel], px[sel], size)
+        with torch.inference_mode():
+            fmap = dense_trunk(model, _window_input(array, y0, y1, x0, x1), s)[0]
             rows, cols = ay[sel] - gy0 + block // s, ax[sel] - gx0 + block // s
             sub = None if frac is None else (frac[0][sel], frac[1][sel])
             emb[sel] = head_at(model, fmap, rows, cols, s, sub).float().numpy()
