@@ -204,7 +204,7 @@ def test_sqlite_rows_equal_feasts_own_write(tmp_path: Path, rebuild_index: bool,
 def test_ties_resolve_to_the_first_region_and_come_back() -> None:
     """Overlapping regions embedded with one model at one event time: the alphabetically first region's row is
     visible; the other's tied rows are hidden, and visible again once the winner is gone."""
-    from loc2vec.serving.offline import latest_per_cell, resolve_ties, split, with_hidden
+    from loc2vec.serving.offline import latest_of_sorted, latest_per_cell, resolve_ties, split, with_hidden
 
     ts = datetime(2026, 1, 1, tzinfo=UTC)
     cells = _cells(100)
@@ -218,6 +218,7 @@ def test_ties_resolve_to_the_first_region_and_come_back() -> None:
     assert losers[by_region["b"]].sum() == 20 and not losers[by_region["a"]].any()
     assert visible.num_rows == a.num_rows + b.num_rows - 20 + c.num_rows
     latest = latest_per_cell(visible.drop_columns(["_part"])).to_pandas().set_index("h3_cell")
+    assert latest_of_sorted(visible).equals(latest_per_cell(visible)), "visible rows come sorted: no second sort"
     assert (latest.loc[cells[50:], "region"] == "c").all()
     assert (latest.loc[cells[40:50], "region"] == "a").all(), "the tie goes to the first region"
     b_part, b_visible = with_hidden(parts[by_region["b"]][0], tables[by_region["b"]], losers[by_region["b"]])

@@ -268,6 +268,17 @@ def latest_per_cell(rows: pa.Table) -> pa.Table:
     return ordered.filter(pa.array(first))
 
 
+def latest_of_sorted(rows: pa.Table) -> pa.Table:
+    """`latest_per_cell` of rows already sorted by (h3_cell, event_timestamp) ascending and free of ties, as
+    `resolve_ties`' visible rows and any filter of them are: the last row of each cell, without sorting the
+    table again (a sort moves every column, embeddings included; measured the largest pyarrow cost of a full
+    publish). The same rows in the same order (cells ascending)."""
+    cell = rows.column("h3_cell").to_numpy(zero_copy_only=False)
+    last = np.ones(len(cell), dtype=bool)
+    last[:-1] = cell[:-1] != cell[1:]
+    return rows.filter(pa.array(last))
+
+
 def hidden_digest(cells: pa.Array) -> str:
     """A digest of the cells of tie-losing rows ("" when none)."""
     if len(cells) == 0:

@@ -18,6 +18,8 @@ Feast's `online_write_batch` with protos parsed from those bytes.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import operator
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -71,13 +73,23 @@ def _strings(column: pa.ChunkedArray | pa.Array) -> tuple[list[bytes], list[str]
     return out, texts
 
 
-def encode_features(view, table: pa.Table) -> dict[str, tuple[list[bytes], list[str] | None]]:
-    """Each feature of `view`: the serialized ValueProto of every row, and its text (string features)."""
+def encode_features(
+    view, table: pa.Table, cache: dict | None = None
+) -> dict[str, tuple[list[bytes], list[str] | None]]:
+    """Each feature of `view`: the serialized ValueProto of every row, and its text (string features).
+
+    `cache` (one dict for the views of one write, whose tables outlive it): a column of the same table
+    encoded for an earlier view is reused (publish writes the same newest rows to several views)."""
     import_feast()
     from feast.types import Array, Float32, String
 
+    cache = {} if cache is None else cache
     out: dict[str, tuple[list[bytes], list[str] | None]] = {}
     for field in view.features:
+        slot = ("feature", id(table), field.name, str(field.dtype))
+        if slot in cache:
+            out[field.name] = cache[slot]
+            continue
         column = table.column(field.name)
         if field.dtype == String:
             out[field.name] = _strings(column)
@@ -85,6 +97,7 @@ def encode_features(view, table: pa.Table) -> dict[str, tuple[list[bytes], list[
             out[field.name] = (_float_lists(column), None)
         else:
             raise TypeError(f"{view.name}.{field.name}: no encoder for {field.dtype}")
+        cache[slot] = out[field.name]
     return out
 
 
@@ -121,22 +134,32 @@ def _sqlite_fast(store) -> bool:
     )
 
 
-def write_view(store, view_name: str, table: pa.Table) -> int:
-    """Write `table`'s rows (one per cell) to a view's online table in one transaction; returns rows written."""
+def write_view(store, view_name: str, table: pa.Table, cache: dict | None = None) -> int:
+    """Write `table`'s rows (one per cell) to a view's online table in one transaction; returns rows written.
+
+    `cache`: one dict shared by the views of one publish (their tables alive meanwhile): what depends only on
+    the table (entity keys, encoded columns, timestamps, the key order) is computed once per table."""
     if table.num_rows == 0:
         return 0
+    cache = {} if cache is None else cache
     view = store.get_feature_view(view_name, allow_registry_cache=True)
-    features = encode_features(view, table)
-    keys = entity_keys(table.column(JOIN_KEY).to_pylist())
+    features = encode_features(view, table, cache)
+    slot = ("keys", id(table))
+    if slot not in cache:
+        cache[slot] = entity_keys(table.column(JOIN_KEY).to_pylist())
+    keys = cache[slot]
     source = view.batch_source
     created_column = source.created_timestamp_column  # as Feast: a created timestamp only when the source names one
     if _sqlite_fast(store):
-        event = _sqlite_values(_datetimes(table.column(source.timestamp_field), naive=True))
-        created = (
-            _sqlite_values(_datetimes(table.column(created_column), naive=True))
-            if created_column
-            else [None] * len(keys)
-        )
+
+        def sqlite_times(column: str) -> list[Any]:
+            slot = ("sqlite_times", id(table), column)
+            if slot not in cache:
+                cache[slot] = _sqlite_values(_datetimes(table.column(column), naive=True))
+            return cache[slot]
+
+        event = sqlite_times(source.timestamp_field)
+        created = sqlite_times(created_column) if created_column else [None] * len(keys)
         write_sqlite_view(store, view, keys, features, event, created)
     else:
         event = _datetimes(table.column(source.timestamp_field))
@@ -164,10 +187,13 @@ def write_sqlite_view(store, view, keys: list[bytes], features, event: list[Any]
         "created_ts = excluded.created_ts;"
     )
 
-    def rows():
-        for i, key in enumerate(keys):
-            for feature, (values, texts) in features.items():
-                yield key, feature, values[i], None if texts is None else texts[i], event[i], created[i]
+    # In the primary key's order (entity_key, feature_name; SQLite compares BLOBs and BINARY text as memcmp, as
+    # Python compares bytes): each insert lands next to the previous one in the table's key index instead of
+    # at a random page of it (measured on a full publish of 267,883 cells: see benchmarks/README.md, "publish").
+    # One executemany per feature over C-level zips of the reordered columns, not a Python generator per row.
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    pick = operator.itemgetter(*order) if len(order) > 1 else (lambda seq: tuple(seq[i] for i in order))
+    sorted_keys, sorted_event, sorted_created = pick(keys), pick(event), pick(created)
 
     conn.execute(f"PRAGMA cache_size = {-SQLITE_CACHE_KIB}")
     index = name + "_ek"  # Feast's secondary index on entity_key (the primary key already starts with it)
@@ -180,7 +206,20 @@ def write_sqlite_view(store, view, keys: list[bytes], features, event: list[Any]
     with conn:  # one transaction: readers see the index and the rows before or after, never in between
         if rebuild:  # many rows: maintaining it row by row costs more than building it once (measured ~25%)
             conn.execute(f'DROP INDEX "{index.replace(chr(34), chr(34) * 2)}"')
-        conn.executemany(sql, rows())
+        for feature in sorted(features):
+            values, texts = features[feature]
+            conn.executemany(
+                sql,
+                zip(
+                    sorted_keys,
+                    itertools.repeat(feature),
+                    pick(values),
+                    itertools.repeat(None) if texts is None else pick(texts),
+                    sorted_event,
+                    sorted_created,
+                    strict=False,  # the repeats are endless; the columns are the same length
+                ),
+            )
         if rebuild:
             conn.execute(f'CREATE INDEX "{index.replace(chr(34), chr(34) * 2)}" ON {quoted} (entity_key)')
 

@@ -89,7 +89,7 @@ from loc2vec.serving.offline import (
     PARTITION,
     OfflineLayout,
     Partition,
-    latest_per_cell,
+    latest_of_sorted,
     overlapping,
     resolve_ties,
     split,
@@ -453,7 +453,7 @@ def _rows_to_write(
     chosen = np.array([k in changed for k in keys] if changed is not None else [True] * len(keys), dtype=bool)
 
     def newest(rows: pa.Table) -> pa.Table:
-        latest = latest_per_cell(rows)
+        latest = latest_of_sorted(rows)  # rows: resolve_ties' visible ones or a filter of them (sorted)
         keep = chosen[latest.column("_part").to_numpy()] if latest.num_rows else np.zeros(0, bool)
         return latest.filter(pa.array(keep)).drop_columns(["_part"])
 
@@ -477,7 +477,8 @@ def _rows_to_write(
 
 def _write_online(store, rows: dict[str, pa.Table]) -> tuple[int, float]:
     t0 = time.perf_counter()
-    n = sum(online_write.write_view(store, view, table) for view, table in rows.items())
+    cache: dict = {}  # the views' tables are often one table (the newest rows): its keys and columns encoded once
+    n = sum(online_write.write_view(store, view, table, cache) for view, table in rows.items())
     return n, time.perf_counter() - t0
 
 
