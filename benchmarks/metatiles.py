@@ -7,8 +7,10 @@ project's data/metatiles/<region> if it is still raw. They are converted into a 
 
 * ``bytes``: on disk before (the .npy files) and after (the zarr arrays), and the ratio;
 * ``cutter``: `cut_tiles` on CPU over the same `n` random locations (uniform over the metatiles' cores,
-  random angles and shifts), in batches of 100 as training cuts them, each layout timed in two halves
-  interleaved with the others' so that a drifting load weighs on all; the tiles are compared bit for bit.
+  random angles and shifts), in batches of 100 as training cuts them; npy and zarr (both in memory) timed
+  in quarters ordered ABBA so that a drifting load weighs on both, zarr_windows after them (its full-size
+  arrays disturb what runs next); wall and CPU time (``cpu_s``, ``cpu_ratio``: less sensitive to other
+  processes on the cores) per layout; the tiles are compared bit for bit.
   ``zarr``: with params ``tiles.host_cache_mb`` (the region's metatiles fit: read whole once, then held);
   ``zarr_windows``: with a cache of a quarter of them, so most batches read only their tiles' windows;
 * ``read``: one whole metatile read (page-cache-warm .npy copied out of its memory map, against zarr
@@ -103,19 +105,29 @@ def run(project: Project, *, region: str | None = None, n: int | None = None) ->
         shift = params.augment.max_shift_m
         shifts = rng.uniform(-shift, shift, (n, 2))
         batches = [slice(i, min(n, i + BATCH)) for i in range(0, n, BATCH)]
-        halves = [batches[: len(batches) // 2], batches[len(batches) // 2 :]]
+        quarters = [batches[i * len(batches) // 4 : (i + 1) * len(batches) // 4] for i in range(4)]
         for index in layouts.values():  # warm: every metatile read once (page cache, LRU)
             for k in keys:
                 np.asarray(index.array(k))[::97, ::97].sum()
         seconds = dict.fromkeys(layouts, 0.0)
+        cpu = dict.fromkeys(layouts, 0.0)
         tiles: dict[str, list[torch.Tensor]] = {name: [] for name in layouts}
-        for half in (0, 1):
-            for name in list(layouts) if half == 0 else list(layouts)[::-1]:
-                t0 = time.perf_counter()
-                for b in halves[half]:
-                    cut = cut_tiles(layouts[name], lats[b], lons[b], angles[b], shifts[b], device="cpu")
-                    tiles[name].append(cut.clone())
-                seconds[name] += time.perf_counter() - t0
+
+        def timed(name: str, part: list[slice]) -> None:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for b in part:
+                cut = cut_tiles(layouts[name], lats[b], lons[b], angles[b], shifts[b], device="cpu")
+                tiles[name].append(cut.clone())
+            seconds[name] += time.perf_counter() - t0
+            cpu[name] += time.process_time() - c0
+
+        # the two in-memory layouts in quarters ordered ABBA (a drifting load weighs on both alike); the window
+        # path apart, after them: it allocates and faults a full-size array per metatile and batch, which
+        # disturbs whatever is timed next
+        for i, part in enumerate(quarters):
+            for name in ("npy", "zarr") if i % 3 == 0 else ("zarr", "npy"):
+                timed(name, part)
+        timed("zarr_windows", batches)
         same = all(
             torch.equal(a, b) and torch.equal(a, c)
             for a, b, c in zip(tiles["npy"], tiles["zarr"], tiles["zarr_windows"], strict=True)
@@ -141,6 +153,8 @@ def run(project: Project, *, region: str | None = None, n: int | None = None) ->
             "npy_tiles_per_s": round(n / seconds["npy"], 1),
             "zarr_tiles_per_s": round(n / seconds["zarr"], 1),
             "ratio": round(seconds["npy"] / seconds["zarr"], 3),
+            "cpu_s": {name: round(v, 2) for name, v in cpu.items()},
+            "cpu_ratio": round(cpu["npy"] / cpu["zarr"], 3),
             "host_cache_mb": spec.host_cache_mb,
             "zarr_windows_tiles_per_s": round(n / seconds["zarr_windows"], 1),
             "zarr_windows_cache_mb": quarter,
