@@ -255,12 +255,12 @@ def summarize(
         for name, tasks in metrics.items():
             for task_name, featuresets in tasks.items():
                 for fs, models in featuresets.items():
-                    if fs == "lift":  # the suite's lift of best_baseline+loc2vec over best_baseline, with its interval
+                    if fs.startswith("lift"):  # the suite's lift of best_baseline+loc2vec(_wide) over best_baseline
                         lifts = [
                             f"{_f(v.get('lift'))} {v.get('ci95')} over {v.get('best_baseline')}"
                             for v in (models.get("logreg", {}), models.get("hgb", {}))
                         ]
-                        md.append(f"| {name} | {task_name} | lift | {lifts[0]} | | {lifts[1]} | |")
+                        md.append(f"| {name} | {task_name} | {fs} | {lifts[0]} | | {lifts[1]} | |")
                         continue
                     lr, other = models.get("logreg", {}), models.get("hgb") or models.get("knn") or {}
                     md.append(

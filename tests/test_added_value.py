@@ -49,7 +49,8 @@ def cfg() -> EvaluateConfig:
 @pytest.mark.parametrize("kind", ["logreg", "hgb"])
 def test_planted_signal_lifts_above_zero(cfg: EvaluateConfig, kind: str) -> None:
     cfg = cfg.model_copy(update={"suite": cfg.suite.model_copy(update={"classifiers": (kind,)})})
-    table, _, lift = score_added_value(_task("planted"), ["loc2vec", "latlon", "weak"], ["latlon", "weak"], cfg, 100.0)
+    table, _, lifts = score_added_value(_task("planted"), ["loc2vec", "latlon", "weak"], ["latlon", "weak"], cfg, 100.0)
+    lift = lifts["lift"]
     assert lift[kind]["best_baseline"] == "weak" and set(lift[kind]["chosen_per_fold"]) == {"weak"}
     assert lift[kind]["ci95"][0] > 0, lift[kind]
     assert lift[kind]["lift"] == pytest.approx(table[BEST_PLUS][kind]["macro_f1"] - table[BEST][kind]["macro_f1"])
@@ -59,9 +60,9 @@ def test_planted_signal_lifts_above_zero(cfg: EvaluateConfig, kind: str) -> None
 @pytest.mark.parametrize("kind", ["logreg", "hgb"])
 def test_pure_noise_lift_interval_spans_zero(cfg: EvaluateConfig, kind: str) -> None:
     cfg = cfg.model_copy(update={"suite": cfg.suite.model_copy(update={"classifiers": (kind,)})})
-    _, _, lift = score_added_value(_task("noise"), ["loc2vec", "latlon", "weak"], ["latlon", "weak"], cfg, 100.0)
-    low, high = lift[kind]["ci95"]
-    assert low < 0 < high, lift[kind]
+    _, _, lifts = score_added_value(_task("noise"), ["loc2vec", "latlon", "weak"], ["latlon", "weak"], cfg, 100.0)
+    low, high = lifts["lift"][kind]["ci95"]
+    assert low < 0 < high, lifts
 
 
 def test_paired_lift_of_identical_predictions_is_zero() -> None:
@@ -78,5 +79,6 @@ def test_tree_width_cap_never_drops_the_added_featureset(cfg: EvaluateConfig) ->
     data = _task("planted")
     wide = np.hstack([data.historical["weak"], np.random.default_rng(2).normal(0, 1, (N, 5))])  # 8 > 3 columns
     data.historical["weak"] = data.online["weak"] = wide
-    _, _, lift = score_added_value(data, ["loc2vec", "weak"], ["latlon", "weak"], cfg, 100.0)
+    _, _, lifts = score_added_value(data, ["loc2vec", "weak"], ["latlon", "weak"], cfg, 100.0)
+    lift = lifts["lift"]
     assert lift["hgb"]["best_baseline"] == "weak" and lift["hgb"]["ci95"][0] > 0, lift["hgb"]

@@ -112,3 +112,16 @@ def test_forward_traces_as_one_graph(encoder: Encoder) -> None:
     x = torch.rand(2, 12, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), encoder(x))
+
+
+def test_representation_is_forwards_pooled_trunk_output(encoder: Encoder) -> None:
+    """`representation` is exactly forward's own intermediate activation (what the dense head reads), pooled."""
+    encoder.eval()
+    seen: list[torch.Tensor] = []
+    hook = encoder.head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.rand(3, 12, 128, 128)
+    with torch.no_grad():
+        out, wide = encoder(x), encoder.representation(x)
+    hook.remove()
+    assert wide.shape == (3, encoder.cfg.nin_channels[-1]) and out.shape == (3, 16) and len(seen) == 1
+    assert torch.equal(wide, seen[0].mean(dim=(2, 3)))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loc2vec.core.config import ModelConfig
-from loc2vec.evaluation.added_value import BEST, BEST_PLUS
+from loc2vec.evaluation.added_value import BEST, BEST_PLUS, WIDE
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS
 
 from .fixtures.project import load_project
@@ -60,22 +60,29 @@ def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict)
     assert list(tasks) == list(LEAKFREE_TASKS)
     for task, table in tasks.items():
         expected = {"loc2vec", "latlon", "histogram", "tag_counts", "random_encoder", "random_wide", BEST, BEST_PLUS}
+        expected |= {WIDE, f"{BEST}+{WIDE}"}  # the encoder's wide representation, alone and added
         expected |= {"srai_contextual_counts", "srai_hex2vec"}  # the peers run inside the suite
         if task == "transport_context":
             expected.add("nearest_way")
-        assert set(table) == expected | {"lift"}, task
+        assert set(table) == expected | {"lift", f"lift_{WIDE}"}, task
         for name in expected:
             for kind in ("logreg", "hgb"):
                 assert 0.0 <= table[name][kind]["macro_f1"] <= 1.0
         for kind in ("logreg", "hgb"):
             lift = table["lift"][kind]
-            assert lift["best_baseline"] in expected - {"loc2vec", BEST, BEST_PLUS}
+            assert lift["best_baseline"] in expected - {"loc2vec", WIDE, BEST, BEST_PLUS, f"{BEST}+{WIDE}"}
             assert set(lift["chosen_per_fold"]) <= expected and len(lift["chosen_per_fold"]) == 3
             low, high = lift["ci95"]
             assert low <= lift["lift"] <= high
             assert lift["lift"] == pytest.approx(table[BEST_PLUS][kind]["macro_f1"] - table[BEST][kind]["macro_f1"])
+            wide = table[f"lift_{WIDE}"][kind]  # over the same fold's best_baseline
+            assert wide["chosen_per_fold"] == lift["chosen_per_fold"] and wide["ci95"][0] <= wide["lift"]
+            assert wide["lift"] == pytest.approx(
+                table[f"{BEST}+{WIDE}"][kind]["macro_f1"] - table[BEST][kind]["macro_f1"]
+            )
         meta = suite_result["meta"]["tasks"][task]
         assert meta["feature_dims"]["random_wide"] == 64 and meta["feature_dims"]["loc2vec"] == 16
+        assert meta["feature_dims"][WIDE] == ModelConfig().nin_channels[-1]
         assert meta["bootstrap"]["macro_f1_ci95"]["loc2vec"]["logreg"][0] <= table["loc2vec"]["logreg"]["macro_f1"]
     assert "nearest_way" not in tasks["venue_context"], "nearest_way is a transport baseline"
     peers = suite_result["meta"]["peers"]
@@ -105,7 +112,7 @@ def test_suite_writes_a_chart_and_logs_to_mlflow(suite_result: dict) -> None:
     assert runs, "the suite run is logged"
     run = runs[0]
     assert run.data.metrics["leakfree_score"] == pytest.approx(suite_result["meta"]["leakfree_score"])
-    assert "venue_context.lift.logreg" in run.data.metrics
+    assert "venue_context.lift.logreg" in run.data.metrics and f"venue_context.lift_{WIDE}.hgb" in run.data.metrics
     assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {out.name, png.name}
 
 
@@ -167,8 +174,8 @@ def test_suite_inputs_give_the_same_scores_as_the_suite_without_them(
     for task, table in suite_result["tasks"].items():
         for name, by_kind in table.items():
             for kind, value in by_kind.items():
-                if name == "lift":
-                    assert cached["tasks"][task]["lift"][kind] == value, (task, kind)
+                if name.startswith("lift"):
+                    assert cached["tasks"][task][name][kind] == value, (task, name, kind)
                 else:
                     assert cached["tasks"][task][name][kind]["macro_f1"] == value["macro_f1"], (task, name, kind)
         assert cached["meta"]["tasks"][task]["n_tested"] == suite_result["meta"]["tasks"][task]["n_tested"]

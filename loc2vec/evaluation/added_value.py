@@ -10,7 +10,10 @@ beats a baseline alone but whether adding it to the best cheap features helps. F
   the choice per fold;
 * ``best_baseline+loc2vec``: that fold's chosen baseline concatenated with loc2vec;
 * ``lift`` = macro-F1(best_baseline+loc2vec) − macro-F1(best_baseline), with a 95% interval from a
-  paired spatial block bootstrap (whole blocks resampled, both predictions scored on the same draw).
+  paired spatial block bootstrap (whole blocks resampled, both predictions scored on the same draw);
+* the same for any further featureset added to the same fold's best_baseline (``added``; the suite adds
+  ``loc2vec_wide``, the encoder's representation before its projection): ``best_baseline+<name>`` and
+  ``lift_<name>``.
 
 Classifiers: logistic regression and scikit-learn's HistGradientBoosting, each behind a StandardScaler
 fitted on the training rows of the fold only (the tree model does not need it; it is kept so both see
@@ -44,6 +47,12 @@ from loc2vec.evaluation.run import TaskData
 REFERENCE = "loc2vec"
 BEST = "best_baseline"
 BEST_PLUS = "best_baseline+loc2vec"
+WIDE = "loc2vec_wide"  # the same encoder's representation before its projection (Encoder.representation)
+
+
+def lift_key(added: str) -> str:
+    """The result key of the lift of best_baseline+`added`: ``lift`` for loc2vec, ``lift_<added>`` otherwise."""
+    return "lift" if added == REFERENCE else f"lift_{added}"
 
 
 def suite_classifier(kind: str, cfg: EvaluateConfig) -> Pipeline:
@@ -231,8 +240,9 @@ def score_added_value(
     reuse_fits: bool = True,
     fits: BaselineFits | None = None,
     seconds: dict | None = None,
+    added: Sequence[str] = (REFERENCE,),
 ) -> tuple[dict[str, Any], Predictions, dict[str, Any]]:
-    """Every featureset, best_baseline and best_baseline+loc2vec under each suite classifier, and the lift.
+    """Every featureset, best_baseline and best_baseline+X for each added X under each suite classifier, and the lifts.
 
     Args:
         data: labels, folds, features (historical: training rows; online: tested rows) and blocks.
@@ -246,19 +256,20 @@ def score_added_value(
         fits: the baselines' fits made beforehand on these very folds (`baseline_fits`): only loc2vec and
             best_baseline+loc2vec are fitted here.
         seconds: if given, adds the seconds of each featureset's fits (``fit_<name>``) and of the choice.
+        added: the featuresets each added to the fold's best_baseline (loc2vec first; the same choice for all).
 
     Returns:
         ({featureset: {classifier: {accuracy, macro_f1}}}, the tested rows' predictions,
-        {classifier: {"best_baseline": NAME, "lift": x, "ci95": [lo, hi], "chosen_per_fold": [...]}}).
+        {lift_key(X): {classifier: {"best_baseline": NAME, "lift": x, "ci95": [lo, hi], "chosen_per_fold": [...]}}}).
     """
-    missing = [b for b in (*featuresets, *((REFERENCE, *baselines) if lift else ())) if b not in data.historical]
+    missing = [b for b in (*featuresets, *((*added, *baselines) if lift else ())) if b not in data.historical]
     if missing:
         raise ConfigError(f"featuresets {missing} were not computed")
     y = data.labels["label"].to_numpy()
     tested = np.concatenate([f.test for f in data.folds])
     table: dict[str, Any] = {}
     preds: Predictions = {}
-    lifts: dict[str, Any] = {}
+    lifts: dict[str, Any] = {lift_key(a): {} for a in added} if lift else {}
 
     fold_preds: dict[tuple[str, str, int], np.ndarray] = {}  # (featureset, classifier, fold) → its test predictions
     if fits is not None:
@@ -306,29 +317,31 @@ def score_added_value(
         def best(f: Fold, chosen: dict[int, str] = chosen) -> tuple[np.ndarray, np.ndarray]:
             return alone(chosen[id(f)])(f)
 
-        def best_plus(f: Fold, chosen: dict[int, str] = chosen) -> tuple[np.ndarray, np.ndarray]:
+        def best_plus(f: Fold, extra: str, chosen: dict[int, str] = chosen) -> tuple[np.ndarray, np.ndarray]:
             b = chosen[id(f)]
             return (
-                np.hstack([cols(data.historical[b][f.train]), cols(data.historical[REFERENCE][f.train])]),
-                np.hstack([cols(data.online[b][f.test]), cols(data.online[REFERENCE][f.test])]),
+                np.hstack([cols(data.historical[b][f.train]), cols(data.historical[extra][f.train])]),
+                np.hstack([cols(data.online[b][f.test]), cols(data.online[extra][f.test])]),
             )
 
         reuse = (lambda i, kind=kind, chosen=chosen: (chosen[id(data.folds[i])], kind, i)) if reuse_fits else None
         pooled(BEST, kind, best, reuse=reuse)
-        pooled(BEST_PLUS, kind, best_plus)
         per_fold = [chosen[id(f)] for f in data.folds]
-        value, ci = paired_lift(
-            y[tested],
-            preds[(BEST_PLUS, kind)],
-            preds[(BEST, kind)],
-            data.blocks[tested],
-            max(cfg.bootstrap, 1),
-            cfg.split.seed,
-        )
-        lifts[kind] = {
-            "best_baseline": Counter(per_fold).most_common(1)[0][0],
-            "lift": value,
-            "ci95": ci,
-            "chosen_per_fold": per_fold,
-        }
+        for extra in added:
+            name = f"{BEST}+{extra}"
+            pooled(name, kind, lambda f, extra=extra: best_plus(f, extra))
+            value, ci = paired_lift(
+                y[tested],
+                preds[(name, kind)],
+                preds[(BEST, kind)],
+                data.blocks[tested],
+                max(cfg.bootstrap, 1),
+                cfg.split.seed,
+            )
+            lifts[lift_key(extra)][kind] = {
+                "best_baseline": Counter(per_fold).most_common(1)[0][0],
+                "lift": value,
+                "ci95": ci,
+                "chosen_per_fold": per_fold,
+            }
     return table, preds, lifts

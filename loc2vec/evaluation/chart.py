@@ -26,7 +26,7 @@ def suite_chart(result: dict[str, Any], out: Path) -> Path:
     tasks = result["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.6), squeeze=False, sharex=True)
     for ax, (task, table) in zip(axes[0], tasks.items(), strict=True):
-        names = [n for n in table if n != "lift"]
+        names = [n for n in table if not n.startswith("lift")]
         kinds = list(table[names[0]])
         ci = result["meta"]["tasks"][task].get("bootstrap", {}).get("macro_f1_ci95", {})
         height = 0.8 / len(kinds)
@@ -37,10 +37,12 @@ def suite_chart(result: dict[str, Any], out: Path) -> Path:
             ax.barh(np.arange(len(names)) + j * height, f1, height, xerr=err, label=kind, capsize=2)
         ax.set_yticks(np.arange(len(names)) + 0.4 - height / 2, names, fontsize=8)
         ax.invert_yaxis()
-        lift = table["lift"]
         note = "\n".join(
-            f"lift {k}: {v['lift']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] over {v['best_baseline']}"
-            for k, v in lift.items()
+            f"{key.replace('_', ' ')} {k}: {v['lift']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+            f" over {v['best_baseline']}"
+            for key in table
+            if key.startswith("lift")
+            for k, v in table[key].items()
         )
         ax.set_title(f"{task}\n{note}", fontsize=8)
         ax.set_xlabel("macro-F1")

@@ -4,7 +4,9 @@ Suites:
 
 * ``leakfree`` – venue_context, transport_context, building_type (evaluation/leakfree.py). Every
   featureset of a label comes from its masked scene (evaluation/scene.py): ``loc2vec`` (the given
-  encoder on the masked tile rendered at the point), ``histogram``, ``tag_counts`` (log1p),
+  encoder on the masked tile rendered at the point), ``loc2vec_wide`` (the same encoder's 32-D representation
+  before its projection, `Encoder.representation`, added to best_baseline like loc2vec: ``best_baseline+loc2vec_wide``
+  and ``lift_loc2vec_wide``), ``histogram``, ``tag_counts`` (log1p),
   ``random_encoder`` (the same architecture untrained, seeded), ``random_wide`` (evaluation/tilefeatures.py),
   ``latlon``, for transport_context ``nearest_way``, and the srai peers ``srai_contextual_counts`` and
   ``srai_hex2vec`` (evaluation/peers.py: fitted once per run on the training region(s), each label's object
@@ -24,7 +26,8 @@ the lift and its interval) under blocked spatial CV, or trained on ``train_regio
 region (transfer; ``suite.per_region_standardise`` z-scores each featureset within each region first).
 
 Output JSON: ``tasks.<task>.<featureset>.<classifier>.{accuracy, macro_f1}``,
-``tasks.<task>.lift.<classifier> = {best_baseline, lift, ci95, chosen_per_fold}``, and ``meta`` (per task:
+``tasks.<task>.lift.<classifier> = {best_baseline, lift, ci95, chosen_per_fold}`` (leak-free tasks also
+``lift_loc2vec_wide``: the consumer tasks read loc2vec from Feast, which publishes no wide view), and ``meta`` (per task:
 counts, folds, block-bootstrap intervals of every macro-F1, seconds; ``leakfree_score`` = mean loc2vec
 logreg macro-F1 over the leak-free tasks; ``consumer_lift`` = mean logreg lift over the consumer tasks).
 A PNG chart of macro-F1 per featureset with intervals is written beside it; both go to MLflow.
@@ -47,7 +50,7 @@ from loc2vec.core.config import SUITE_BASELINES, EvaluateConfig, ModelConfig, Re
 from loc2vec.core.errors import ConfigError, Loc2VecError
 from loc2vec.core.names import validate_region_name
 from loc2vec.core.tracking import setup_mlflow
-from loc2vec.evaluation.added_value import REFERENCE, BaselineFits, score_added_value
+from loc2vec.evaluation.added_value import REFERENCE, WIDE, BaselineFits, lift_key, score_added_value
 from loc2vec.evaluation.context import EvaluationContext
 from loc2vec.evaluation.cv import Fold, block_bootstrap, spatial_folds
 from loc2vec.evaluation.featuresets import Featurizer, cell_tile_features
@@ -102,10 +105,11 @@ def scene_featuresets(
     """
     s = cfg.suite
     clock = seconds if seconds is not None else {}
-    wanted = {REFERENCE, *task_baselines(task, cfg)}
+    wanted = {REFERENCE, WIDE, *task_baselines(task, cfg)}
     fns: dict[str, Callable[[np.ndarray], np.ndarray]] = {"histogram": histogram}
     if encoder is not None:
-        fns["loc2vec"] = encoder_tiles(encoder)
+        fns[REFERENCE] = encoder_tiles(encoder)
+        fns[WIDE] = encoder_tiles(encoder, wide=True)
     if "random_encoder" in wanted:
         fns["random_encoder"] = encoder_tiles(untrained_encoder(cfg_model(encoder, ctx), cfg.random_encoder_seed))
     if "random_wide" in wanted:
@@ -372,10 +376,12 @@ def run_suite(
             data = prepare_consumer(task, region, train_regions, cfg, ctx, peer_features)
         phases["prepare"] = time.perf_counter() - start
         baselines = task_baselines(task, cfg)
-        table, preds, lift = score_added_value(
-            data, [REFERENCE, *baselines], baselines, cfg, ctx.radius_m, fits=fits, seconds=phases
+        added = [a for a in (REFERENCE, WIDE) if a in data.historical]  # loc2vec_wide: the leak-free tasks
+        table, preds, lifts = score_added_value(
+            data, [*added, *baselines], baselines, cfg, ctx.radius_m, fits=fits, seconds=phases, added=added
         )
-        tasks[task] = {**table, "lift": lift}
+        tasks[task] = {**table, **lifts}
+        lift = lifts[lift_key(REFERENCE)]
         meta = dict(data.meta)
         t0 = time.perf_counter()
         if cfg.bootstrap:
@@ -446,9 +452,9 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
     for task, table in result["tasks"].items():
         for fs, by_kind in table.items():
             for kind, v in by_kind.items():
-                if fs == "lift":
-                    out[f"{task}.lift.{kind}"] = float(v["lift"])
-                    out[f"{task}.lift.{kind}.ci95_low"], out[f"{task}.lift.{kind}.ci95_high"] = map(float, v["ci95"])
+                if fs.startswith("lift"):  # lift (loc2vec's), lift_loc2vec_wide
+                    out[f"{task}.{fs}.{kind}"] = float(v["lift"])
+                    out[f"{task}.{fs}.{kind}.ci95_low"], out[f"{task}.{fs}.{kind}.ci95_high"] = map(float, v["ci95"])
                 else:
                     out[f"{task}.{fs.replace('+', '_plus_')}.{kind}.macro_f1"] = float(v["macro_f1"])
     for key in ("leakfree_score", "consumer_lift"):

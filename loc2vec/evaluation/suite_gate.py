@@ -105,7 +105,7 @@ def consumer_lifts(
             data.meta,
         )
         _, _, lift = score_added_value(view, [], baselines, cfg, ctx.radius_m)
-        out[key] = float(lift["logreg"]["lift"])
+        out[key] = float(lift["lift"]["logreg"]["lift"])
     return out
 
 

@@ -37,7 +37,7 @@ from loc2vec.core.atomic import swap_dir
 from loc2vec.core.config import EvaluateConfig, RenderConfig
 from loc2vec.core.errors import ConfigError, Loc2VecError
 from loc2vec.core.names import validate_region_name
-from loc2vec.evaluation.added_value import BaselineFits, baseline_fits
+from loc2vec.evaluation.added_value import REFERENCE, WIDE, BaselineFits, baseline_fits
 from loc2vec.evaluation.context import EvaluationContext
 from loc2vec.evaluation.labels import TASKS
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, make_leakfree_labels
@@ -255,17 +255,19 @@ class SuiteInputs:
             tiles = npz["tiles"]
         fits = BaselineFits.from_json(json.loads((self.path / f"{task}.fits.json").read_text()))
         phases["load_inputs"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        encode = encoder_tiles(encoder)
         batch = self.cfg.suite.tile_batch
-        chunks = [encode(tiles[i : i + batch]) for i in range(0, len(tiles), batch)]
-        feats["loc2vec"] = np.concatenate(chunks).astype(float) if chunks else np.zeros((0, encoder.cfg.embedding_dim))
-        phases["loc2vec"] = time.perf_counter() - t0
+        for name, wide in ((REFERENCE, False), (WIDE, True)):
+            t0 = time.perf_counter()
+            encode = encoder_tiles(encoder, wide)
+            chunks = [encode(tiles[i : i + batch]) for i in range(0, len(tiles), batch)]
+            feats[name] = np.concatenate(chunks).astype(float) if chunks else np.zeros((0, 1))
+            phases[name] = time.perf_counter() - t0
         stored = self.manifest["tasks"][task]["meta"]
         data = finish_leakfree(task, self.region, [], self.cfg, self.ctx, labels, feats, stored["seconds_scenes"])
         if data.meta["n_dropped_missing_features_or_class"]:
             raise Loc2VecError(f"the model gives non-finite embeddings on {task} tiles")
-        data.meta = {**stored, "feature_dims": {**stored["feature_dims"], "loc2vec": int(feats["loc2vec"].shape[1])}}
+        dims = {name: int(feats[name].shape[1]) for name in (REFERENCE, WIDE)}
+        data.meta = {**stored, "feature_dims": {**stored["feature_dims"], **dims}}
         return data, fits
 
     def consumer_peers(self, task: str) -> PeerFeatures:

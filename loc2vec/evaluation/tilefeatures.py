@@ -22,20 +22,22 @@ from loc2vec.training.model import Encoder, to_input
 TileFn = Callable[[np.ndarray], np.ndarray]
 
 
-def encoder_tiles(encoder: Encoder) -> TileFn:
+def encoder_tiles(encoder: Encoder, wide: bool = False) -> TileFn:
     """The encoder (eval mode) as a tile function: (b, 12, s, s) uint8 → (b, D) embeddings.
 
     Args:
         encoder: a trained (or seeded untrained) Encoder.
+        wide: its representation before the projection (`Encoder.representation`, ``loc2vec_wide``) instead.
 
     Returns:
         A function of a batch of tiles.
     """
     encoder = encoder.eval()
+    fn = encoder.representation if wide else encoder
 
     def run(tiles: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return encoder(to_input(torch.from_numpy(np.ascontiguousarray(tiles)))).float().numpy()
+            return fn(to_input(torch.from_numpy(np.ascontiguousarray(tiles)))).float().numpy()
 
     return run
 
