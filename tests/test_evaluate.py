@@ -335,16 +335,21 @@ def test_consumer_classifiers_train_historical_and_serve_online(published: str, 
 def test_consumer_suite_adds_nearest_way_and_the_lift(published: str, region: str, tmp_path: Path) -> None:
     """`evaluate --suite consumer`: the consumer tasks through Feast, nearest_way for transport, random_wide on the
     cell tiles, the srai peers (fitted on the region, each label's plain scene) as best_baseline candidates, the lift
-    rows."""
+    rows. The suite inputs' path (`suite-inputs --suite consumer`: labels, every baseline but Feast's loc2vec and
+    histogram, their fits and inner-CV scores stored) scores exactly the same, reading only Feast at evaluation."""
+    from loc2vec.core.errors import ConfigError
     from loc2vec.evaluation.added_value import BEST, BEST_PLUS
     from loc2vec.evaluation.suite import run_suite
+    from loc2vec.evaluation.suite_inputs import SuiteInputs, build_suite_inputs
 
     p = load_project()
+    ctx = evaluation_context(p)
     out = tmp_path / "consumer.json"
+    cheap = {"random_wide_features": 64, "hgb_max_iter": 10, "inner_folds": 2, "peer_rings": 1, "hex2vec_epochs": 1}
     cfg = p.params.evaluate.model_copy(
-        update={"bootstrap": 100, "suite": p.params.evaluate.suite.model_copy(update={"random_wide_features": 64})}
-    )
-    result = run_suite("consumer", region, out, cfg, evaluation_context(p), encoder=None, track=False)
+        update={"bootstrap": 100, "suite": p.params.evaluate.suite.model_copy(update=cheap)}
+    )  # test_suite.py's cheap suite: the peers and the tree fits at their cheapest that still exercises them
+    result = run_suite("consumer", region, out, cfg, ctx, encoder=None, track=False)
     tasks = result["tasks"]
     assert set(tasks) == {"transport", "venue"} and out.with_suffix(".png").is_file()
     base = {"loc2vec", "latlon", "histogram", "tag_counts", "random_encoder", "random_wide", BEST, BEST_PLUS, "lift"}
@@ -363,3 +368,26 @@ def test_consumer_suite_adds_nearest_way_and_the_lift(published: str, region: st
     assert result["meta"]["consumer_lift"] == pytest.approx(
         (tasks["transport"]["lift"]["logreg"]["lift"] + tasks["venue"]["lift"]["logreg"]["lift"]) / 2
     )
+
+    # the same through the suite inputs: only Feast's featuresets read, only theirs and loc2vec's fits made
+    inputs = tmp_path / "inputs"
+    manifest = build_suite_inputs(region, inputs, cfg, ctx, "consumer")
+    assert set(manifest["tasks"]) == {"transport", "venue"}
+    opened = SuiteInputs.open(inputs, region, cfg, ctx)
+    with pytest.raises(ConfigError, match="hold no venue_context.*--suite all"):
+        opened.require(["venue_context", "transport"])
+    cached = run_suite("consumer", region, tmp_path / "cached.json", cfg, ctx, encoder=None, track=False, inputs=opened)
+    for task, table in tasks.items():
+        assert set(cached["tasks"][task]) == set(table)
+        for name, by_kind in table.items():
+            for kind, value in by_kind.items():
+                if name == "lift":
+                    assert cached["tasks"][task]["lift"][kind] == value, (task, kind)
+                else:
+                    assert cached["tasks"][task][name][kind]["macro_f1"] == value["macro_f1"], (task, name, kind)
+        meta, cached_meta = result["meta"]["tasks"][task], cached["meta"]["tasks"][task]
+        assert cached_meta["n_tested"] == meta["n_tested"] and cached_meta["classes"] == meta["classes"]
+        stored = manifest["tasks"][task]["meta"]
+        assert stored["n_labels"] - stored["n_rows_fitted"] == meta["n_dropped_missing_features_or_class"]
+        assert cached_meta["baseline_fits"].startswith("stored"), "the rows Feast serves were known: no refit"
+    assert cached["meta"]["inputs"]["digest"] == manifest["digest"]

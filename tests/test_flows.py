@@ -483,7 +483,8 @@ def _dag_dot(regions: tuple[str, ...]) -> str:
     edges.append(("train", "promote"))
     for r in regions:
         edges += [("promote", f"embed@{r}"), (f"embed@{r}", f"publish@{r}"), (f"publish@{r}", f"evaluate@{r}")]
-        edges += [(f"ingest@{r}", f"suite_inputs@{r}"), (f"suite_inputs@{r}", f"evaluate@{r}")]
+        edges += [(f"ingest@{r}", f"suite_inputs@{r}"), (f"render@{r}", f"suite_inputs@{r}")]
+        edges += [(f"suite_inputs@{r}", f"evaluate@{r}")]
         edges += [(f"render@{r}", f"evaluate@{r}"), ("promote", f"evaluate@{r}")]
     lines = [f'"{n}";' for n in nodes] + [f'"{a}" -> "{b}";' for a, b in edges]
     return "strict digraph {\n" + "\n".join(lines) + "\n}\n"
@@ -534,6 +535,7 @@ def test_stage_graph_order_and_selection() -> None:
         "embed@b",
         "publish@a",
         "publish@b",
+        "suite_inputs@b",  # the consumer baselines' cell tiles come from render@b's metatiles
         "evaluate@a",
         "evaluate@b",
     ]

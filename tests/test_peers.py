@@ -16,7 +16,7 @@ from psycopg2 import sql
 
 from loc2vec.cli.project import Project
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, make_leakfree_labels
-from loc2vec.evaluation.peers import FOOTPRINT, PEERS, Peers, tag_filter
+from loc2vec.evaluation.peers import FOOTPRINT, PEERS, Peers, hidden_feature_ids, tag_filter
 from loc2vec.osm.db import cursor
 
 from .fixtures.project import evaluation_context
@@ -113,6 +113,12 @@ def test_peer_inputs_lose_exactly_the_label_object(peers: Peers, region: str, ta
         moved += not same
     if task != "transport_context":
         assert moved > 0, "Hex2Vec of a cell without the label's counted object differs"
+    else:  # srai's filter has no highway=* or railway=*: the hidden way is never among a peer's inputs, so the peers
+        # of the masked scene are those of the plain one (the consumer transport task's, on the same points)
+        assert "highway" not in tag_filter() and "railway" not in tag_filter()
+        features = peers.features(region)
+        assert not any(f in features.index for ids in hidden_feature_ids(labels) for f in ids)
+        assert np.array_equal(masked, unmasked) and np.array_equal(h_masked, h_unmasked)
 
 
 def test_hex2vec_is_fitted_once_on_the_training_region(peers: Peers) -> None:

@@ -80,7 +80,8 @@ def cmd_suite_inputs(args: argparse.Namespace, project: Project) -> int:
     params = project.params
     region = one_region(args.region, params)
     out = Path(args.out) if args.out else project.paths.suite_inputs(region)
-    manifest = build_suite_inputs(region, out, params.evaluate, EvaluationContext.from_params(params, project.info))
+    ctx = EvaluationContext.from_params(params, project.info)
+    manifest = build_suite_inputs(region, out, params.evaluate, ctx, args.suite)
     print(json.dumps({t: m["seconds"] for t, m in manifest["tasks"].items()} | {"seconds": manifest["seconds"]}))
     return 0
 
@@ -109,4 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--region", required=True, help="the region")
     s.add_argument("--out", help="the directory to write (default data/suite/REGION)")
+    s.add_argument(
+        "--suite",
+        choices=("leakfree", "consumer", "all"),
+        default="all",
+        help="the tasks whose inputs are built (default all; evaluate --inputs refuses a suite they lack)",
+    )
     s.set_defaults(func=cmd_suite_inputs)

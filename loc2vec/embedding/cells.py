@@ -111,3 +111,16 @@ def select_cells(
         raise EmbedError(f"{region}: no H3 cell centre at resolution {cfg.h3_resolution} lies on mapped land")
     log.info("%s: %d of %d H3 cells (res %d) on mapped land", region, len(cells), len(keep), cfg.h3_resolution)
     return cells, lats[keep], lons[keep]
+
+
+def embedded_mask(region: str, cells: list[str], resolution: int, radius_m: float, info: ConnInfo) -> np.ndarray:
+    """Which of `cells` `select_cells` embeds at this resolution (the same rule, asked of these cells only): what the
+    feature store serves for a region embedded with these settings, known without reading the store."""
+    radius = float(radius_m)
+    record = require_import(region, info)
+    candidates = set(land_cells(region, inner_bbox(record.bbox, radius), resolution, radius, 2**62, info))
+    mask = np.asarray([c in candidates for c in cells], dtype=bool)
+    if mask.any():
+        lats, lons = cell_centres([c for c, m in zip(cells, mask, strict=True) if m])
+        mask[mask] = on_mapped_land(region, lats, lons, radius, info)
+    return mask

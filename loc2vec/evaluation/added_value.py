@@ -94,6 +94,49 @@ def _row_bbox(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float, float, fl
     return float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max())
 
 
+def inner_scores(
+    data: TaskData, rows: np.ndarray, names: Sequence[str], kind: str, cfg: EvaluateConfig, radius_m: float
+) -> dict[str, float]:
+    """Each featureset's pooled macro-F1 in an inner spatial CV over `rows` (an outer fold's training rows only).
+
+    Args:
+        data: the task's labels and features.
+        rows: the outer fold's training rows.
+        names: the featuresets scored.
+        kind: the classifier.
+        cfg: params `evaluate` (split, suite.inner_folds).
+        radius_m: the tile radius (the inner folds' buffer, as the outer folds').
+
+    Returns:
+        {name: macro-F1}: a function of that featureset and the rows alone, so scores computed at different times
+        (the suite inputs' baselines, the published histogram at evaluation) choose as one call would.
+    """
+    sub = data.labels.iloc[rows].reset_index(drop=True)
+    lat, lon = sub["lat"].to_numpy(float), sub["lon"].to_numpy(float)
+    split = cfg.split.model_copy(update={"folds": cfg.suite.inner_folds, "seed": cfg.split.seed + 1})
+    inner = spatial_folds(sub, split, _row_bbox(lat, lon), radius_m)
+    y = sub["label"].to_numpy()
+    tested = np.concatenate([f.test for f in inner])
+    out: dict[str, float] = {}
+    for name in names:
+        x = data.historical[name][rows]
+        x = x[:, : cfg.suite.hgb_max_dims] if kind == "hgb" else x
+        pred = np.empty(len(y), dtype=object)
+        for f in inner:
+            pred[f.test] = _fit_predict(kind, cfg, x[f.train], y[f.train], x[f.test])
+        out[name] = float(scores(y[tested], pred[tested])["macro_f1"])
+    return out
+
+
+def pick_baseline(scores_by_name: dict[str, float], baselines: Sequence[str]) -> str:
+    """The baseline with the best inner-CV score; ties go to the earlier one in `baselines`."""
+    best, best_score = baselines[0], -1.0
+    for name in baselines:
+        if scores_by_name[name] > best_score + 1e-12:
+            best, best_score = name, scores_by_name[name]
+    return best
+
+
 def choose_baseline(
     data: TaskData, rows: np.ndarray, baselines: Sequence[str], kind: str, cfg: EvaluateConfig, radius_m: float
 ) -> str:
@@ -110,23 +153,7 @@ def choose_baseline(
     Returns:
         The chosen baseline's name.
     """
-    sub = data.labels.iloc[rows].reset_index(drop=True)
-    lat, lon = sub["lat"].to_numpy(float), sub["lon"].to_numpy(float)
-    split = cfg.split.model_copy(update={"folds": cfg.suite.inner_folds, "seed": cfg.split.seed + 1})
-    inner = spatial_folds(sub, split, _row_bbox(lat, lon), radius_m)
-    y = sub["label"].to_numpy()
-    best, best_score = baselines[0], -1.0
-    for name in baselines:
-        x = data.historical[name][rows]
-        x = x[:, : cfg.suite.hgb_max_dims] if kind == "hgb" else x
-        pred = np.empty(len(y), dtype=object)
-        tested = np.concatenate([f.test for f in inner])
-        for f in inner:
-            pred[f.test] = _fit_predict(kind, cfg, x[f.train], y[f.train], x[f.test])
-        score = scores(y[tested], pred[tested])["macro_f1"]
-        if score > best_score + 1e-12:
-            best, best_score = name, score
-    return best
+    return pick_baseline(inner_scores(data, rows, baselines, kind, cfg, radius_m), baselines)
 
 
 def paired_lift(
@@ -162,23 +189,25 @@ def paired_lift(
 @dataclass
 class BaselineFits:
     """What the baselines alone give on a task's folds, whatever the model: each baseline's test predictions per
-    (featureset, classifier, fold) and best_baseline's choice per classifier and fold. The suite's inputs stage
-    (evaluation/suite_inputs.py) computes them once per region; `score_added_value` then fits only loc2vec and
-    best_baseline+loc2vec.
+    (featureset, classifier, fold), its inner-CV score per (classifier, fold), and best_baseline's choice per
+    classifier and fold. The suite's inputs stage (evaluation/suite_inputs.py) computes them once per region;
+    `score_added_value` then fits only loc2vec and best_baseline+loc2vec. A baseline known only at evaluation (the
+    consumer tasks' published histogram) is added by `baseline_fits(..., start=)`, and the choice made again.
     """
 
     preds: dict[tuple[str, str, int], np.ndarray] = field(default_factory=dict)
     chosen: dict[str, list[str]] = field(default_factory=dict)  # classifier → the chosen baseline of each fold
     tested: list[int] = field(default_factory=list)  # test rows per fold: the fits belong to these folds only
+    inner: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # classifier → per fold {baseline: F1}
 
     def to_json(self) -> dict[str, Any]:
-        """JSON form (predictions as lists of class names)."""
+        """JSON form (predictions as lists of class names; scores as floats, which JSON round-trips exactly)."""
         preds: dict[str, dict[str, list[list[str]]]] = {}
         for (name, kind, i), p in sorted(self.preds.items()):
             folds = preds.setdefault(kind, {}).setdefault(name, [])
             assert len(folds) == i, "folds in order"
             folds.append([str(v) for v in p])
-        return {"tested": self.tested, "chosen": self.chosen, "preds": preds}
+        return {"tested": self.tested, "chosen": self.chosen, "inner": self.inner, "preds": preds}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BaselineFits:
@@ -189,7 +218,8 @@ class BaselineFits:
             for name, folds in by_name.items()
             for i, p in enumerate(folds)
         }
-        return cls(preds, {k: list(v) for k, v in data["chosen"].items()}, list(data["tested"]))
+        inner = {k: [dict(f) for f in v] for k, v in data.get("inner", {}).items()}
+        return cls(preds, {k: list(v) for k, v in data["chosen"].items()}, list(data["tested"]), inner)
 
 
 def _cut(kind: str, cfg: EvaluateConfig):
@@ -199,33 +229,55 @@ def _cut(kind: str, cfg: EvaluateConfig):
 
 
 def baseline_fits(
-    data: TaskData, baselines: Sequence[str], cfg: EvaluateConfig, radius_m: float, seconds: dict | None = None
+    data: TaskData,
+    baselines: Sequence[str],
+    cfg: EvaluateConfig,
+    radius_m: float,
+    seconds: dict | None = None,
+    start: BaselineFits | None = None,
 ) -> BaselineFits:
-    """Each baseline alone on every fold and the choice of best_baseline: the model-independent fits.
+    """Each baseline alone on every fold, its inner-CV scores, and the choice of best_baseline: the fits that do
+    not depend on the model.
 
     Args:
         data: labels, folds and the baselines' features.
-        baselines: the candidates for best_baseline (each also scored alone).
+        baselines: the candidates for best_baseline (each also scored alone), in order (ties: the earlier).
         cfg: params `evaluate`.
         radius_m: the tile radius (the inner folds' buffer).
         seconds: if given, adds the seconds of each baseline's fits (``fit_<name>``) and of the choice.
+        start: fits made beforehand on these very folds for some of the baselines (the suite inputs'): only the
+            others are fitted, then best_baseline is chosen among all of them.
 
     Returns:
         The fits, as `score_added_value` takes them.
     """
     clock = seconds if seconds is not None else {}
     y = data.labels["label"].to_numpy()
-    fits = BaselineFits(tested=[len(f.test) for f in data.folds])
+    tested = [len(f.test) for f in data.folds]
+    if start is not None and start.tested != tested:
+        raise Loc2VecError("the baselines' fits were made on other folds: build the suite inputs again")
+    fits = BaselineFits(
+        preds=dict(start.preds) if start else {},
+        tested=tested,
+        inner={k: [dict(f) for f in v] for k, v in start.inner.items()} if start else {},
+    )
     for kind in cfg.suite.classifiers:
         cols = _cut(kind, cfg)
         for name in baselines:
+            if all((name, kind, i) in fits.preds for i in range(len(data.folds))):
+                continue
             t0 = time.perf_counter()
             for i, fold in enumerate(data.folds):
                 x_train, x_test = cols(data.historical[name][fold.train]), cols(data.online[name][fold.test])
                 fits.preds[(name, kind, i)] = _fit_predict(kind, cfg, x_train, y[fold.train], x_test)
             clock[f"fit_{name}"] = clock.get(f"fit_{name}", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        fits.chosen[kind] = [choose_baseline(data, f.train, baselines, kind, cfg, radius_m) for f in data.folds]
+        per_fold = fits.inner.setdefault(kind, [{} for _ in data.folds])
+        for i, f in enumerate(data.folds):
+            todo = [b for b in baselines if b not in per_fold[i]]
+            if todo:
+                per_fold[i].update(inner_scores(data, f.train, todo, kind, cfg, radius_m))
+        fits.chosen[kind] = [pick_baseline(scored, baselines) for scored in per_fold]
         clock["choose_best_baseline"] = clock.get("choose_best_baseline", 0.0) + time.perf_counter() - t0
     return fits
 

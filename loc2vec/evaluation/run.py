@@ -66,20 +66,41 @@ def prepare_task(
     cfg: EvaluateConfig,
     featurizer: Featurizer,
     ctx: EvaluationContext,
+    labels: pd.DataFrame | None = None,
+    fixed: Mapping[str, np.ndarray] | None = None,
 ) -> TaskData:
-    """Labels → features (rows lacking any featureset are dropped) → folds → online features of test rows."""
+    """Labels → features (rows lacking any featureset are dropped) → folds → online features of test rows.
+
+    Args:
+        task: "transport" or "venue".
+        region: the evaluated region.
+        train_regions: train on these regions instead (transfer).
+        cfg: params `evaluate` (labels, split, featuresets).
+        featurizer: computes the featuresets.
+        ctx: the feature store and map data.
+        labels: the labels of the task (default: made here from the regions).
+        fixed: featuresets computed beforehand for `labels` (row-aligned), the same on both paths: functions of the
+            point alone (the suite inputs' stored baselines); the others are computed here, on both paths.
+
+    Returns:
+        The task's labels, folds and features.
+    """
     source = ctx.labels
-    labels = make_labels(region, task, cfg.labels, source)
-    if train_regions:
-        labels = pd.concat(
-            [*(make_labels(r, task, cfg.labels, source) for r in train_regions), labels], ignore_index=True
-        )
+    if labels is None:
+        labels = make_labels(region, task, cfg.labels, source)
+        if train_regions:
+            labels = pd.concat(
+                [*(make_labels(r, task, cfg.labels, source) for r in train_regions), labels], ignore_index=True
+            )
+    fixed = dict(fixed or {})
     service = SERVICES[task]
     names = list(cfg.featuresets)
+    computed = [n for n in names if n not in fixed]
     n_labels = len(labels)
 
     # the historical path tells which rows have every featureset (cells never embedded have none)
-    hist = featurizer.compute(labels, names, "historical", service)
+    hist = {**featurizer.compute(labels, computed, "historical", service), **fixed}
+    hist = {k: hist[k] for k in names}
     ok = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in hist.values()])
     is_eval = (labels["region"] == region).to_numpy()
     if train_regions:  # a class never seen in the training regions cannot be predicted: not scored
@@ -97,7 +118,8 @@ def prepare_task(
 
     tested = np.unique(np.concatenate([f.test for f in folds]))
     online = {k: np.full_like(v, np.nan) for k, v in hist.items()}
-    got = featurizer.compute(labels.iloc[tested], names, "online", service)
+    got = featurizer.compute(labels.iloc[tested], computed, "online", service)
+    got.update({k: hist[k][tested] for k in names if k in fixed})
     for k in names:
         online[k][tested] = got[k]
     skew = {k: float(np.max(np.abs(got[k] - hist[k][tested]), initial=0.0)) for k in names}

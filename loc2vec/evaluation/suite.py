@@ -17,9 +17,10 @@ Suites:
   (fitted as for the leak-free tasks, each label's plain scene: these tasks are not masked).
 * ``all`` – both.
 
-The model-independent part (labels, masked tiles, every baseline, the peers, the baselines' fits) can be
-built once per region (evaluation/suite_inputs.py, the ``suite_inputs@R`` stage) and passed as ``inputs``:
-the scores are the same (tests/test_suite.py).
+The model-independent part (labels, masked tiles, every baseline, the peers, the baselines' fits; for the
+consumer tasks all but what is read from the feature store, CONSUMER_FEAST) can be built once per region
+(evaluation/suite_inputs.py, the ``suite_inputs@R`` stage) and passed as ``inputs``: the scores are the same
+(tests/test_suite.py, tests/test_evaluate.py).
 
 Each task is scored by evaluation/added_value.py (every featureset, best_baseline, best_baseline+loc2vec,
 the lift and its interval) under blocked spatial CV, or trained on ``train_regions`` and tested on the
@@ -68,6 +69,9 @@ log = logging.getLogger(__name__)
 
 SUITES: dict[str, tuple[str, ...]] = {"leakfree": LEAKFREE_TASKS, "consumer": TASKS, "all": (*LEAKFREE_TASKS, *TASKS)}
 CONSUMER_BASELINES: tuple[str, ...] = SUITE_BASELINES
+CONSUMER_FEAST: tuple[str, ...] = (REFERENCE, "histogram")  # the consumer featuresets read from the feature store
+# (the published embedding and the tile histogram published with it); every other consumer baseline is a function of
+# the label point alone (PostGIS, the region's metatiles, the peers) and is stored in the suite inputs
 # srai_* (evaluation/peers.py): fitted on the training region(s); on the leak-free tasks computed on masked
 # scenes, on the consumer tasks (not masked: they are the leaky ones) on each label's plain scene
 
@@ -248,23 +252,36 @@ class CachedInputs(Protocol):
         """The task's data with loc2vec encoded from the stored masked tiles, and its baselines' fits."""
         ...
 
-    def consumer_peers(self, task: str) -> PeerFeatures:
-        """The srai peers of the consumer task's labels, by label_id."""
+    def consumer(self, task: str, phases: dict[str, float]) -> tuple[TaskData, BaselineFits | None]:
+        """The consumer task's data (stored labels and baselines, the published loc2vec and histogram read from
+        Feast) and its baselines' fits (None: the rows differ from the stored ones, every baseline is fitted)."""
         ...
 
     def summary(self) -> dict[str, Any]:
         """What the evaluation's meta records of its inputs."""
         ...
 
+    def require(self, tasks: Sequence[str]) -> None:
+        """A ConfigError naming the fix if the inputs lack any of the tasks."""
+        ...
+
 
 def consumer_peer_features(
-    task: str, region: str, train_regions: Sequence[str], cfg: EvaluateConfig, ctx: EvaluationContext, peers: Peers
+    task: str,
+    region: str,
+    train_regions: Sequence[str],
+    cfg: EvaluateConfig,
+    ctx: EvaluationContext,
+    peers: Peers,
+    labels: pd.DataFrame | None = None,
 ) -> PeerFeatures:
-    """The srai peers of every consumer label of a task (the regions' labels as prepare_task makes them), by
-    label_id: each label's plain scene (the consumer tasks are not masked), computed once for both paths."""
-    labels = pd.concat(
-        [make_labels(r, task, cfg.labels, ctx.labels) for r in (*train_regions, region)], ignore_index=True
-    )
+    """The srai peers of every consumer label of a task (the regions' labels as prepare_task makes them, unless
+    given), by label_id: each label's plain scene (the consumer tasks are not masked), computed once for both
+    paths."""
+    if labels is None:
+        labels = pd.concat(
+            [make_labels(r, task, cfg.labels, ctx.labels) for r in (*train_regions, region)], ignore_index=True
+        )
     out: PeerFeatures = {}
     for name in PEERS:
         if name in task_baselines(task, cfg):
@@ -284,6 +301,25 @@ def _peer_lookup(table: dict[str, np.ndarray]) -> Callable[[pd.DataFrame, Any, s
     return fn
 
 
+def consumer_featurizer(cfg: EvaluateConfig, ctx: EvaluationContext, peer_features: PeerFeatures | None) -> Featurizer:
+    """The consumer tasks' featuresets: `loc2vec evaluate`'s (Feast), nearest_way, random_wide on the cell tile,
+    and the srai peers looked up by label_id (`consumer_peer_features`) when given."""
+    featurizer = Featurizer.default(cfg, ctx)
+    featurizer.base["nearest_way"] = lambda points, mode, service: nearest_way(points, ctx.info, ctx.radius_m)
+    wide = RandomWide(cfg.suite.random_wide_features, cfg.suite.random_wide_seed)
+    featurizer.base["random_wide"] = lambda points, mode, service: cell_tile_features(
+        points, lambda tiles: wide(tiles.numpy()), wide.n_features, ctx, cfg.batch_size
+    )  # on the cell's tile, as random_encoder (the consumer tasks' loc2vec is the cell's published embedding)
+    for name, table in (peer_features or {}).items():
+        featurizer.base[name] = _peer_lookup(table)
+    return featurizer
+
+
+def consumer_cfg(task: str, cfg: EvaluateConfig) -> EvaluateConfig:
+    """params `evaluate` with the suite's featuresets of a consumer task (loc2vec and its baselines)."""
+    return cfg.model_copy(update={"featuresets": (REFERENCE, *task_baselines(task, cfg))})
+
+
 def prepare_consumer(
     task: str,
     region: str,
@@ -291,23 +327,20 @@ def prepare_consumer(
     cfg: EvaluateConfig,
     ctx: EvaluationContext,
     peer_features: PeerFeatures | None = None,
+    labels: pd.DataFrame | None = None,
+    fixed: dict[str, np.ndarray] | None = None,
 ) -> TaskData:
     """A consumer task as `loc2vec evaluate` prepares it (Feast), with nearest_way added for transport, random_wide
-    on the cell tile, and the srai peers (`consumer_peer_features`) when they are baselines."""
-    featurizer = Featurizer.default(cfg, ctx)
-    featurizer.base["nearest_way"] = lambda points, mode, service: nearest_way(points, ctx.info, ctx.radius_m)
-    wide = RandomWide(cfg.suite.random_wide_features, cfg.suite.random_wide_seed)
-    featurizer.base["random_wide"] = lambda points, mode, service: cell_tile_features(
-        points, lambda tiles: wide(tiles.numpy()), wide.n_features, ctx, cfg.batch_size
-    )  # on the cell's tile, as random_encoder (the consumer tasks' loc2vec is the cell's published embedding)
-    names = (REFERENCE, *task_baselines(task, cfg))
+    on the cell tile, and the srai peers (`consumer_peer_features`) when they are baselines.
+
+    With `labels` and `fixed` (the suite inputs: the labels and every baseline that is a function of the point
+    alone, stored), only the featuresets read from the feature store (CONSUMER_FEAST) are computed here."""
+    featurizer = consumer_featurizer(cfg, ctx, peer_features)
     for name in PEERS:
-        if name in names:
-            if peer_features is None or name not in peer_features:
-                raise Loc2VecError(f"{name} needs the srai peers of the run")
-            featurizer.base[name] = _peer_lookup(peer_features[name])
+        if name in task_baselines(task, cfg) and name not in featurizer.base and name not in (fixed or {}):
+            raise Loc2VecError(f"{name} needs the srai peers of the run")
     return prepare_task(
-        task, region, list(train_regions) or None, cfg.model_copy(update={"featuresets": names}), featurizer, ctx
+        task, region, list(train_regions) or None, consumer_cfg(task, cfg), featurizer, ctx, labels, fixed
     )
 
 
@@ -337,7 +370,8 @@ def run_suite(
         model: what `encoder` is ({name, version} or {path}), recorded in meta.
         track: log to MLflow.
         inputs: the region's suite inputs (evaluation/suite_inputs.SuiteInputs, opened for these params: labels,
-            masked tiles, baselines, their fits, the peers): only what depends on the model is computed here.
+            masked tiles, baselines, their fits, the peers): only what depends on the model (and, for the consumer
+            tasks, what is read from the feature store: loc2vec and the histogram) is computed here.
 
     Returns:
         The JSON written.
@@ -353,6 +387,8 @@ def run_suite(
         raise ConfigError(f"the suite inputs are {cached.region!r}'s, not {region!r}'s")
     if cached is not None and train_regions:
         raise ConfigError("--inputs are in-region suite inputs: not for a transfer run (--train-regions)")
+    if cached is not None:
+        cached.require(SUITES[suite])
     tasks: dict[str, Any] = {}
     metas: dict[str, Any] = {}
     peers = None
@@ -368,7 +404,7 @@ def run_suite(
         if cached is not None and task in LEAKFREE_TASKS:
             data, fits = cached.leakfree(task, encoder, phases)  # type: ignore[arg-type]
         elif cached is not None:
-            data, fits = prepare_consumer(task, region, [], cfg, ctx, cached.consumer_peers(task)), None
+            data, fits = cached.consumer(task, phases)
         elif task in LEAKFREE_TASKS:
             data = prepare_leakfree(task, region, train_regions, cfg, ctx, encoder, peers, phases)
         else:

@@ -15,17 +15,28 @@ Directory (written whole, then swapped in):
 * ``<task>.labels.parquet``, ``<task>.features.npz`` (the baselines, rows aligned with the labels),
   ``<task>.tiles.npz`` (the masked uint8 tiles, compressed), ``<task>.fits.json`` (`added_value.BaselineFits`)
   for each leak-free task;
-* ``<task>.peers.npz`` for each consumer task: the srai peers of every consumer label (``label_id`` and one
-  matrix per peer; the consumer tasks' other featuresets come from Feast at evaluation, as without inputs).
+* for each consumer task (transport, venue): ``<task>.labels.parquet`` (every label as `make_labels` makes it),
+  ``<task>.features.npz`` (every baseline that is a function of the label point alone: latlon, tag_counts,
+  random_encoder and random_wide on the cell's tile from the region's metatiles, nearest_way, the srai peers;
+  NaN rows kept; ``_fitted_rows``: the rows fitted on) and ``<task>.fits.json`` (those baselines' fits and inner-CV
+  scores on the folds of the rows that have them all and whose cell embed covers, by embed's own rule: the rows
+  evaluate keeps). What the consumer tasks read from the feature store (CONSUMER_FEAST: loc2vec, the published embedding,
+  and the tile histogram published with it) is read at evaluation, as without inputs; the histogram's fits are
+  made there and best_baseline chosen among all baselines from the stored inner-CV scores and the histogram's. If
+  the store serves other rows (embedded with other settings: the rows, hence the folds, differ from the stored
+  ones), every baseline is fitted again at evaluation from the stored features (a warning, and the JSON's meta says
+  so); the scores stay those of the run without inputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,16 +48,21 @@ from loc2vec.core.atomic import swap_dir
 from loc2vec.core.config import EvaluateConfig, RenderConfig
 from loc2vec.core.errors import ConfigError, Loc2VecError
 from loc2vec.core.names import validate_region_name
+from loc2vec.embedding.cells import embedded_mask
 from loc2vec.evaluation.added_value import REFERENCE, WIDE, BaselineFits, baseline_fits
+from loc2vec.evaluation.classifiers import SERVICES
 from loc2vec.evaluation.context import EvaluationContext
-from loc2vec.evaluation.labels import TASKS
+from loc2vec.evaluation.labels import make_labels
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, make_leakfree_labels
 from loc2vec.evaluation.peers import PEERS, Peers, check_sources, require_srai
-from loc2vec.evaluation.run import TaskData
+from loc2vec.evaluation.run import TaskData, prepare_task
 from loc2vec.evaluation.suite import (
-    PeerFeatures,
+    CONSUMER_FEAST,
+    SUITES,
+    consumer_featurizer,
     consumer_peer_features,
     finish_leakfree,
+    prepare_consumer,
     scene_featuresets,
     task_baselines,
 )
@@ -56,8 +72,10 @@ from loc2vec.training.model import Encoder
 
 log = logging.getLogger(__name__)
 
-INPUTS_VERSION = 1  # bump when what is stored, or how it is computed, changes
+INPUTS_VERSION = 2  # bump when what is stored, or how it is computed, changes
 MANIFEST = "manifest.json"
+SERVED = "_served"  # the inputs stage's stand-in for the feature store's rows: NaN where embed covers no cell
+FITTED_ROWS = "_fitted_rows"  # in a consumer task's features.npz: the rows its stored fits were made on
 
 
 def fingerprint(region: str, cfg: EvaluateConfig, ctx: EvaluationContext) -> dict[str, Any]:
@@ -75,6 +93,9 @@ def fingerprint(region: str, cfg: EvaluateConfig, ctx: EvaluationContext) -> dic
         "render": (ctx.render or RenderConfig()).model_dump(mode="json"),
         "model": ctx.model.model_dump(mode="json"),
         "radius_m": ctx.radius_m,
+        "h3_resolution": ctx.store.h3_resolution,  # the labels' cells (consumer: their cell tiles)
+        "metatiles": dataclasses.asdict(ctx.spec.grid),  # the consumer baselines' cell tiles
+        "batch_size": cfg.batch_size,  # random_encoder's batches on the cell tiles
     }
 
 
@@ -82,14 +103,17 @@ def _digest(fp: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_suite_inputs(region: str, out: Path, cfg: EvaluateConfig, ctx: EvaluationContext) -> dict[str, Any]:
+def build_suite_inputs(
+    region: str, out: Path, cfg: EvaluateConfig, ctx: EvaluationContext, suite: str = "all"
+) -> dict[str, Any]:
     """Build and store a region's suite inputs (in-region: blocked spatial CV); returns the manifest.
 
     Args:
         region: an ingested region.
         out: the directory to write (replaced whole when finished).
-        cfg: params `evaluate` (labels, split, suite, logreg_c, random_encoder_seed).
-        ctx: the database and tile geometry (ctx.model: random_encoder's architecture).
+        cfg: params `evaluate` (labels, split, suite, logreg_c, random_encoder_seed, batch_size).
+        ctx: the database, tile geometry and metatiles (ctx.model: random_encoder's architecture).
+        suite: the tasks to build ("leakfree", "consumer" or "all"; evaluate refuses a suite whose tasks are missing).
 
     Returns:
         The manifest written.
@@ -97,6 +121,8 @@ def build_suite_inputs(region: str, out: Path, cfg: EvaluateConfig, ctx: Evaluat
     from tqdm import tqdm
 
     validate_region_name(region)
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; suites are {', '.join(SUITES)}")
     start = time.perf_counter()
     fp = fingerprint(region, cfg, ctx)
     peers = None
@@ -108,22 +134,20 @@ def build_suite_inputs(region: str, out: Path, cfg: EvaluateConfig, ctx: Evaluat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tasks: dict[str, Any] = {}
-    for task in tqdm((*LEAKFREE_TASKS, *TASKS), desc=f"suite inputs {region}", unit="task"):
+    for task in tqdm(SUITES[suite], desc=f"suite inputs {region}", unit="task"):
         t0 = time.perf_counter()
         phases: dict[str, float] = {}
         if task in LEAKFREE_TASKS:
             tasks[task] = _leakfree_inputs(task, region, cfg, ctx, peers, tmp, phases)
-        elif peers is not None:
-            _consumer_inputs(task, region, cfg, ctx, peers, tmp, phases)
-            tasks[task] = {}
         else:
-            tasks[task] = {}
+            tasks[task] = _consumer_inputs(task, region, cfg, ctx, peers, tmp, phases)
         tasks[task]["seconds"] = round(time.perf_counter() - t0, 1)
         tasks[task]["seconds_phases"] = {k: round(v, 2) for k, v in phases.items()}
         log.info("%s %s inputs: %.0f s %s", region, task, tasks[task]["seconds"], tasks[task]["seconds_phases"])
     manifest: dict[str, Any] = {
         "fingerprint": fp,
         "digest": _digest(fp),
+        "suite": suite,
         "tasks": tasks,
         "peers": None,
         "seconds": round(time.perf_counter() - start, 1),
@@ -177,24 +201,68 @@ def _leakfree_inputs(
     return {"meta": data.meta, "tiles_bytes": (tmp / f"{task}.tiles.npz").stat().st_size}
 
 
+def stored_baselines(task: str, cfg: EvaluateConfig) -> list[str]:
+    """The consumer task's baselines stored in the inputs: all but those read from the feature store."""
+    return [b for b in task_baselines(task, cfg) if b not in CONSUMER_FEAST]
+
+
 def _consumer_inputs(
     task: str,
     region: str,
     cfg: EvaluateConfig,
     ctx: EvaluationContext,
-    peers: Peers,
+    peers: Peers | None,
     tmp: Path,
     phases: dict[str, float],
-) -> None:
-    """The srai peers of a consumer task's labels, written into `tmp`."""
+) -> dict[str, Any]:
+    """A consumer task's labels, stored baselines (the peers among them) and their fits, written into `tmp`.
+
+    The fits are made on the rows every stored baseline has, as if every label's cell were published (the label
+    points lie on mapped land, which embed covers); evaluation checks that the feature store drops none of them.
+    """
     t0 = time.perf_counter()
-    table = consumer_peer_features(task, region, [], cfg, ctx, peers)
-    phases["srai_peers"] = time.perf_counter() - t0
-    arrays: dict[str, Any] = {}  # (numpy's stubs read ** as its allow_pickle flag)
-    for name, by_id in table.items():
-        arrays["label_id"] = np.asarray(list(by_id), dtype=str)
-        arrays[name] = np.stack(list(by_id.values()))
-    np.savez(tmp / f"{task}.peers.npz", **arrays)
+    labels = make_labels(region, task, cfg.labels, ctx.labels)
+    phases["labels"] = time.perf_counter() - t0
+    names = stored_baselines(task, cfg)
+    peer_features = None
+    if any(p in names for p in PEERS):
+        if peers is None:
+            raise Loc2VecError("the srai peers are baselines but were not fitted")
+        t0 = time.perf_counter()
+        peer_features = consumer_peer_features(task, region, [], cfg, ctx, peers, labels)
+        phases["srai_peers"] = time.perf_counter() - t0
+    featurizer = consumer_featurizer(cfg, ctx, peer_features)
+    feats: dict[str, np.ndarray] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        feats.update(featurizer.compute(labels, [name], "historical", SERVICES[task]))
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+    # the rows evaluate will keep: those with every stored baseline whose cell embed covers (its own rule, asked of
+    # the labels' cells: the store serves loc2vec and the histogram there and nowhere else)
+    t0 = time.perf_counter()
+    cells = labels["h3_cell"].astype(str).tolist()
+    served = embedded_mask(region, cells, ctx.store.h3_resolution, ctx.radius_m, ctx.info)
+    phases["embedded_cells"] = time.perf_counter() - t0
+    data = prepare_task(
+        task,
+        region,
+        None,
+        cfg.model_copy(update={"featuresets": (*names, SERVED)}),
+        featurizer,
+        ctx,
+        labels,
+        {**feats, SERVED: np.where(served, 0.0, np.nan)[:, None]},
+    )
+    fits = baseline_fits(data, names, cfg, ctx.radius_m, phases)
+    t0 = time.perf_counter()
+    labels.to_parquet(tmp / f"{task}.labels.parquet", index=False)
+    fitted = labels["label_id"].isin(set(data.labels["label_id"])).to_numpy()
+    arrays: dict[str, Any] = {**feats, FITTED_ROWS: fitted}  # (numpy's stubs read ** as its allow_pickle flag)
+    np.savez(tmp / f"{task}.features.npz", **arrays)
+    (tmp / f"{task}.fits.json").write_text(json.dumps(fits.to_json()) + "\n")
+    phases["write"] = time.perf_counter() - t0
+    meta = {"n_labels": len(labels), "n_rows_fitted": int(fitted.sum()), "n_cells_not_embedded": int((~served).sum())}
+    return {"meta": {**meta, "stored": names}}
 
 
 @dataclass
@@ -270,11 +338,43 @@ class SuiteInputs:
         data.meta = {**stored, "feature_dims": {**stored["feature_dims"], **dims}}
         return data, fits
 
-    def consumer_peers(self, task: str) -> PeerFeatures:
-        """The srai peers of a consumer task's labels, by label_id (empty without peers)."""
-        path = self.path / f"{task}.peers.npz"
-        if not path.is_file():
-            return {}
-        with np.load(path) as npz:
-            ids = [str(i) for i in npz["label_id"]]
-            return {name: dict(zip(ids, npz[name], strict=True)) for name in npz.files if name != "label_id"}
+    def require(self, tasks: Sequence[str]) -> None:
+        """A ConfigError naming the fix if the inputs lack any of the tasks (built for another --suite)."""
+        missing = [t for t in tasks if t not in self.manifest["tasks"]]
+        if missing:
+            raise ConfigError(
+                f"the suite inputs at {self.path} hold no {', '.join(missing)} (built with --suite"
+                f" {self.manifest.get('suite', 'all')}): build them with `loc2vec suite-inputs --region {self.region}"
+                " --suite all`"
+            )
+
+    def consumer(self, task: str, phases: dict[str, float]) -> tuple[TaskData, BaselineFits | None]:
+        """A consumer task's data: the stored labels (observed now, as `make_labels` stamps them) and baselines,
+        loc2vec and the histogram read from the feature store; and the baselines' fits (None if the store lacks
+        some labels' cells: every baseline is then fitted in `score_added_value`)."""
+        t0 = time.perf_counter()
+        labels = pd.read_parquet(self.path / f"{task}.labels.parquet")
+        labels["event_timestamp"] = pd.Timestamp(self.cfg.labels.event_time())
+        with np.load(self.path / f"{task}.features.npz") as npz:
+            feats = {k: npz[k] for k in npz.files if k != FITTED_ROWS}
+            fitted = npz[FITTED_ROWS]
+        stored = BaselineFits.from_json(json.loads((self.path / f"{task}.fits.json").read_text()))
+        phases["load_inputs"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        data = prepare_consumer(task, self.region, [], self.cfg, self.ctx, labels=labels, fixed=feats)
+        phases["feature_store"] = time.perf_counter() - t0
+        expected = labels["label_id"].to_numpy()[fitted]
+        if not np.array_equal(data.labels["label_id"].to_numpy(), expected):
+            log.warning(
+                "%s %s: the feature store serves %d of the labels, the suite inputs expected %d: every baseline is"
+                " fitted again (embedded with other settings than these params'?)",
+                self.region,
+                task,
+                len(data.labels),
+                len(expected),
+            )
+            data.meta["baseline_fits"] = "fitted at evaluation (the feature store serves other rows than expected)"
+            return data, None
+        fits = baseline_fits(data, task_baselines(task, self.cfg), self.cfg, self.ctx.radius_m, phases, start=stored)
+        data.meta["baseline_fits"] = "stored (the feature store's featuresets fitted at evaluation)"
+        return data, fits
