@@ -26,9 +26,8 @@ pin_cpu_numerics(ComputeConfig())
 REPO = Path(__file__).resolve().parents[1]
 # Several suites can run side by side on one machine, each in its own database (e.g. LOC2VEC_TEST_DB=loc2vec_test2);
 # so do pytest-xdist's workers (`make test` runs two): each gets its own database, roles and project root.
-TEST_DB = os.environ.get("LOC2VEC_TEST_DB", "loc2vec_test") + (
-    f"_{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else ""
-)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEST_DB = os.environ.get("LOC2VEC_TEST_DB", "loc2vec_test") + (f"_{XDIST_WORKER}" if XDIST_WORKER else "")
 # Vaduz centre, Schaan and its railway station, and the Rhine on the Swiss border.
 TEST_BBOX = (9.485, 47.125, 9.545, 47.180)  # west, south, east, north
 TEST_REGION = "test_li"
@@ -37,26 +36,6 @@ VADUZ = (47.1410, 9.5209)
 MONACO_BBOX = (7.410, 43.722, 7.445, 43.750)
 MONACO_REGION = "test_mc"
 MONACO_INLAND_BBOX = (7.400, 43.752, 7.425, 43.768)  # the hills above Monaco, in France: no coastline
-
-
-# Modules whose tests share an expensive session fixture run on one xdist worker, so it is built once:
-# the trained encoder (tests/fixtures/trained.py) and the Prefect test server (tests/prefect_harness.py).
-SHARED_FIXTURE_GROUPS = {
-    "test_dense": "trained-encoder",
-    "test_explore": "trained-encoder",
-    "test_similar": "trained-encoder",
-    "test_fanout": "prefect-server",
-    "test_flows": "prefect-server",
-}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `--dist loadgroup`, keep each module on one worker (its module fixtures are built once) and
-    the modules of SHARED_FIXTURE_GROUPS together; without xdist the marker does nothing."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURE_GROUPS.get(module, module)))
 
 
 def _shared_pbf(name: str) -> Path:
@@ -76,6 +55,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from loc2vec.osm import cluster
 
     root = tmp_path_factory.mktemp("project")
+    # What xdist workers share (the trained encoder fixture): the session's base temp, above the workers' own.
+    base = tmp_path_factory.getbasetemp()
+    os.environ["LOC2VEC_TEST_SHARED_DIR"] = str(base.parent if XDIST_WORKER else base)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for spec in params["regions"]["registry"].values():
         if not spec["source"].startswith(("http://", "https://")):
