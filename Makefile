@@ -40,8 +40,12 @@ db: venv
 db-stop:
 	$(L2V) db stop
 
+# The suite in TEST_WORKERS pytest-xdist processes (whole test modules per worker, in order; each worker with its
+# own test database and project): in one process it kept about one of CI's two cores busy (subprocess start-up,
+# PostGIS, servers). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(TCMALLOC) $(VENV)/bin/pytest -q
+	$(TCMALLOC) $(VENV)/bin/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -24,8 +24,10 @@ from loc2vec.core.numerics import pin_cpu_numerics
 pin_cpu_numerics(ComputeConfig())
 
 REPO = Path(__file__).resolve().parents[1]
-# Several suites can run side by side on one machine, each in its own database (e.g. LOC2VEC_TEST_DB=loc2vec_test2).
-TEST_DB = os.environ.get("LOC2VEC_TEST_DB", "loc2vec_test")
+# Several suites can run side by side on one machine, each in its own database (e.g. LOC2VEC_TEST_DB=loc2vec_test2);
+# so do pytest-xdist's workers (`make test` runs two): each gets its own database, roles and project root.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEST_DB = os.environ.get("LOC2VEC_TEST_DB", "loc2vec_test") + (f"_{XDIST_WORKER}" if XDIST_WORKER else "")
 # Vaduz centre, Schaan and its railway station, and the Rhine on the Swiss border.
 TEST_BBOX = (9.485, 47.125, 9.545, 47.180)  # west, south, east, north
 TEST_REGION = "test_li"
@@ -53,6 +55,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from loc2vec.osm import cluster
 
     root = tmp_path_factory.mktemp("project")
+    # What xdist workers share (the trained encoder fixture): the session's base temp, above the workers' own.
+    base = tmp_path_factory.getbasetemp()
+    os.environ["LOC2VEC_TEST_SHARED_DIR"] = str(base.parent if XDIST_WORKER else base)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for spec in params["regions"]["registry"].values():
         if not spec["source"].startswith(("http://", "https://")):

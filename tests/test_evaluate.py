@@ -15,7 +15,7 @@ import pytest
 import yaml
 from psycopg2 import sql
 
-from .fixtures.project import embed, evaluation_context, load_project, publish
+from .fixtures.project import clear_published, embed, evaluation_context, load_project, publish
 
 SMALL = {
     "labels": {
@@ -255,13 +255,15 @@ def test_evaluation_core_without_feast(small: Path, region: str, tmp_path: Path)
 
 
 @pytest.fixture(scope="module")
-def published(small: Path, region: str) -> str:
+def published(small: Path, region: str, project: Path) -> Iterator[str]:
     """A real registered model version (seeded, untrained: the test is about the plumbing, not quality),
-    the test region embedded with it and published to Feast; returns the version."""
+    the test region embedded with it and published to a Feast store of its own (cleared before and after:
+    modules run in any order, on any xdist worker); returns the version."""
     import torch
     from mlflow import MlflowClient
 
     from loc2vec.core.tracking import setup_mlflow
+    from loc2vec.serving.store import forget_stores
     from loc2vec.training.model import Encoder
     from loc2vec.training.registry import CHAMPION
 
@@ -278,9 +280,13 @@ def published(small: Path, region: str) -> str:
         )
     version = str(info.registered_model_version)
     MlflowClient().set_registered_model_alias(TEST_MODEL, CHAMPION, version)
+    clear_published(project)
+    forget_stores()
     embed(region)
     publish([region])
-    return version
+    yield version
+    forget_stores()
+    clear_published(project)
 
 
 def test_evaluation_through_feast(published: str, region: str, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ import torch
 from psycopg2 import sql
 
 from .conftest import REPO, TEST_BBOX, cut_pbf
-from .fixtures.project import embed, ingest_region, load_project, publish, store_settings
+from .fixtures.project import clear_published, embed, ingest_region, load_project, publish, store_settings
 from .fixtures.registry import register_encoder
 from .fixtures.trained import patched_params
 
@@ -138,6 +138,8 @@ def world(project: Path, coast_region: str, small_pbf: Path, south_pbf: Path) ->
             "region": region,
         }
         forget_stores()
+        # leave no published data behind: another module's model would reuse these version numbers
+        clear_published(project)
 
 
 # ---------------------------------------------------------------- ingest
