@@ -217,8 +217,9 @@ def _consumer_inputs(
 ) -> dict[str, Any]:
     """A consumer task's labels, stored baselines (the peers among them) and their fits, written into `tmp`.
 
-    The fits are made on the rows every stored baseline has, as if every label's cell were published (the label
-    points lie on mapped land, which embed covers); evaluation checks that the feature store drops none of them.
+    The fits are made on the rows that have every stored baseline and whose cell embed covers (asked of embed's own
+    rule: the store serves loc2vec and the histogram there only); evaluation checks that the store serves exactly
+    those rows and refits every baseline if not.
     """
     t0 = time.perf_counter()
     labels = make_labels(region, task, cfg.labels, ctx.labels)
