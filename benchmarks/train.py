@@ -32,7 +32,7 @@ import torch
 from loc2vec.cli.project import Project
 from loc2vec.core.config import LossConfig, ModelConfig
 from loc2vec.core.numerics import ISA_ENV, THREAD_ENV
-from loc2vec.training.losses import build_loss
+from loc2vec.training.losses import NEGATIVE_FREE, build_loss
 from loc2vec.training.model import Encoder, count_parameters, to_input
 
 WARMUP_STEPS = 2
@@ -54,24 +54,35 @@ def _measure(
     channels_last: bool,
     bf16: bool,
     pairs: int = 1,
+    encode_negatives: bool = True,
 ) -> dict:
-    """Seconds and peak memory for `steps` timed training steps after WARMUP_STEPS; the weights' digest after."""
+    """Seconds and peak memory for `steps` timed training steps after WARMUP_STEPS; the weights' digest after.
+
+    Without `encode_negatives` (what the trainer does for a loss in losses.NEGATIVE_FREE) a step encodes the
+    anchors and positives only, and n is the positives rolled by one location (the trainer's stand-in).
+    """
     cuda = device.type == "cuda"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     with torch.random.fork_rng(devices=[device] if cuda else []):
         torch.manual_seed(0)
         model = Encoder(cfg).to(device, memory_format=fmt).train()
-        tiles = torch.randint(0, 256, (3 * batch, cfg.in_channels, cfg.input_size, cfg.input_size), dtype=torch.uint8)
+        n_tiles = (3 if encode_negatives else 2) * batch
+        tiles = torch.randint(0, 256, (n_tiles, cfg.in_channels, cfg.input_size, cfg.input_size), dtype=torch.uint8)
         tiles = tiles.to(device).contiguous(memory_format=fmt)
     torch.manual_seed(1)  # dropout masks
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = build_loss(loss_cfg)
     groups = (torch.arange(batch) // pairs).to(device)
+    stand_in = (torch.arange(batch) + pairs) % batch
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             emb = model(to_input(tiles))
-        a, p, n = emb.float().split(batch)
+        if encode_negatives:
+            a, p, n = emb.float().split(batch)
+        else:
+            a, p = emb.float().split(batch)
+            n = p.detach()[stand_in]
         loss = loss_fn(a, p, n, groups=groups)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,6 +133,8 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         "isa": compute.cpu_isa,
         "threads": compute.cpu_threads,
         "conv_channels": list(model.conv_channels),
+        "loss": project.params.loss.name,
+        "encode_negatives": project.params.loss.name not in NEGATIVE_FREE,
     }
     first8 = [8, *model.conv_channels[1:]]
     variants = [
@@ -132,6 +145,9 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         ("fp32 channels_last, first conv 8 wide", {"channels_last": True, "bf16": False, "conv_channels": first8}),
         ("fp32 channels_last, native ISA", {"channels_last": True, "bf16": False, "isa": "native"}),
         ("bf16 channels_last, native ISA", {"channels_last": True, "bf16": True, "isa": "native"}),
+        ("SoftPN (negatives encoded)", {"loss": "softpn", "encode_negatives": True}),
+        ("InfoNCE, negatives encoded", {"loss": "infonce", "encode_negatives": True}),
+        ("InfoNCE, negatives not encoded", {"loss": "infonce", "encode_negatives": False}),
     ]
     out, seen = [], set()
     for name, change in variants:
@@ -180,10 +196,11 @@ def child() -> None:
         spec["steps"],
         spec["batch"],
         model,
-        LossConfig(**spec["loss"]),
+        LossConfig(**spec["loss_cfg"]),
         channels_last=spec["channels_last"],
         bf16=spec["bf16"],
         pairs=spec["pairs"],
+        encode_negatives=spec["encode_negatives"],
     )
     result["threads_used"] = torch.get_num_threads()
     print(json.dumps(result))
@@ -192,14 +209,14 @@ def child() -> None:
 def run(project: Project, *, region: str | None = None, n: int | None = None) -> dict:
     """`n` timed steps (default 5) after 2 warm-up steps per setting; `region` is unused (tiles are synthetic).
 
-    Set LOC2VEC_BENCH_TRAIN_SETTINGS to a comma-separated list of setting names to measure only those.
+    Set LOC2VEC_BENCH_TRAIN_SETTINGS to setting names separated by ";" (names contain commas) to measure only those.
     """
     steps = n or 5
     shape = project.params.triplets
     batch = shape.locations_per_batch * shape.pairs_per_location
     cfg = project.params.model
     loss_cfg = project.params.loss
-    wanted = [s.strip() for s in os.environ.get("LOC2VEC_BENCH_TRAIN_SETTINGS", "").split(",") if s.strip()]
+    wanted = [s.strip() for s in os.environ.get("LOC2VEC_BENCH_TRAIN_SETTINGS", "").split(";") if s.strip()]
     settings = [s for s in cpu_settings(project) if not wanted or s["name"] in wanted or s["is_default"]]
     rows = []
     for setting in settings:
@@ -209,11 +226,11 @@ def run(project: Project, *, region: str | None = None, n: int | None = None) ->
             "batch": batch,
             "pairs": shape.pairs_per_location,
             "model": cfg.model_dump(mode="json"),
-            "loss": loss_cfg.model_dump(mode="json"),
+            "loss_cfg": {**loss_cfg.model_dump(mode="json"), "name": setting["loss"]},
         }
         env = _child_env(setting)
         first = _run_child(spec, env)
-        row = {**setting, **first}
+        row = {**setting, "tiles_per_step": (3 if setting["encode_negatives"] else 2) * batch, **first}
         if "error" not in first:
             # Determinism: the same seed and tiles in a second fresh process, compared after the same 3 steps.
             again = _run_child({**spec, "steps": 1}, env)
@@ -230,7 +247,7 @@ def run(project: Project, *, region: str | None = None, n: int | None = None) ->
     result: dict = {
         "device": "cpu",
         "batch_triplets": batch,
-        "tiles_per_step": 3 * batch,
+        "tiles_per_step": 3 * batch if loss_cfg.name not in NEGATIVE_FREE else 2 * batch,
         "steps": steps,
         "warmup_steps": WARMUP_STEPS,
         "loss": loss_cfg.name,

@@ -87,6 +87,51 @@ def test_channel_drop_switches_whole_channels_off() -> None:
     assert (per_channel.amax(dim=1) == 255).all(), "a tile never loses every channel"
 
 
+def test_negative_free_losses_encode_no_negatives() -> None:
+    """infonce and vicreg read no negatives, so the step encodes anchors and positives only (a third fewer tiles)
+    and takes another location's positive as n for the triplet metrics; the rest of the output is unchanged."""
+    from loc2vec.core.config import ModelConfig
+    from loc2vec.training.batches import TripletBatch, stand_in_negatives
+    from loc2vec.training.losses import LOSSES, NEGATIVE_FREE
+    from loc2vec.training.model import Encoder
+    from loc2vec.training.trainer import forward_triplets
+
+    class Counting(torch.nn.Module):  # the real encoder, counting the tiles it is given
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.tiles = Encoder(ModelConfig()).eval(), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.tiles += len(x)
+            return self.encoder(x)
+
+    gen = torch.Generator().manual_seed(0)
+    tiles = [torch.randint(0, 256, (6, 12, 128, 128), dtype=torch.uint8, generator=gen) for _ in range(3)]
+    location = torch.tensor([10, 10, 11, 11, 12, 12])  # L = 3 locations × P = 2 pairs, in runs
+    batch = TripletBatch(*tiles, location)
+    model, cpu = Counting(), torch.device("cpu")
+    with torch.no_grad():
+        full = forward_triplets(model, batch, cpu, channels_last=True)
+        assert model.tiles == 18
+        lean = forward_triplets(model, batch, cpu, channels_last=True, encode_negatives=False)
+        assert model.tiles == 18 + 12
+    index = stand_in_negatives(location)
+    assert index is not None and (location[index] != location).all()
+    torch.testing.assert_close(lean[0], full[0])
+    torch.testing.assert_close(lean[1], full[1])
+    torch.testing.assert_close(lean[2], full[1][index])
+    # one location alone has no other location's positive: the batch is encoded whole
+    single = TripletBatch(*tiles, torch.full((6,), 10))
+    assert stand_in_negatives(single.location) is None
+    with torch.no_grad():
+        lone = forward_triplets(model, single, cpu, channels_last=True, encode_negatives=False)
+    torch.testing.assert_close(lone[2], full[2])
+    # what makes skipping them safe: these losses do not change with n
+    a, p, n = (torch.randn(6, 16, generator=gen) for _ in range(3))
+    for name in sorted(NEGATIVE_FREE):
+        torch.testing.assert_close(LOSSES[name](a, p, n), LOSSES[name](a, p, torch.randn(6, 16, generator=gen)))
+
+
 def _run_fit(resume: bool) -> None:
     """`loc2vec train` in its own process, like the killed run: every run computes with the CPU numerics the
     command line pins (core/numerics.py), whatever earlier tests did to this process's torch state."""

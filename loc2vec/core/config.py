@@ -239,7 +239,7 @@ class ModelConfig(Section):
 class LossConfig(Section):
     """Each knob is used only by the losses that take it (training/losses.py)."""
 
-    name: Literal["softpn", "softmax_ratio", "triplet_margin", "contrastive", "infonce", "vicreg"] = "softpn"
+    name: Literal["softpn", "softmax_ratio", "triplet_margin", "contrastive", "infonce", "vicreg"] = "infonce"
     margin: float = 0.2
     mining: Literal["semi-hard", "hard", "none"] = "semi-hard"
     temperature: float = Field(0.1, gt=0)  # infonce: cosine similarities are divided by it
@@ -263,7 +263,7 @@ class TrainConfig(Section):
     min_lr_factor: float = Field(0.05, ge=0, le=1)  # cosine decays to lr·factor at max_steps
     warmup_steps: int = Field(20, ge=1)
     weight_decay: float = Field(0.0, ge=0)
-    max_steps: int = Field(600, ge=1)
+    max_steps: int = Field(500, ge=1)
     max_minutes: float = Field(0.0, ge=0)  # optional wall-clock cap; 0 = none (max_steps is the budget)
     val_every: int = Field(25, ge=1)
     val_batches: int = Field(10, ge=1)

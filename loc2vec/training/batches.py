@@ -62,6 +62,21 @@ class TripletBatch:
     location: torch.Tensor  # (B,) row of the anchor's location
 
 
+def stand_in_negatives(location: torch.Tensor) -> torch.Tensor | None:
+    """Row indices that give each row a positive of another location: the rows rolled by one location's run.
+
+    For the triplet metrics of a loss that reads no negatives (losses.NEGATIVE_FREE), so the batch's negative
+    tiles need not be encoded. Rows come in contiguous runs of one location (make_batch, and a DDP rank's slice
+    of it); None when there is only one location, or the runs are uneven, and no roll can give another one.
+    """
+    b = len(location)
+    changes = torch.nonzero(location != location[0])
+    if b == 0 or len(changes) == 0:
+        return None
+    index = (torch.arange(b) + int(changes[0])) % b
+    return index if bool((location[index] != location).all()) else None
+
+
 def drop_channels(tiles: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Switch off each channel of each tile with probability p (never all channels of a tile)."""
     if p <= 0:

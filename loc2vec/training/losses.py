@@ -236,6 +236,8 @@ LOSSES: dict[str, LossFn] = {
     "vicreg": vicreg_loss,
 }
 assert tuple(LOSSES) == LOSS_NAMES, "core.config.LOSS_NAMES must name exactly the losses defined here"
+# Losses that never read `n` (their docstrings say why): the trainer does not encode the batch's negatives for them.
+NEGATIVE_FREE: frozenset[str] = frozenset({"infonce", "vicreg"})
 
 
 def get_loss(name: str, **kwargs: object) -> LossFn:

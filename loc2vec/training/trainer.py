@@ -9,6 +9,9 @@
 * Early stopping on validation triplet accuracy — the fraction of val triplets with
   Δ(a,p) < min(Δ(a,n), Δ(p,n)) — over fixed val batches from spatially held-out locations
   (positives rotated and shifted; channel drop is for training only, as in the article).
+* A loss that reads no negatives (infonce, the default, and vicreg: losses.NEGATIVE_FREE) gets a step that encodes
+  anchors and positives only, 200 tiles instead of 300 with the default batch (`forward_triplets`); validation
+  still encodes the negatives, so early stopping follows the same triplet accuracy as before.
 * The step budget (max_steps) is sized so the cosine schedule completes; a wall-clock cap
   (max_minutes) is optional, because on a shared machine it would cut the schedule short.
 * Everything is tracked in MLflow (training/tracking.py). The loop is this module; what stops it
@@ -48,10 +51,10 @@ from loc2vec.core.paths import ProjectPaths
 from loc2vec.osm.db import ConnInfo
 from loc2vec.raster.metatiles import MetatileSpec
 from loc2vec.training import distributed as ddp
-from loc2vec.training.batches import TripletBatch, TripletBatches, TripletConfig
+from loc2vec.training.batches import TripletBatch, TripletBatches, TripletConfig, stand_in_negatives
 from loc2vec.training.checkpoint import Checkpointer
 from loc2vec.training.early_stopping import TrainState, record_budgets, record_validation
-from loc2vec.training.losses import build_loss, softpn_terms, triplet_accuracy
+from loc2vec.training.losses import NEGATIVE_FREE, build_loss, softpn_terms, triplet_accuracy
 from loc2vec.training.model import Encoder, to_input
 from loc2vec.training.outputs import write_outputs
 from loc2vec.training.sources import SourceSettings, build_source, load_samples
@@ -79,21 +82,34 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def forward_triplets(
-    model: torch.nn.Module, batch: TripletBatch, device: torch.device, channels_last: bool, cpu_bf16: bool = False
+    model: torch.nn.Module,
+    batch: TripletBatch,
+    device: torch.device,
+    channels_last: bool,
+    cpu_bf16: bool = False,
+    encode_negatives: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """One forward pass over anchors, positives and negatives together (shared BN statistics): the (a, p, n)
     embeddings.
 
+    With `encode_negatives` False (a loss that reads no negatives, losses.NEGATIVE_FREE) only anchors and positives
+    are encoded, a third fewer tiles, and n is another location's positive embedding (`stand_in_negatives`),
+    for the triplet metrics only; a batch where no row can have one is encoded whole.
     bf16 autocast on CUDA always, on the CPU when `cpu_bf16`; the embeddings come back as float32.
     """
-    x = torch.cat([batch.anchor, batch.positive, batch.negative]).to(device, non_blocking=True)
-    x = to_input(x)
+    stand_in = None if encode_negatives else stand_in_negatives(batch.location)
+    parts = [batch.anchor, batch.positive] if stand_in is not None else [batch.anchor, batch.positive, batch.negative]
+    x = to_input(torch.cat(parts).to(device, non_blocking=True))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     bf16 = device.type == "cuda" or cpu_bf16
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         emb = model(x)
-    return emb.float().split(len(batch.anchor))
+    out = emb.float().split(len(batch.anchor))
+    if stand_in is None:
+        return out
+    a, p = out
+    return a, p, p.detach()[stand_in.to(p.device)]
 
 
 def run_signature(regions: list[str], samples: pd.DataFrame, parts: dict[str, Any]) -> str:
@@ -337,7 +353,14 @@ class Trainer:
     ) -> dict[str, float]:
         """One optimisation step on a batch; returns its metrics (under DDP: the global batch's)."""
         model.train()
-        a, p, n = forward_triplets(step_model, batch, self.device, self.cfg.channels_last, self.cfg.cpu_bf16)
+        a, p, n = forward_triplets(
+            step_model,
+            batch,
+            self.device,
+            self.cfg.channels_last,
+            self.cfg.cpu_bf16,
+            encode_negatives=self.loss_cfg.name not in NEGATIVE_FREE,
+        )
         loss = loss_fn(a, p, n, groups=batch.location.to(self.device))
         optimizer.zero_grad(set_to_none=True)
         # under DDP, each rank's mean weighted by its share of the global batch (1.0 when even)
