@@ -397,3 +397,24 @@ def test_consumer_suite_adds_nearest_way_and_the_lift(published: str, region: st
         assert stored["n_labels"] - stored["n_rows_fitted"] == meta["n_dropped_missing_features_or_class"]
         assert cached_meta["baseline_fits"].startswith("stored"), "the rows Feast serves were known: no refit"
     assert cached["meta"]["inputs"]["digest"] == manifest["digest"]
+
+    # Feast serving other rows than the inputs expect (here the inputs say one transport row fewer was fitted, as if
+    # embed had covered other cells): transport's baselines are all fitted again at evaluation, with the same scores
+    # as the suite computing everything itself; venue's stored fits still serve.
+    from loc2vec.evaluation.suite_inputs import FITTED_ROWS
+
+    npz_path = inputs / "transport.features.npz"
+    with np.load(npz_path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays[FITTED_ROWS][np.flatnonzero(arrays[FITTED_ROWS])[0]] = False
+    np.savez(npz_path, **arrays)
+    refit = run_suite("consumer", region, tmp_path / "refit.json", cfg, ctx, encoder=None, track=False, inputs=opened)
+    assert refit["meta"]["tasks"]["transport"]["baseline_fits"].startswith("fitted at evaluation")
+    assert refit["meta"]["tasks"]["venue"]["baseline_fits"].startswith("stored")
+    for task, table in tasks.items():
+        for name, by_kind in table.items():
+            for kind, value in by_kind.items():
+                got = refit["tasks"][task][name][kind]
+                assert (got if name == "lift" else got["macro_f1"]) == (
+                    value if name == "lift" else value["macro_f1"]
+                ), (task, name, kind)
