@@ -82,3 +82,19 @@ def test_tree_width_cap_never_drops_the_added_featureset(cfg: EvaluateConfig) ->
     _, _, lifts = score_added_value(data, ["loc2vec", "weak"], ["latlon", "weak"], cfg, 100.0)
     lift = lifts["lift"]
     assert lift["hgb"]["best_baseline"] == "weak" and lift["hgb"]["ci95"][0] > 0, lift["hgb"]
+
+
+def test_fits_spread_over_worker_processes_score_as_in_one(cfg: EvaluateConfig) -> None:
+    """`suite.fit_workers` spreads the fits over processes: every score, choice and lift is the same as inline."""
+    from loc2vec.evaluation.added_value import baseline_fits
+
+    data = _task("planted", seed=3)
+    inline, spread = (cfg.model_copy(update={"suite": cfg.suite.model_copy(update={"fit_workers": n})}) for n in (1, 2))
+    args = (["loc2vec", "latlon", "weak"], ["latlon", "weak"])
+    (t1, p1, l1), (t2, p2, l2) = (score_added_value(data, *args, c, 100.0) for c in (inline, spread))
+    assert t1 == t2 and l1 == l2 and p1.keys() == p2.keys()
+    assert all(np.array_equal(p1[k], p2[k]) for k in p1)
+    one, two = (baseline_fits(data, ["latlon", "weak"], c, 100.0) for c in (inline, spread))
+    assert one.chosen == two.chosen and one.inner == two.inner
+    assert one.preds.keys() == two.preds.keys()
+    assert all(np.array_equal(one.preds[k], two.preds[k]) for k in one.preds)

@@ -436,6 +436,7 @@ class SuiteConfig(Section):
     hgb_learning_rate: float = Field(0.2, gt=0)
     hgb_max_leaf_nodes: int = Field(15, ge=2)
     fit_threads: int = Field(1, ge=1)  # BLAS and OpenMP threads per classifier fit (more only on idle cores)
+    fit_workers: int = Field(0, ge=0)  # processes the classifier fits are spread over; 0 = one per core, 1 = inline
     hgb_max_dims: int = Field(256, ge=1)  # the tree model sees at most this many columns (random_wide's first filters)
     tile_batch: int = Field(64, ge=1)  # masked tiles rendered and encoded per batch
     per_region_standardise: bool = False  # transfer: z-score each featureset within each region first

@@ -25,6 +25,7 @@ baseline's own fit on each fold (the same model on the same rows) instead of fit
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -90,6 +91,48 @@ def _fit_predict(kind: str, cfg: EvaluateConfig, x_train: np.ndarray, y_train: n
         return suite_classifier(kind, cfg).fit(x_train, y_train).predict(x_test)
 
 
+@dataclass(frozen=True)
+class FitJob:
+    """One fit: `kind` trained on rows `train` of the featuresets `x_train` side by side (labels `y`), predicting
+    rows `test` of `x_test`, each featureset cut to its first `width` columns if given. Rows are sliced only when
+    the job is dispatched, so a batch of hundreds of jobs holds no copies of its featuresets."""
+
+    kind: str
+    x_train: tuple[np.ndarray, ...]
+    train: np.ndarray
+    y: np.ndarray
+    x_test: tuple[np.ndarray, ...]
+    test: np.ndarray
+    width: int | None = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x_train, y_train, x_test), sliced now."""
+        cut = slice(None) if self.width is None else slice(0, self.width)
+        x_train = np.hstack([x[self.train][:, cut] for x in self.x_train])
+        return x_train, self.y[self.train], np.hstack([x[self.test][:, cut] for x in self.x_test])
+
+
+def fit_workers(cfg: EvaluateConfig) -> int:
+    """Processes for the fits: `suite.fit_workers`, 0 = this process's cores."""
+    return cfg.suite.fit_workers or len(os.sched_getaffinity(0))
+
+
+def fit_predict_all(jobs: Sequence[FitJob], cfg: EvaluateConfig) -> list[np.ndarray]:
+    """Each job's test predictions, in order, each exactly as `_fit_predict` makes it in this process.
+
+    A suite run makes hundreds of small fits, each on one thread (`suite.fit_threads`: more threads spin against
+    each other on busy cores), so they are spread over `suite.fit_workers` processes (joblib's loky pool, reused
+    between calls); every fit is deterministic, so where it runs changes no prediction.
+    """
+    n = min(fit_workers(cfg), len(jobs))
+    if n <= 1:
+        return [_fit_predict(j.kind, cfg, *j.arrays()) for j in jobs]
+    from joblib import Parallel, delayed
+
+    calls = (delayed(_fit_predict)(j.kind, cfg, *j.arrays()) for j in jobs)
+    return list(Parallel(n_jobs=n, backend="loky", pre_dispatch="2*n_jobs")(calls))
+
+
 def _row_bbox(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float, float, float]:
     return float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max())
 
@@ -111,21 +154,39 @@ def inner_scores(
         {name: macro-F1}: a function of that featureset and the rows alone, so scores computed at different times
         (the suite inputs' baselines, the published histogram at evaluation) choose as one call would.
     """
+    jobs, finish = _inner_plan(data, rows, names, kind, cfg, radius_m)
+    return finish(fit_predict_all(jobs, cfg))
+
+
+def _inner_plan(
+    data: TaskData, rows: np.ndarray, names: Sequence[str], kind: str, cfg: EvaluateConfig, radius_m: float
+) -> tuple[list[FitJob], Any]:
+    """`inner_scores` as fits to make and the function that scores their predictions (so callers can batch)."""
     sub = data.labels.iloc[rows].reset_index(drop=True)
     lat, lon = sub["lat"].to_numpy(float), sub["lon"].to_numpy(float)
     split = cfg.split.model_copy(update={"folds": cfg.suite.inner_folds, "seed": cfg.split.seed + 1})
     inner = spatial_folds(sub, split, _row_bbox(lat, lon), radius_m)
     y = sub["label"].to_numpy()
     tested = np.concatenate([f.test for f in inner])
-    out: dict[str, float] = {}
-    for name in names:
-        x = data.historical[name][rows]
-        x = x[:, : cfg.suite.hgb_max_dims] if kind == "hgb" else x
-        pred = np.empty(len(y), dtype=object)
-        for f in inner:
-            pred[f.test] = _fit_predict(kind, cfg, x[f.train], y[f.train], x[f.test])
-        out[name] = float(scores(y[tested], pred[tested])["macro_f1"])
-    return out
+    width = _width(kind, cfg)
+    y_all = data.labels["label"].to_numpy()
+    jobs = [
+        FitJob(kind, (data.historical[name],), rows[f.train], y_all, (data.historical[name],), rows[f.test], width)
+        for name in names
+        for f in inner
+    ]
+
+    def finish(results: Sequence[np.ndarray]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        it = iter(results)
+        for name in names:
+            pred = np.empty(len(y), dtype=object)
+            for f in inner:
+                pred[f.test] = next(it)
+            out[name] = float(scores(y[tested], pred[tested])["macro_f1"])
+        return out
+
+    return jobs, finish
 
 
 def pick_baseline(scores_by_name: dict[str, float], baselines: Sequence[str]) -> str:
@@ -222,10 +283,9 @@ class BaselineFits:
         return cls(preds, {k: list(v) for k, v in data["chosen"].items()}, list(data["tested"]), inner)
 
 
-def _cut(kind: str, cfg: EvaluateConfig):
-    """The columns a classifier sees of a featureset: the tree model at most suite.hgb_max_dims."""
-    width = cfg.suite.hgb_max_dims if kind == "hgb" else None
-    return lambda x: x if width is None else x[:, :width]
+def _width(kind: str, cfg: EvaluateConfig) -> int | None:
+    """The columns a classifier sees of a featureset: the tree model at most suite.hgb_max_dims, logreg all."""
+    return cfg.suite.hgb_max_dims if kind == "hgb" else None
 
 
 def baseline_fits(
@@ -244,7 +304,7 @@ def baseline_fits(
         baselines: the candidates for best_baseline (each also scored alone), in order (ties: the earlier).
         cfg: params `evaluate`.
         radius_m: the tile radius (the inner folds' buffer).
-        seconds: if given, adds the seconds of each baseline's fits (``fit_<name>``) and of the choice.
+        seconds: if given, adds the seconds of the baselines' fits and the choice (``fit_baselines_and_choose``).
         start: fits made beforehand on these very folds for some of the baselines (the suite inputs'): only the
             others are fitted, then best_baseline is chosen among all of them.
 
@@ -261,24 +321,36 @@ def baseline_fits(
         tested=tested,
         inner={k: [dict(f) for f in v] for k, v in start.inner.items()} if start else {},
     )
+    # every missing fit of every classifier, fold and inner fold in one batch over the fit workers
+    t0 = time.perf_counter()
+    jobs: list[FitJob] = []
+    keys: list[tuple[str, str, int]] = []
     for kind in cfg.suite.classifiers:
-        cols = _cut(kind, cfg)
+        width = _width(kind, cfg)
         for name in baselines:
             if all((name, kind, i) in fits.preds for i in range(len(data.folds))):
                 continue
-            t0 = time.perf_counter()
             for i, fold in enumerate(data.folds):
-                x_train, x_test = cols(data.historical[name][fold.train]), cols(data.online[name][fold.test])
-                fits.preds[(name, kind, i)] = _fit_predict(kind, cfg, x_train, y[fold.train], x_test)
-            clock[f"fit_{name}"] = clock.get(f"fit_{name}", 0.0) + time.perf_counter() - t0
-        t0 = time.perf_counter()
+                keys.append((name, kind, i))
+                jobs.append(
+                    FitJob(kind, (data.historical[name],), fold.train, y, (data.online[name],), fold.test, width)
+                )
+    finishers = []
+    for kind in cfg.suite.classifiers:
         per_fold = fits.inner.setdefault(kind, [{} for _ in data.folds])
         for i, f in enumerate(data.folds):
             todo = [b for b in baselines if b not in per_fold[i]]
             if todo:
-                per_fold[i].update(inner_scores(data, f.train, todo, kind, cfg, radius_m))
-        fits.chosen[kind] = [pick_baseline(scored, baselines) for scored in per_fold]
-        clock["choose_best_baseline"] = clock.get("choose_best_baseline", 0.0) + time.perf_counter() - t0
+                inner_jobs, finish = _inner_plan(data, f.train, todo, kind, cfg, radius_m)
+                finishers.append((per_fold[i], len(jobs), finish))
+                jobs.extend(inner_jobs)
+    results = fit_predict_all(jobs, cfg)
+    fits.preds.update(zip(keys, results[: len(keys)], strict=True))
+    for (target, lo, finish), hi in zip(finishers, [*(f[1] for f in finishers[1:]), len(jobs)], strict=True):
+        target.update(finish(results[lo:hi]))
+    for kind in cfg.suite.classifiers:
+        fits.chosen[kind] = [pick_baseline(scored, baselines) for scored in fits.inner[kind]]
+    clock["fit_baselines_and_choose"] = clock.get("fit_baselines_and_choose", 0.0) + time.perf_counter() - t0
     return fits
 
 
@@ -347,10 +419,29 @@ def score_added_value(
     def alone(name: str):
         return lambda f: (cols(data.historical[name][f.train]), cols(data.online[name][f.test]))
 
+    def prefit(keyed: list[tuple[tuple[str, str, int], FitJob]]) -> None:
+        """Fit what `pooled` will ask for, in one batch over the fit workers (it then finds them fitted)."""
+        todo = [(k, j) for k, j in keyed if k not in fold_preds]
+        fold_preds.update(zip([k for k, _ in todo], fit_predict_all([j for _, j in todo], cfg), strict=True))
+
+    t0 = time.perf_counter()
+    prefit(
+        [
+            (
+                (name, kind, i),
+                FitJob(kind, (data.historical[name],), f.train, y, (data.online[name],), f.test, _width(kind, cfg)),
+            )
+            for kind in cfg.suite.classifiers
+            for name in featuresets
+            for i, f in enumerate(data.folds)
+        ]
+    )
+    clock["fit_featuresets"] = clock.get("fit_featuresets", 0.0) + time.perf_counter() - t0
+
     for kind in cfg.suite.classifiers:
         # a tree fit costs rows × columns × rounds: each featureset (never a concatenation, which would drop
         # loc2vec's columns) is cut to its first hgb_max_dims columns (random_wide: its first filters)
-        width = cfg.suite.hgb_max_dims if kind == "hgb" else None
+        width = _width(kind, cfg)
 
         def cols(x: np.ndarray, width: int | None = width) -> np.ndarray:
             return x if width is None else x[:, :width]
@@ -377,6 +468,26 @@ def score_added_value(
             )
 
         reuse = (lambda i, kind=kind, chosen=chosen: (chosen[id(data.folds[i])], kind, i)) if reuse_fits else None
+        t0 = time.perf_counter()
+        prefit(
+            [
+                (
+                    (f"{BEST}+{extra}", kind, i),
+                    FitJob(
+                        kind,
+                        (data.historical[chosen[id(f)]], data.historical[extra]),
+                        f.train,
+                        y,
+                        (data.online[chosen[id(f)]], data.online[extra]),
+                        f.test,
+                        width,
+                    ),
+                )
+                for extra in added
+                for i, f in enumerate(data.folds)
+            ]
+        )
+        clock["fit_featuresets"] = clock.get("fit_featuresets", 0.0) + time.perf_counter() - t0
         pooled(BEST, kind, best, reuse=reuse)
         per_fold = [chosen[id(f)] for f in data.folds]
         for extra in added:
