@@ -175,6 +175,11 @@ def promotion_line(paths: ProjectPaths) -> str | None:
     """One sentence on the champion gate's last decision (data/promotion.json), or None before any."""
     try:
         p = json.loads(paths.promotion.read_text())
+        if p["candidate_version"] == p["previous_champion_version"]:  # the first version: nothing to compare with
+            return (
+                f"Champion gate: version {p['candidate_version']} is the champion, with nothing to compare it with "
+                f"(its gate score {_f(p['candidate_score'])})."
+            )
         verdict = (
             f"promoted: version {p['champion_version']} is the champion"
             if p["promoted"]
@@ -249,7 +254,7 @@ def summarize(
         md += [f"Embeddings evaluated: {region}: {model}." for region, model in models.items()] + [""]
     if metrics:
         md += [
-            "| evaluation | task | featureset | logreg macro-F1 | logreg accuracy | hgb (kNN) macro-F1 | hgb (kNN) accuracy |",
+            "| evaluation | task | featureset | logreg macro-F1 | logreg accuracy | hgb macro-F1 | hgb accuracy |",
             "|---|---|---|---|---|---|---|",
         ]
         for name, tasks in metrics.items():
@@ -257,12 +262,14 @@ def summarize(
                 for fs, models in featuresets.items():
                     if fs.startswith("lift"):  # the suite's lift of best_baseline+loc2vec(_wide) over best_baseline
                         lifts = [
-                            f"{_f(v.get('lift'))} {v.get('ci95')} over {v.get('best_baseline')}"
+                            f"{_f(v.get('lift'))} [{', '.join(_f(c) for c in v.get('ci95') or ())}] "
+                            f"over {v.get('best_baseline')}"
                             for v in (models.get("logreg", {}), models.get("hgb", {}))
                         ]
                         md.append(f"| {name} | {task_name} | {fs} | {lifts[0]} | | {lifts[1]} | |")
                         continue
                     lr, other = models.get("logreg", {}), models.get("hgb") or models.get("knn") or {}
+                    fs = fs if "hgb" in models or "knn" not in models else f"{fs} (kNN, not hgb)"  # older JSONs
                     md.append(
                         f"| {name} | {task_name} | {fs} | {_f(lr.get('macro_f1'))} | {_f(lr.get('accuracy'))} "
                         f"| {_f(other.get('macro_f1'))} | {_f(other.get('accuracy'))} |"

@@ -607,6 +607,29 @@ def test_summary_lists_only_the_runs_regions(tmp_path: Path) -> None:
         "(not promoted: the champion stays version 1)." in md
     )
 
+    # The first version is the champion with nothing to compare; the lifts' intervals read as numbers.
+    paths.promotion.write_text(
+        json.dumps(
+            {
+                "candidate_version": "1",
+                "previous_champion_version": "1",
+                "champion_version": "1",
+                "promoted": False,
+                "candidate_score": 0.3867,
+                "champion_score": 0.3867,
+            }
+        )
+    )
+    lift = {"best_baseline": "nearest_way", "lift": -0.0127, "ci95": [-0.02250771221803792, -0.004749217222356231]}
+    tasks["transport"]["lift"] = {"logreg": lift, "hgb": {**lift, "lift": 0.003, "ci95": [-0.0116, 0.0182]}}
+    paths.evaluation("ran").write_text(json.dumps({"tasks": tasks, "meta": {"model": model}}))
+    md = summarize(paths, ["ran"], [], OrchestrateConfig())["markdown"]
+    assert "Champion gate: version 1 is the champion, with nothing to compare it with (its gate score 0.387)." in md
+    assert (
+        "| ran | transport | lift | -0.013 [-0.023, -0.005] over nearest_way | | 0.003 [-0.012, 0.018] over nearest_way | |"
+        in md
+    )
+
 
 def test_stage_output_keeps_lines_and_throttles_progress_redraws() -> None:
     """A stage's tqdm bar redraws its line with '\\r' several times a second: the log keeps every real line,

@@ -13,6 +13,7 @@ import torch
 from loc2vec.core.config import ModelConfig
 from loc2vec.evaluation.added_value import BEST, BEST_PLUS, WIDE
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS
+from loc2vec.evaluation.provenance import run_info_path
 
 from .fixtures.project import load_project
 from .fixtures.trained import patched_params
@@ -87,7 +88,16 @@ def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict)
     assert "nearest_way" not in tasks["venue_context"], "nearest_way is a transport baseline"
     peers = suite_result["meta"]["peers"]
     assert peers["fitted_on"] == ["test_li"] and peers["sources"]["test_li"]["sha256"]
-    assert peers["seconds"]["fit_hex2vec"] > 0 and meta["feature_dims"]["srai_hex2vec"] == 50
+    assert meta["feature_dims"]["srai_hex2vec"] == 50
+    # the metric holds no wall-clock time and no machine path: those describe the run, in R.run.json beside it
+    text = Path(suite_result["_out"]).read_text()
+    assert '"seconds' not in text and str(Path.cwd()) not in text and "/tmp/" not in text
+    assert (
+        peers["sources"]["test_li"]["source"].endswith(".osm.pbf") and "/" not in peers["sources"]["test_li"]["source"]
+    )
+    run = json.loads(run_info_path(Path(suite_result["_out"])).read_text())
+    assert run["meta"]["peers"]["seconds"]["fit_hex2vec"] > 0
+    assert set(run["meta"]["tasks"]) == set(LEAKFREE_TASKS) and run["meta"]["tasks"]["venue_context"]["seconds"] > 0
     coverage = suite_result["meta"]["tasks"]["building_type"]["building_coverage"]["test_li"]
     assert coverage["untyped"] > 0 and coverage["residential"] > 0
     assert suite_result["meta"]["leakfree_score"] == pytest.approx(
@@ -185,3 +195,36 @@ def test_suite_inputs_give_the_same_scores_as_the_suite_without_them(
     manifest = json.loads((inputs / "manifest.json").read_text())
     assert set(manifest["tasks"]) == set(LEAKFREE_TASKS) and manifest["suite"] == "leakfree"
     assert cached["meta"]["inputs"]["digest"] == manifest["digest"] and cached["meta"]["peers"]["fitted_on"] == [region]
+    # the stored inputs hold no wall-clock time either (suite_inputs@R's DVC output): their seconds lie beside them
+    assert '"seconds' not in (inputs / "manifest.json").read_text()
+    assert json.loads(run_info_path(inputs).read_text())["tasks"]["venue_context"]["seconds"] > 0
+
+
+def test_run_info_is_split_from_the_metric_and_nothing_else_moves() -> None:
+    """Every `seconds*` key, at any depth, leaves the metric for the run info, in the same nesting; the rest stays."""
+    from loc2vec.evaluation.provenance import split_run_info
+
+    result = {
+        "tasks": {"t": {"loc2vec": {"logreg": {"macro_f1": 0.5}}}},
+        "meta": {
+            "tasks": {"t": {"n_tested": 9, "seconds": 1.5, "seconds_phases": {"fit": 1.0}}},
+            "peers": {"seconds": {"fit_hex2vec": 6.0}, "fitted_on": ["li"]},
+            "inputs": {"digest": "ab"},
+        },
+        "seconds": 2.0,
+    }
+    kept, run = split_run_info(result)
+    assert kept == {
+        "tasks": result["tasks"],
+        "meta": {"tasks": {"t": {"n_tested": 9}}, "peers": {"fitted_on": ["li"]}, "inputs": {"digest": "ab"}},
+    }
+    assert run == {
+        "meta": {
+            "tasks": {"t": {"seconds": 1.5, "seconds_phases": {"fit": 1.0}}},
+            "peers": {"seconds": {"fit_hex2vec": 6.0}},
+        },
+        "seconds": 2.0,
+    }
+    assert split_run_info({"a": 1}) == ({"a": 1}, None)
+    assert run_info_path(Path("data/evaluate/li.json")) == Path("data/evaluate/li.run.json")
+    assert run_info_path(Path("data/suite/li")) == Path("data/suite/li.run.json")

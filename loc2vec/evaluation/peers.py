@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -397,11 +398,12 @@ def fit_regions_of(region: str, train_regions: Sequence[str]) -> tuple[str, ...]
 
 
 def check_sources(regions: Sequence[str], info: ConnInfo) -> dict[str, dict[str, str]]:
-    """The extract each region's features come from (its import record: source and sha256), for the JSON."""
+    """The extract each region's features come from (its import record: the file's name and sha256), for the
+    JSON: the name, not the path, so the same extract reads the same in any checkout."""
     out = {}
     for r in regions:
         rec = require_import(r, info)
-        out[r] = {"source": rec.source, "sha256": rec.sha256}
+        out[r] = {"source": Path(rec.source).name, "sha256": rec.sha256}
     return out
 
 

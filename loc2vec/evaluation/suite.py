@@ -46,7 +46,6 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from loc2vec.core.atomic import write_text
 from loc2vec.core.config import SUITE_BASELINES, EvaluateConfig, ModelConfig, RenderConfig
 from loc2vec.core.errors import ConfigError, Loc2VecError
 from loc2vec.core.names import validate_region_name
@@ -58,6 +57,7 @@ from loc2vec.evaluation.featuresets import Featurizer, cell_tile_features
 from loc2vec.evaluation.labels import TASKS, class_counts, make_labels
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, TRANSPORT_TASKS, building_coverage, make_leakfree_labels
 from loc2vec.evaluation.peers import PEERS, Peers, check_sources, drop_empty_columns, fit_regions_of, require_srai
+from loc2vec.evaluation.provenance import run_info_path, write_result
 from loc2vec.evaluation.run import TaskData, prepare_task
 from loc2vec.evaluation.scene import histogram, nearest_way, scene_tag_counts, tile_features
 from loc2vec.evaluation.tilefeatures import RandomWide, encoder_tiles, untrained_encoder
@@ -461,12 +461,12 @@ def run_suite(
         if cached.peers_meta:
             result["meta"]["peers"] = cached.peers_meta
     path = Path(out)
-    write_text(path, json.dumps(result, indent=2) + "\n")
+    write_result(path, result)  # the seconds to R.run.json beside it: the metric holds no wall-clock time
     from loc2vec.evaluation.chart import suite_chart
 
     chart = suite_chart(result, path.with_suffix(".png"))
     if track:
-        log_suite(result, [path, chart], cfg, ctx)
+        log_suite(result, [path, run_info_path(path), chart], cfg, ctx)
     return result
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from loc2vec.core.atomic import swap_dir
+from loc2vec.core.atomic import swap_dir, write_text
 from loc2vec.core.config import EvaluateConfig, RenderConfig
 from loc2vec.core.errors import ConfigError, Loc2VecError
 from loc2vec.core.names import validate_region_name
@@ -55,6 +55,7 @@ from loc2vec.evaluation.context import EvaluationContext
 from loc2vec.evaluation.labels import make_labels
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, make_leakfree_labels
 from loc2vec.evaluation.peers import PEERS, Peers, check_sources, require_srai
+from loc2vec.evaluation.provenance import run_info_path, split_run_info
 from loc2vec.evaluation.run import TaskData, prepare_task
 from loc2vec.evaluation.suite import (
     CONSUMER_FEAST,
@@ -159,8 +160,11 @@ def build_suite_inputs(
             "seconds": peers.seconds,
             "config": {k: v for k, v in cfg.suite.model_dump(mode="json").items() if k.startswith(("peer", "hex2vec"))},
         }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    # the seconds go beside the directory (R.run.json): the DVC output holds no wall-clock time
+    kept, run = split_run_info(manifest)
+    (tmp / MANIFEST).write_text(json.dumps(kept, indent=2) + "\n")
     swap_dir(tmp, out)
+    write_text(run_info_path(out), json.dumps(run or {}, indent=2) + "\n")
     return manifest
 
 
@@ -305,7 +309,6 @@ class SuiteInputs:
         return {
             "path": str(self.path),
             "digest": self.manifest["digest"],
-            "seconds": self.manifest["seconds"],
             "tasks": {t: {k: v for k, v in m.items() if k != "meta"} for t, m in self.manifest["tasks"].items()},
         }
 
