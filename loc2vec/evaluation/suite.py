@@ -201,7 +201,7 @@ def finish_leakfree(
     ctx: EvaluationContext,
     labels: pd.DataFrame,
     feats: dict[str, np.ndarray],
-    seconds_scenes: float,
+    seconds_scenes: float | None,
 ) -> TaskData:
     """Rows lacking a featureset (or, in transfer, of a class never trained on) dropped, then folds and meta."""
     source = ctx.labels
@@ -232,8 +232,9 @@ def finish_leakfree(
         "class_counts_tested": class_counts(labels.iloc[tested]),
         "class_counts_train_regions": class_counts(labels[~is_eval]) if train_regions else None,
         "feature_dims": {k: int(v.shape[1]) for k, v in feats.items()},
-        "seconds_scenes": round(seconds_scenes, 1),
     }
+    if seconds_scenes is not None:  # cached inputs whose run info is gone: not known
+        meta["seconds_scenes"] = round(seconds_scenes, 1)
     if task == "building_type":
         meta["building_coverage"] = {r: building_coverage(r, source) for r in (*train_regions, region)}
     return TaskData(labels, folds, feats, feats, np.asarray(blocks), meta)

@@ -304,6 +304,14 @@ class SuiteInputs:
         """The peers' meta as the suite reports it (fitted_on, sources, seconds, config)."""
         return self.manifest.get("peers")
 
+    def _scene_seconds(self, task: str) -> float | None:
+        """The seconds the task's scenes took when the inputs were built (their run info, beside them), if kept."""
+        try:
+            run = json.loads(run_info_path(self.path).read_text())
+            return float(run["tasks"][task]["meta"]["seconds_scenes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def summary(self) -> dict[str, Any]:
         """What the evaluation's meta records of its inputs."""
         return {
@@ -335,11 +343,14 @@ class SuiteInputs:
             feats[name] = np.concatenate(chunks).astype(float) if chunks else np.zeros((0, 1))
             phases[name] = time.perf_counter() - t0
         stored = self.manifest["tasks"][task]["meta"]
-        data = finish_leakfree(task, self.region, [], self.cfg, self.ctx, labels, feats, stored["seconds_scenes"])
+        scenes = self._scene_seconds(task)
+        data = finish_leakfree(task, self.region, [], self.cfg, self.ctx, labels, feats, scenes)
         if data.meta["n_dropped_missing_features_or_class"]:
             raise Loc2VecError(f"the model gives non-finite embeddings on {task} tiles")
         dims = {name: int(feats[name].shape[1]) for name in (REFERENCE, WIDE)}
         data.meta = {**stored, "feature_dims": {**stored["feature_dims"], **dims}}
+        if scenes is not None:
+            data.meta["seconds_scenes"] = round(scenes, 1)
         return data, fits
 
     def require(self, tasks: Sequence[str]) -> None:
