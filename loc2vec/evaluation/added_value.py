@@ -342,11 +342,11 @@ def baseline_fits(
             todo = [b for b in baselines if b not in per_fold[i]]
             if todo:
                 inner_jobs, finish = _inner_plan(data, f.train, todo, kind, cfg, radius_m)
-                finishers.append((per_fold[i], len(jobs), finish))
+                finishers.append((per_fold[i], len(jobs), len(jobs) + len(inner_jobs), finish))
                 jobs.extend(inner_jobs)
     results = fit_predict_all(jobs, cfg)
     fits.preds.update(zip(keys, results[: len(keys)], strict=True))
-    for (target, lo, finish), hi in zip(finishers, [*(f[1] for f in finishers[1:]), len(jobs)], strict=True):
+    for target, lo, hi, finish in finishers:
         target.update(finish(results[lo:hi]))
     for kind in cfg.suite.classifiers:
         fits.chosen[kind] = [pick_baseline(scored, baselines) for scored in fits.inner[kind]]

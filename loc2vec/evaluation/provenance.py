@@ -45,10 +45,8 @@ def run_info_path(path: Path) -> Path:
     return path.with_name(path.stem + RUN_SUFFIX) if path.suffix == ".json" else path.with_name(path.name + RUN_SUFFIX)
 
 
-def write_result(path: Path, result: dict[str, Any], run_path: Path | None = None) -> dict[str, Any]:
-    """Write `result` without its run keys to `path` and those keys to `run_path` (default: beside it), each
-    atomically; returns what was written to `path`."""
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write `result` without its run keys to `path` and those keys beside it (run_info_path), each atomically."""
     kept, run = split_run_info(result)
     write_text(Path(path), json.dumps(kept, indent=2) + "\n")
-    write_text(run_path or run_info_path(path), json.dumps(run or {}, indent=2) + "\n")
-    return kept
+    write_text(run_info_path(path), json.dumps(run or {}, indent=2) + "\n")
