@@ -176,9 +176,10 @@ def promotion_line(paths: ProjectPaths) -> str | None:
     try:
         p = json.loads(paths.promotion.read_text())
         if p["candidate_version"] == p["previous_champion_version"]:  # the first version: nothing to compare with
+            scored = "not scored" if p["candidate_score"] is None else f"its gate score {_f(p['candidate_score'])}"
             return (
                 f"Champion gate: version {p['candidate_version']} is the champion, with nothing to compare it with "
-                f"(its gate score {_f(p['candidate_score'])})."
+                f"({scored})."
             )
         verdict = (
             f"promoted: version {p['champion_version']} is the champion"

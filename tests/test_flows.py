@@ -625,6 +625,9 @@ def test_summary_lists_only_the_runs_regions(tmp_path: Path) -> None:
     paths.evaluation("ran").write_text(json.dumps({"tasks": tasks, "meta": {"model": model}}))
     md = summarize(paths, ["ran"], [], OrchestrateConfig())["markdown"]
     assert "Champion gate: version 1 is the champion, with nothing to compare it with (its gate score 0.387)." in md
+    paths.promotion.write_text(json.dumps({**json.loads(paths.promotion.read_text()), "candidate_score": None}))
+    md = summarize(paths, ["ran"], [], OrchestrateConfig())["markdown"]
+    assert "Champion gate: version 1 is the champion, with nothing to compare it with (not scored)." in md
     assert (
         "| ran | transport | lift | -0.013 [-0.023, -0.005] over nearest_way | | 0.003 [-0.012, 0.018] over nearest_way | |"
         in md

@@ -267,6 +267,12 @@ def test_champion_gate_moves_champion_only_for_a_downstream_improvement(tiny: Pa
         trained = client.get_model_version_by_alias(name, CANDIDATE)
         version = str(trained.version)
         assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version, "the first is champion"
+        # the first version is champion already: nothing to compare it with, so it is not scored
+        first = gate()
+        assert first["champion_version"] == first["candidate_version"] == version and not first["promoted"]
+        assert first["candidate_score"] is None and first["candidate_tasks"] == {}
+        assert "gate_score" not in client.get_model_version(name, version).tags
+        assert json.loads(proj.paths.promotion.read_text()) == first
 
         # a champion that maps every tile to the same point: any trained candidate must beat it (logged with
         # its pip requirements given, as training logs models: MLflow's inference of them costs ~10 s)

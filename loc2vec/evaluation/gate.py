@@ -12,9 +12,10 @@ the champion's by more than ``promote.min_delta``. With ``promote.score: suite``
 the added-value suite's instead (evaluation/suite_gate.py): the mean leak-free loc2vec macro-F1 plus
 ``promote.lift_weight`` × the mean consumer lift, so a model that only wins on leaky tasks is not promoted.
 
-Both versions get the score as the model-version tag ``gate_score``. The decision is written to
-data/model/promotion.json: a DVC metric of the train stage, and the embed stage's dependency, so
-embeddings are recomputed exactly when the champion moves.
+Both versions get the score as the model-version tag ``gate_score``. A candidate that is the champion already
+(a registry's first version: training makes it champion) is not scored: there is nothing to compare it with.
+The decision is written to data/promotion.json: the embed stage's dependency, so embeddings are recomputed
+exactly when the champion moves.
 
 The gate and the final evaluation use the same labels and folds; model selection on them makes the
 winner's published score slightly optimistic. A cross-region evaluation (``--train-regions``) on a
@@ -97,9 +98,9 @@ def promote(
     name = model_name
     candidate = resolve_alias(ctx.paths, name, CANDIDATE)
     champion = resolve_alias(ctx.paths, name, CHAMPION)
-    refs = {"candidate": candidate}
-    if champion.version != candidate.version:
-        refs["champion"] = champion
+    if champion.version == candidate.version:  # the first version, or one promoted before: nothing to compare
+        return _write_decision(out, _already_champion(name, regions, candidate, cfg))
+    refs = {"candidate": candidate, "champion": champion}
     if cfg.score == "suite":
         from loc2vec.evaluation.suite_gate import suite_gate_scores
 
@@ -107,12 +108,11 @@ def promote(
         scores = suite_gate_scores(encoders, regions, evaluate_cfg, ctx, cfg.lift_weight)
     else:
         scores = gate_scores(refs, regions, evaluate_cfg, ctx)
-    scores.setdefault("champion", scores["candidate"])
     client = MlflowClient()
     for key, ref in refs.items():
         client.set_model_version_tag(name, ref.version, "gate_score", str(scores[key]["score"]))
     lead = scores["candidate"]["score"] - scores["champion"]["score"]
-    promoted = candidate.version != champion.version and lead > cfg.min_delta
+    promoted = lead > cfg.min_delta
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, candidate.version)
     winner = candidate if promoted else champion
@@ -131,7 +131,7 @@ def promote(
         "candidate_tasks": scores["candidate"]["tasks"],
         "champion_tasks": scores["champion"]["tasks"],
     }
-    write_text(out, json.dumps(result, indent=1) + "\n")
+    _write_decision(out, result)
     log.info(
         "%s: candidate v%s scores %.4f, champion v%s %.4f → champion is v%s%s",
         name,
@@ -142,4 +142,33 @@ def promote(
         winner.version,
         " (promoted)" if promoted else "",
     )
+    return result
+
+
+def _already_champion(name: str, regions: list[str], candidate: ModelRef, cfg: PromoteConfig) -> dict[str, Any]:
+    """The decision when the candidate is the champion already (a registry's first version, which training makes
+    champion, or a re-run after its promotion): scoring it would compare it with itself, ~90 s of a fresh
+    `make run` for nothing (`evaluate@R` scores it anyway). Its scores are null, not made up."""
+    log.info(
+        "%s: candidate v%s is the champion already: nothing to compare it with (not scored)", name, candidate.version
+    )
+    return {
+        "model_name": name,
+        "regions": regions,
+        "candidate_version": candidate.version,
+        "previous_champion_version": candidate.version,
+        "champion_version": candidate.version,
+        "promoted": False,
+        "candidate_score": None,
+        "champion_score": None,
+        "candidate_lead": None,
+        "min_delta": cfg.min_delta,
+        "score_formula": SCORE_FORMULAS[cfg.score].format(w=cfg.lift_weight),
+        "candidate_tasks": {},
+        "champion_tasks": {},
+    }
+
+
+def _write_decision(out: Path, result: dict[str, Any]) -> dict[str, Any]:
+    write_text(out, json.dumps(result, indent=1) + "\n")
     return result
