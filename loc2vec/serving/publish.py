@@ -82,7 +82,7 @@ import pyarrow.parquet as pq
 from loc2vec.core.atomic import file_lock, write_text
 from loc2vec.core.errors import Loc2VecError
 from loc2vec.embedding.store import read_embeddings
-from loc2vec.serving import online_write
+from loc2vec.serving import dask_tokens, online_write
 from loc2vec.serving.aligned import aligned_files
 from loc2vec.serving.feast_import import import_feast
 from loc2vec.serving.offline import (
@@ -775,6 +775,7 @@ def materialize_incremental_only(settings: StoreSettings) -> dict[str, Any]:
                 raise PublishError(f"nothing applied to the {settings.kind} store yet: run `loc2vec publish` first")
             end = datetime.now(UTC)
             t0 = time.perf_counter()
+            dask_tokens.register()  # materialize reads the offline store with dask (serving/dask_tokens.py)
             store.materialize_incremental(end_date=end)
             swap_in()
         return {**describe(settings), "end": end.isoformat(), "materialize_s": round(time.perf_counter() - t0, 2)}
