@@ -127,3 +127,40 @@ def test_hex2vec_is_fitted_once_on_the_training_region(peers: Peers) -> None:
     fitted = peers._hex2vec
     peers.embed("srai_hex2vec", _labels("venue_context"))
     assert peers._hex2vec is fitted, "one fit per suite run"
+
+
+@pytest.mark.parametrize("task", ["venue_context", "building_type"])
+def test_contextual_counts_without_the_object_are_srais_own_recomputation(peers: Peers, region: str, task: str) -> None:
+    """The suite subtracts each hidden object's count vector with its rings' weights (one srai call for all
+    labels); srai recomputing each label's rings from the features without its object gives the same vector."""
+    import h3
+    from srai.embedders import ContextualCountEmbedder
+    from srai.neighbourhoods import H3Neighbourhood
+
+    from loc2vec.evaluation.peers import _cells_gdf, _join, _masked
+
+    labels = _labels(task)
+    fast = peers.embed("srai_contextual_counts", labels)
+    cfg = peers.cfg
+    features = peers.features(region)
+    keep = task == "building_type"
+    checked = 0
+    for i, (row, hidden) in enumerate(zip(labels.itertuples(), hidden_feature_ids(labels), strict=True)):
+        centre = h3.latlng_to_cell(row.lat, row.lon, cfg.peer_resolution)
+        regions = _cells_gdf(h3.grid_disk(centre, cfg.peer_rings))
+        near = _join(regions, features).index.get_level_values(1).unique()
+        if not set(near).intersection(hidden):
+            continue
+        local = _masked(features.loc[sorted(near)], hidden, keep)
+        embedder = ContextualCountEmbedder(
+            H3Neighbourhood(regions),
+            cfg.peer_rings,
+            expected_output_features=tag_filter(),
+            count_subcategories=True,
+            num_of_multiprocessing_workers=1,
+        )
+        expected = embedder.transform(regions, local, _join(regions, local)).loc[centre]
+        expected = expected.reindex(peers.columns["srai_contextual_counts"]).fillna(0.0).to_numpy(float)
+        np.testing.assert_allclose(fast[i], expected, rtol=0, atol=1e-9, err_msg=str(row.label_id))
+        checked += 1
+    assert checked >= 5, "labels whose object srai counts"
