@@ -162,5 +162,8 @@ def test_contextual_counts_without_the_object_are_srais_own_recomputation(peers:
         expected = embedder.transform(regions, local, _join(regions, local)).loc[centre]
         expected = expected.reindex(peers.columns["srai_contextual_counts"]).fillna(0.0).to_numpy(float)
         np.testing.assert_allclose(fast[i], expected, rtol=0, atol=1e-9, err_msg=str(row.label_id))
+        assert np.array_equal(fast[i] == 0, np.abs(expected) < 1e-12), (
+            f"{row.label_id}: what srai counts 0 is exactly 0"
+        )
         checked += 1
     assert checked >= 5, "labels whose object srai counts"

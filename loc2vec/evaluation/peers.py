@@ -300,6 +300,10 @@ class Peers:
                         if f in ids:
                             out[i] -= weight * (delta[f] - (kept.get(f, 0.0) if keep[i] else 0.0))
             masked += 1
+        # To 9 decimals (the smallest weight is 1/108): a count the subtraction removes is then exactly 0, as srai's
+        # recount gives it (a residue of 1e-17 would keep an all-zero column alive and split a tree's bins), and values
+        # that float noise tells apart are one value again, whichever way they were summed.
+        out = np.round(out, 9) + 0.0  # + 0.0: no -0.0
         self.seconds[f"contextual_{region}"] = self.seconds.get(f"contextual_{region}", 0) + round(
             time.perf_counter() - start, 1
         )
