@@ -53,6 +53,6 @@ def suite_chart(result: dict[str, Any], out: Path) -> Path:
     fig.suptitle(f"loc2vec {meta['suite']} suite: {where}. Map data © OpenStreetMap contributors", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # the last panel's lift lines reach past the figure's edge
     plt.close(fig)
     return out

@@ -24,7 +24,7 @@ def training_curves(history, path: Path) -> Path:
     axes[0].set_title("loss")
     axes[1].plot(history["step"], history["d_pos"], lw=0.8, label="d+")
     axes[1].plot(history["step"], history["d_neg"], lw=0.8, label="d-")
-    axes[1].set_title("SoftPN terms (train)")
+    axes[1].set_title("d+ / d- (SoftPN's terms, train batches)")  # logged whatever the loss: not what InfoNCE minimises
     axes[2].plot(history["step"], history["triplet_accuracy"], lw=0.8, label="train")
     if "val_triplet_accuracy" in history:
         v = history.dropna(subset=["val_triplet_accuracy"])
