@@ -24,7 +24,8 @@ def suite_chart(result: dict[str, Any], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = result["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.6), squeeze=False, sharex=True)
+    # 5 in per panel: a lift line naming srai_contextual_counts ran into the next panel's title at 4.2
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 4.6), squeeze=False, sharex=True)
     for ax, (task, table) in zip(axes[0], tasks.items(), strict=True):
         names = [n for n in table if not n.startswith("lift")]
         kinds = list(table[names[0]])
