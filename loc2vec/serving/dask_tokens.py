@@ -4,7 +4,7 @@ Feast's file offline store runs the point-in-time join with dask and calls ``per
 feature view; each call tokenizes the materialised frames. A pandas column of feature vectors (``embedding``,
 ``histogram``, ``tag_counts``: one small ndarray per row) is an object array, which dask can only hash by
 pickling it, twice, to check that the pickle is deterministic. Measured on Liechtenstein's 89,492 published cells:
-a historical retrieval of 1,000 rows took 68 s, 62 s of it in that tokenization (`loc2vec bench feast`).
+a historical retrieval of 1,000 rows took 68 s, 62 s of it in that tokenization (cProfile; `loc2vec bench historical` measures both paths).
 
 `register()` adds one fast path to dask's ``normalize_token`` for numpy arrays: an object array whose columns
 (rows of pandas' 2-D block) each hold only 1-D numeric ndarrays of one dtype, or only str, is hashed from its
