@@ -278,7 +278,8 @@ class Peers:
         # counts (a cell's counts + the mean of each ring d's cells' counts / (d+1)^2). So each hidden object's own
         # count vector (srai's CountEmbedder on the object alone; building_type: minus its footprint's, which stays)
         # is subtracted with the weight of every cell of the label's rings that it intersects. One srai call for
-        # all objects instead of one per label (50 s of 150 labels' suite inputs; test_peers checks both agree).
+        # all objects instead of one per label (Liechtenstein's three leak-free tasks: 110 → 18 s; test_peers checks
+        # that both agree).
         hidden_near: list[list[str]] = []
         for disk, hidden in zip(disks, hidden_feature_ids(points), strict=True):
             near = {f for c in disk for f in by_cell.get(c, ())}
