@@ -13,7 +13,6 @@ resolution 11 has 145,625 candidates, 89,492 on mapped land.
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import h3
@@ -22,6 +21,7 @@ import numpy as np
 from loc2vec.core.config import EmbedConfig
 from loc2vec.core.errors import Loc2VecError
 from loc2vec.core.geo import inner_bbox, to_mercator
+from loc2vec.core.pools import worker_count
 from loc2vec.osm.db import ConnInfo, cursor, require_import
 from loc2vec.sampling.land import land_shapes, mapped_land_query, sea_reaches
 
@@ -91,7 +91,7 @@ def on_mapped_land(
     query = mapped_land_query(region)
     mask = np.zeros(len(lats), dtype=bool)
     n = len(lats)
-    sessions = max(1, connections or os.cpu_count() or 1)
+    sessions = worker_count(connections)
     chunk = max(1, min(SQL_CHUNK, -(-n // sessions)))
     starts = list(range(0, n, chunk))
 
@@ -103,7 +103,7 @@ def on_mapped_land(
             cur.execute(query, (x.tolist(), y.tolist(), d.tolist()))
             return [c0 + r[0] - 1 for r in cur.fetchall()]
 
-    with ThreadPoolExecutor(max_workers=min(sessions, len(starts)) or 1) as pool:
+    with ThreadPoolExecutor(max_workers=worker_count(connections, len(starts))) as pool:
         for rows in pool.map(found, starts):
             mask[rows] = True
     return mask

@@ -7,13 +7,13 @@ per core at once.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from psycopg2 import sql
 
 from loc2vec.core.geo import to_mercator
+from loc2vec.core.pools import worker_count
 from loc2vec.osm.db import ConnInfo, cursor
 from loc2vec.raster.channels import NOT_POI_AMENITY
 
@@ -54,8 +54,7 @@ def tag_counts(
     """
     out = np.zeros((len(lats), len(TAG_COUNTS)), dtype=np.float64)
     starts = list(range(0, len(lats), SQL_CHUNK))
-    sessions = max(1, min(connections or os.cpu_count() or 1, len(starts)))
-    with ThreadPoolExecutor(max_workers=sessions) as pool:
+    with ThreadPoolExecutor(max_workers=worker_count(connections, len(starts))) as pool:
         parts = pool.map(lambda c0: _chunk(region, lats, lons, c0, radius_m, info), starts)
         for c0, part in zip(starts, parts, strict=True):
             out[c0 : c0 + len(part)] = part
