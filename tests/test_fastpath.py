@@ -193,6 +193,29 @@ def test_stale_metatiles_are_invalidated(region: str, proj: Project) -> None:
     assert index.grid == load_index(region, spec, directory, proj.info).grid
 
 
+def test_a_reimport_of_the_same_extract_keeps_the_metatiles(region: str, proj: Project) -> None:
+    """The index names the import by its extract's sha256 and import format, never by when it happened: the
+    metatiles are a DVC output, and a re-import (or another machine's import) of the same extract must give the
+    same bytes, or `render@R` and everything after it (training) would run again for nothing."""
+    from loc2vec.raster import metatiles
+
+    directory, spec = proj.paths.metatiles(region), metatile_spec(proj)
+    rendered = ensure_metatiles(region, [VADUZ[0]], [VADUZ[1]], project=proj)
+    saved = (directory / "index.json").read_bytes()
+    table = sql.SQL("{}.imports").format(sql.Identifier(proj.info.meta_schema))
+    shift = sql.SQL("UPDATE {} SET imported_at = imported_at + %s::interval WHERE region = %s").format(table)
+    with cursor(proj.info) as cur:
+        cur.execute(shift, ("1 day", region))  # what a re-import of the same extract changes in the record
+    try:
+        metatiles._INDEXES.clear()
+        assert sorted(load_index(region, spec, directory, proj.info).entries) == sorted(rendered.entries)
+        assert (directory / "index.json").read_bytes() == saved
+    finally:
+        with cursor(proj.info) as cur:
+            cur.execute(shift, ("-1 day", region))
+        metatiles._INDEXES.clear()
+
+
 def test_raw_npy_metatiles_of_an_older_loc2vec_are_converted(region: str, proj: Project) -> None:
     """A cache in the raw layout (index version 1, one .npy per metatile) is converted to zarr on load, never
     misread, and cuts the same tiles; one whose signature no longer holds is removed and re-rendered."""

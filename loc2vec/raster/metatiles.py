@@ -240,7 +240,7 @@ def _signature(record: ImportRecord, grid: MetatileGrid) -> dict:
         "mpp": grid.mpp,
         "channels": _channels_digest(),
         "import_sha256": record.sha256,
-        "imported_at": record.imported_at.isoformat(),
+        "import_format": record.import_format,
     }
 
 
