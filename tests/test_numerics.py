@@ -1,12 +1,13 @@
 """The same samples train the same model on any machine (CPU): `loc2vec train` on two simulated machines.
 
 Two machines differ in what the libraries see: how many cores (torch's default thread count) and which
-instructions (oneDNN, ATen, MKL and numpy pick their kernels by CPU). Here machine A is this one with two
-cores and its AVX-512; machine B has one core (`taskset`) and only AVX2 (the libraries' own caps:
-ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, NPY_DISABLE_CPU_FEATURES). With the
-default `compute:` params (2 threads, kernels capped at AVX2: core/numerics.py) both write byte-identical
-model.pt; with `compute: {cpu_isa: native, cpu_threads: 0}` they train different models, which is what two
-machines did before (and shows the simulation is real).
+instructions (oneDNN, ATen, MKL, numpy and OpenBLAS pick their kernels by CPU). Here machine A is this one
+with two cores and its own instructions (AVX-512 where it has them); machine B has one core (`taskset`) and
+only AVX2, with OpenBLAS's choice on an AVX-only CPU (the libraries' own caps: ONEDNN_MAX_CPU_ISA,
+ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, NPY_DISABLE_CPU_FEATURES, OPENBLAS_CORETYPE). With the default
+`compute:` params (2 threads, kernels capped at AVX2: core/numerics.py) both write byte-identical model.pt
+and fit byte-identical logistic regressions; with `compute: {cpu_isa: native, cpu_threads: 0}` they differ,
+which is what two machines did before (and shows the simulation is real).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ AVX2_MACHINE = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+    "OPENBLAS_CORETYPE": "Sandybridge",  # OpenBLAS's own choice on a CPU with AVX but not AVX2
 }
 MACHINES = {"A: 2 cores, AVX-512": ("0,1", {}), "B: 1 core, AVX2 only": ("0", AVX2_MACHINE)}
 
@@ -96,3 +98,40 @@ def test_cpu_bf16_training_is_deterministic_run_to_run(samples: Path, project: P
     with patched_params(project, {**bf16, "train": {"cpu_bf16": False}}):
         fp32 = _train_on(machine, tmp_path / "fp32")
     assert fp32 != first  # bf16 really ran: it trains other weights
+
+
+# A logistic regression as the suite fits them (evaluation/added_value.py) on wide random features: its weights
+# depend on OpenBLAS's kernels (numpy's and scipy's BLAS), which OpenBLAS picks by CPU.
+_FIT = """
+import hashlib, sys
+from loc2vec.core.config import ComputeConfig
+from loc2vec.core.numerics import pin_cpu_numerics
+pin_cpu_numerics(ComputeConfig(cpu_isa=sys.argv[1]))  # at the edge, before numpy is imported (as the CLI does)
+import numpy as np
+from loc2vec.core.config import EvaluateConfig
+from loc2vec.evaluation.added_value import suite_classifier
+rng = np.random.default_rng(0)
+x = rng.normal(size=(400, 512))
+y = np.where(x[:, :8].sum(axis=1) + rng.normal(size=400) > 0, "a", "b")
+model = suite_classifier("logreg", EvaluateConfig()).fit(x, y)
+print(hashlib.sha256(model[-1].coef_.tobytes()).hexdigest())
+"""
+
+
+def _fit_on(machine: str, isa: str) -> str:
+    cpus, caps = MACHINES[machine]
+    env = {k: v for k, v in os.environ.items() if k not in {*THREAD_ENV, *ISA_ENV["avx2"], *AVX2_MACHINE}}
+    env.update(caps)
+    proc = subprocess.run(
+        ["taskset", "-c", cpus, sys.executable, "-c", _FIT, isa], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_pinned_logistic_regression_is_byte_identical_across_machines() -> None:
+    """OpenBLAS capped at Haswell's kernels: the same weights on both machines; uncapped, each machine's own."""
+    pinned = {m: _fit_on(m, "avx2") for m in MACHINES}
+    assert len(set(pinned.values())) == 1, pinned
+    native = {m: _fit_on(m, "native") for m in MACHINES}
+    assert len(set(native.values())) == 2, native
