@@ -379,6 +379,8 @@ def test_consumer_suite_adds_nearest_way_and_the_lift(published: str, region: st
     inputs = tmp_path / "inputs"
     manifest = build_suite_inputs(region, inputs, cfg, ctx, "consumer")
     assert set(manifest["tasks"]) == {"transport", "venue"}
+    for task in manifest["tasks"]:  # no wall-clock time in the DVC output: the labels are stamped at evaluation
+        assert "event_timestamp" not in pd.read_parquet(inputs / f"{task}.labels.parquet").columns, task
     opened = SuiteInputs.open(inputs, region, cfg, ctx)
     with pytest.raises(ConfigError, match="hold no venue_context.*--suite all"):
         opened.require(["venue_context", "transport"])

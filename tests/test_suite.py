@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -196,6 +197,8 @@ def test_suite_inputs_give_the_same_scores_as_the_suite_without_them(
     assert cached["meta"]["inputs"]["digest"] == manifest["digest"] and cached["meta"]["peers"]["fitted_on"] == [region]
     # the stored inputs hold no wall-clock time either (suite_inputs@R's DVC output): their seconds lie beside them
     assert '"seconds' not in (inputs / "manifest.json").read_text()
+    for task in LEAKFREE_TASKS:  # nor the labels' observation time, stamped at evaluation as make_labels does
+        assert "event_timestamp" not in pd.read_parquet(inputs / f"{task}.labels.parquet").columns, task
     assert json.loads(run_info_path(inputs).read_text())["tasks"]["venue_context"]["seconds"] > 0
 
 

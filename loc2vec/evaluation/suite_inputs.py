@@ -12,7 +12,8 @@ Directory (written whole, then swapped in):
 
 * ``manifest.json`` – what the inputs were built from (``fingerprint``: params, the import's sha256, this
   format's version; evaluate refuses inputs of other params), per-task meta and timings, the peers' meta;
-* ``<task>.labels.parquet``, ``<task>.features.npz`` (the baselines, rows aligned with the labels),
+* ``<task>.labels.parquet`` (without the labels' observation time, a wall-clock stamp: every build of the same
+  inputs gives the same bytes; evaluation stamps them as `make_labels` does), ``<task>.features.npz`` (the baselines, rows aligned with the labels),
   ``<task>.tiles.npz`` (the masked uint8 tiles, compressed), ``<task>.fits.json`` (`added_value.BaselineFits`)
   for each leak-free task;
 * for each consumer task (transport, venue): ``<task>.labels.parquet`` (every label as `make_labels` makes it),
@@ -52,7 +53,7 @@ from loc2vec.embedding.cells import embedded_mask
 from loc2vec.evaluation.added_value import REFERENCE, WIDE, BaselineFits, baseline_fits
 from loc2vec.evaluation.classifiers import SERVICES
 from loc2vec.evaluation.context import EvaluationContext
-from loc2vec.evaluation.labels import make_labels
+from loc2vec.evaluation.labels import LABEL_COLUMNS, make_labels
 from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, make_leakfree_labels
 from loc2vec.evaluation.peers import PEERS, Peers, check_sources, require_srai
 from loc2vec.evaluation.provenance import run_info_path, split_run_info
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 INPUTS_VERSION = 2  # bump when what is stored, or how it is computed, changes
 MANIFEST = "manifest.json"
 SERVED = "_served"  # the inputs stage's stand-in for the feature store's rows: NaN where embed covers no cell
+EVENT_TIME = "event_timestamp"  # the labels' column that is not stored (see _write_labels)
 FITTED_ROWS = "_fitted_rows"  # in a consumer task's features.npz: the rows its stored fits were made on
 
 
@@ -195,7 +197,7 @@ def _leakfree_inputs(
     data = finish_leakfree(task, region, [], cfg, ctx, labels, feats, time.perf_counter() - start)
     fits = baseline_fits(data, task_baselines(task, cfg), cfg, ctx.radius_m, phases)
     t0 = time.perf_counter()
-    data.labels.to_parquet(tmp / f"{task}.labels.parquet", index=False)
+    _write_labels(data.labels, tmp / f"{task}.labels.parquet")
     historical: dict[str, Any] = dict(data.historical)  # (numpy's stubs read ** as its allow_pickle flag)
     np.savez(tmp / f"{task}.features.npz", **historical)
     assert tiles[0] is not None
@@ -260,7 +262,7 @@ def _consumer_inputs(
     )
     fits = baseline_fits(data, names, cfg, ctx.radius_m, phases)
     t0 = time.perf_counter()
-    labels.to_parquet(tmp / f"{task}.labels.parquet", index=False)
+    _write_labels(labels, tmp / f"{task}.labels.parquet")
     fitted = labels["label_id"].isin(set(data.labels["label_id"])).to_numpy()
     arrays: dict[str, Any] = {**feats, FITTED_ROWS: fitted}  # (numpy's stubs read ** as its allow_pickle flag)
     np.savez(tmp / f"{task}.features.npz", **arrays)
@@ -268,6 +270,24 @@ def _consumer_inputs(
     phases["write"] = time.perf_counter() - t0
     meta = {"n_labels": len(labels), "n_rows_fitted": int(fitted.sum()), "n_cells_not_embedded": int((~served).sum())}
     return {"meta": {**meta, "stored": names}}
+
+
+def _write_labels(labels: pd.DataFrame, path: Path) -> None:
+    """The labels without their observation time: stamped with the wall clock when made (labels.label_time: now),
+    it made the directory, a DVC output, other bytes at every build of the same inputs (evaluate@R stale for
+    nothing). `_read_labels` stamps them as `make_labels` would at evaluation."""
+    labels.drop(columns=[EVENT_TIME], errors="ignore").to_parquet(path, index=False)
+
+
+def _read_labels(path: Path, cfg: EvaluateConfig) -> pd.DataFrame:
+    """Stored labels, observed now (or at params' labels.label_time), in `make_labels`' column order."""
+    labels = pd.read_parquet(path)
+    stamp = pd.Timestamp(cfg.labels.event_time())
+    if EVENT_TIME in labels:  # inputs stored with it by an older loc2vec
+        labels[EVENT_TIME] = stamp
+    else:
+        labels.insert(LABEL_COLUMNS.index(EVENT_TIME), EVENT_TIME, stamp)
+    return labels
 
 
 @dataclass
@@ -328,7 +348,7 @@ class SuiteInputs:
                 " built with: run the suite without --inputs, or build them with this architecture"
             )
         t0 = time.perf_counter()
-        labels = pd.read_parquet(self.path / f"{task}.labels.parquet")
+        labels = _read_labels(self.path / f"{task}.labels.parquet", self.cfg)
         with np.load(self.path / f"{task}.features.npz") as npz:
             feats = {k: npz[k] for k in npz.files}
         with np.load(self.path / f"{task}.tiles.npz") as npz:
@@ -368,8 +388,7 @@ class SuiteInputs:
         loc2vec and the histogram read from the feature store; and the baselines' fits (None if the store lacks
         some labels' cells: every baseline is then fitted in `score_added_value`)."""
         t0 = time.perf_counter()
-        labels = pd.read_parquet(self.path / f"{task}.labels.parquet")
-        labels["event_timestamp"] = pd.Timestamp(self.cfg.labels.event_time())
+        labels = _read_labels(self.path / f"{task}.labels.parquet", self.cfg)
         with np.load(self.path / f"{task}.features.npz") as npz:
             feats = {k: npz[k] for k in npz.files if k != FITTED_ROWS}
             fitted = npz[FITTED_ROWS]
