@@ -288,11 +288,14 @@ def test_champion_gate_moves_champion_only_for_a_downstream_improvement(tiny: Pa
         assert json.loads(proj.paths.promotion.read_text())["champion_version"] == version
         assert float(client.get_model_version(name, version).tags["gate_score"]) == result["candidate_score"]
 
-        # the same weights again as candidate: no lead, so the champion stays
+        # the same weights again as candidate (a deterministic retrain): no lead by identity, not scored, the
+        # champion stays
         again = client.create_model_version(name, source=trained.source, run_id=trained.run_id).version
         client.set_registered_model_alias(name, CANDIDATE, again)
         result = gate()
-        assert not result["promoted"] and result["candidate_lead"] == 0.0
+        assert not result["promoted"] and result["candidate_lead"] == 0.0 and result["same_weights_as_champion"]
+        assert result["candidate_score"] is None and result["candidate_version"] == str(again)
+        assert "gate_score" not in client.get_model_version(name, again).tags
         assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version
     finally:
         path.write_text(saved)

@@ -13,7 +13,9 @@ the added-value suite's instead (evaluation/suite_gate.py): the mean leak-free l
 ``promote.lift_weight`` × the mean consumer lift, so a model that only wins on leaky tasks is not promoted.
 
 Both versions get the score as the model-version tag ``gate_score``. A candidate that is the champion already
-(a registry's first version: training makes it champion) is not scored: there is nothing to compare it with.
+(a registry's first version: training makes it champion) is not scored: there is nothing to compare it with;
+nor is one with the champion's very weights (training is deterministic, so a retrain after a change that does not
+touch it reproduces them): its lead is 0 by identity.
 The decision is written to data/promotion.json: the embed stage's dependency, so embeddings are recomputed
 exactly when the champion moves.
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from loc2vec.core.atomic import write_text
 from loc2vec.core.config import EvaluateConfig, PromoteConfig
@@ -101,10 +104,12 @@ def promote(
     if champion.version == candidate.version:  # the first version, or one promoted before: nothing to compare
         return _write_decision(out, _already_champion(name, regions, candidate, cfg))
     refs = {"candidate": candidate, "champion": champion}
+    encoders = {key: load_model(ctx.paths, ref, ctx.model) for key, ref in refs.items()}
+    if same_weights(encoders["candidate"], encoders["champion"]):
+        return _write_decision(out, _same_as_champion(name, regions, candidate, champion, cfg))
     if cfg.score == "suite":
         from loc2vec.evaluation.suite_gate import suite_gate_scores
 
-        encoders = {key: load_model(ctx.paths, ref, ctx.model) for key, ref in refs.items()}
         scores = suite_gate_scores(encoders, regions, evaluate_cfg, ctx, cfg.lift_weight)
     else:
         scores = gate_scores(refs, regions, evaluate_cfg, ctx)
@@ -166,6 +171,51 @@ def _already_champion(name: str, regions: list[str], candidate: ModelRef, cfg: P
         "score_formula": SCORE_FORMULAS[cfg.score].format(w=cfg.lift_weight),
         "candidate_tasks": {},
         "champion_tasks": {},
+    }
+
+
+def same_weights(a: Encoder, b: Encoder) -> bool:
+    """The same architecture and bit-identical weights (and BatchNorm statistics): the same model."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
+def _same_as_champion(
+    name: str, regions: list[str], candidate: ModelRef, champion: ModelRef, cfg: PromoteConfig
+) -> dict[str, Any]:
+    """The decision when the candidate has the champion's very weights (a retrain that reproduced them: training is
+    deterministic, so any re-run after a change that does not touch training does it): both would score the same
+    (measured: 0.3867 and 0.3867, ~110 s of scoring on 2 cores), so the lead is 0 by identity and the usual rule
+    decides. Its scores are null, not made up."""
+    promoted = cfg.min_delta < 0.0  # a lead of 0 beats min_delta only when that is negative
+    if promoted:
+        from mlflow import MlflowClient
+
+        MlflowClient().set_registered_model_alias(name, CHAMPION, candidate.version)
+    log.info(
+        "%s: candidate v%s has the weights of champion v%s: not scored (lead 0)%s",
+        name,
+        candidate.version,
+        champion.version,
+        " → promoted (promote.min_delta < 0)" if promoted else "",
+    )
+    return {
+        "model_name": name,
+        "regions": regions,
+        "candidate_version": candidate.version,
+        "previous_champion_version": champion.version,
+        "champion_version": candidate.version if promoted else champion.version,
+        "promoted": promoted,
+        "candidate_score": None,
+        "champion_score": None,
+        "candidate_lead": 0.0,
+        "min_delta": cfg.min_delta,
+        "score_formula": SCORE_FORMULAS[cfg.score].format(w=cfg.lift_weight),
+        "candidate_tasks": {},
+        "champion_tasks": {},
+        "same_weights_as_champion": True,
     }
 
 
