@@ -21,7 +21,10 @@ exactly, and the largest difference.
 Downstream (``macro_f1``): logistic-regression macro-F1 of the transport and venue tasks on the region's
 labels, blocked spatial folds, as `loc2vec evaluate` scores them (evaluation/run.py), with per-tile
 features (`encoder_features`: each label cell's tile, cut and encoded) against dense features (the dense
-embedding of the label's cell); labels whose cell is not embedded are dropped from both, as evaluate does.
+embedding of the label's cell); labels whose cell is not embedded are dropped from both, as evaluate does. With each difference, its 95% paired
+spatial block-bootstrap interval (the suite's lift statistic: whole blocks resampled, both predictions scored on
+the same draw) and how many tested labels the two paths predict differently: whether a difference is more
+than the task's sampling noise.
 
 The encoder: ``$LOC2VEC_BENCH_MODEL_DIR`` (model.pt + model_config.json, e.g. another checkout's
 data/model), else the registered ``champion`` of ``train.registered_model``, else data/model.
@@ -110,6 +113,7 @@ def _snapped(model: Encoder, index, keys, xs, ys, settings: DenseSettings, batch
 
 def _macro_f1(project: Project, region: str, model: Encoder, cells: list[str], dense: np.ndarray) -> dict[str, Any]:
     """Logreg macro-F1 per task, per-tile features vs dense ones, on the same labels and folds."""
+    from loc2vec.evaluation.added_value import paired_lift
     from loc2vec.evaluation.context import EvaluationContext
     from loc2vec.evaluation.featuresets import Featurizer, encoder_features
     from loc2vec.evaluation.labels import TASKS
@@ -142,9 +146,19 @@ def _macro_f1(project: Project, region: str, model: Encoder, cells: list[str], d
     out: dict[str, Any] = {}
     for task in TASKS:
         data = prepare_task(task, region, None, cfg, featurizer, ctx)
-        scored, _ = score_task(data, cfg)
+        scored, preds = score_task(data, cfg)
         f1 = {k: round(scored[k]["logreg"]["macro_f1"], 4) for k in ("per_tile", "dense")}
-        out[task] = {**f1, "difference": round(f1["dense"] - f1["per_tile"], 4), "n_labels": len(data.labels)}
+        tested = np.concatenate([f.test for f in data.folds])
+        y = data.labels["label"].to_numpy()[tested]
+        with_dense, with_tiles = preds[("dense", "logreg")], preds[("per_tile", "logreg")]
+        _, ci95 = paired_lift(y, with_dense, with_tiles, data.blocks[tested], 1000, cfg.split.seed)
+        out[task] = {
+            **f1,
+            "difference": round(f1["dense"] - f1["per_tile"], 4),
+            "difference_ci95": [round(v, 4) for v in ci95],
+            "predictions_differing": int((with_dense != with_tiles).sum()),
+            "n_labels": len(data.labels),
+        }
     return out
 
 
