@@ -21,10 +21,10 @@ exactly, and the largest difference.
 Downstream (``macro_f1``): logistic-regression macro-F1 of the transport and venue tasks on the region's
 labels, blocked spatial folds, as `loc2vec evaluate` scores them (evaluation/run.py), with per-tile
 features (`encoder_features`: each label cell's tile, cut and encoded) against dense features (the dense
-embedding of the label's cell); labels whose cell is not embedded are dropped from both, as evaluate does. With each difference, its 95% paired
-spatial block-bootstrap interval (the suite's lift statistic: whole blocks resampled, both predictions scored on
-the same draw) and how many tested labels the two paths predict differently: whether a difference is more
-than the task's sampling noise.
+embedding of the label's cell); labels whose cell is not embedded are dropped from both, as evaluate does.
+With each difference, its 95% paired spatial block-bootstrap interval (the suite's lift statistic: whole
+blocks resampled, both predictions scored on the same draw) and how many tested labels the two paths predict
+differently: whether a difference is more than the task's sampling noise.
 
 The encoder: ``$LOC2VEC_BENCH_MODEL_DIR`` (model.pt + model_config.json, e.g. another checkout's
 data/model), else the registered ``champion`` of ``train.registered_model``, else data/model.

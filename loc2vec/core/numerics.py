@@ -13,9 +13,9 @@ default Encoder on fixed random triplets, torch 2.13 CPU; `tests/test_numerics.p
   did not change the result here; they are capped as well, since another build or vendor may differ:
   MKL picks other code paths on Intel and AMD, numpy dispatches its math functions by CPU, and OpenBLAS,
   numpy's and scipy's BLAS, picks its kernels by CPU: the same logistic-regression fit ends on other
-  weights with its Haswell, Sandybridge and generic kernels (tests/test_numerics.py), and the evaluation
-  of the same code on an AVX-512 and an AVX2 machine differed only in the fits on `random_wide`'s 1,024
-  columns, where such differences add up to other predictions.)
+  weights with its Haswell, Sandybridge and generic kernels (measured; tests/test_numerics.py compares the
+  first two), and the evaluation of the same code on an AVX-512 and an AVX2 machine differed only in the
+  fits on `random_wide`'s 1,024 columns, where such differences add up to other predictions.)
 
 So every command runs with `compute.cpu_threads` threads (default 2) and, with `compute.cpu_isa: avx2`
 (the default), with every library's kernels capped at AVX2, which any x86-64 machine of the last ten years
@@ -41,8 +41,8 @@ from loc2vec.core.config import ComputeConfig
 log = logging.getLogger(__name__)
 # What each library reads: oneDNN (convolutions), ATen (PyTorch's vectorised kernels), MKL (torch's BLAS), numpy,
 # and OpenBLAS (numpy's and scipy's BLAS: the suite's logistic regressions). OpenBLAS picks its kernels by CPU
-# (SkylakeX on AVX-512, Haswell on AVX2, Sandybridge on AVX): on the same 800 × 1,024 features the same
-# L-BFGS fit ends on other weights with each (tests/test_numerics.py); Haswell's are AVX2 + FMA.
+# (SkylakeX on AVX-512, Haswell on AVX2, Sandybridge on AVX): on the same 800 × 1,024 random features the same
+# L-BFGS fit ended on other weights with each kernel set tried; Haswell's are AVX2 + FMA.
 ISA_ENV: dict[str, dict[str, str]] = {
     "avx2": {
         "ONEDNN_MAX_CPU_ISA": "AVX2",

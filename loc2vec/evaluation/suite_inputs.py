@@ -13,9 +13,9 @@ Directory (written whole, then swapped in):
 * ``manifest.json`` – what the inputs were built from (``fingerprint``: params, the import's sha256, this
   format's version; evaluate refuses inputs of other params), per-task meta and timings, the peers' meta;
 * ``<task>.labels.parquet`` (without the labels' observation time, a wall-clock stamp: every build of the same
-  inputs gives the same bytes; evaluation stamps them as `make_labels` does), ``<task>.features.npz`` (the baselines, rows aligned with the labels),
-  ``<task>.tiles.npz`` (the masked uint8 tiles, compressed), ``<task>.fits.json`` (`added_value.BaselineFits`)
-  for each leak-free task;
+  inputs gives the same bytes; evaluation stamps them as `make_labels` does), ``<task>.features.npz`` (the
+  baselines, rows aligned with the labels), ``<task>.tiles.npz`` (the masked uint8 tiles, compressed),
+  ``<task>.fits.json`` (`added_value.BaselineFits`) for each leak-free task;
 * for each consumer task (transport, venue): ``<task>.labels.parquet`` (every label as `make_labels` makes it),
   ``<task>.features.npz`` (every baseline that is a function of the label point alone: latlon, tag_counts,
   random_encoder and random_wide on the cell's tile from the region's metatiles, nearest_way, the srai peers;
