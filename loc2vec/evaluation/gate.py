@@ -58,18 +58,17 @@ def _encoder_feature(encoder: Encoder, ctx: EvaluationContext, batch_size: int) 
 
 
 def gate_scores(
-    refs: dict[str, ModelRef], regions: list[str], cfg: EvaluateConfig, ctx: EvaluationContext
+    encoders: dict[str, Encoder], regions: list[str], cfg: EvaluateConfig, ctx: EvaluationContext
 ) -> dict[str, dict[str, Any]]:
     """{key: {"score": mean macro-F1, "tasks": {region/task: macro-F1}}} for each model, on the same labels and folds."""
-    cfg = cfg.model_copy(update={"featuresets": tuple(refs), "bootstrap": 0})
-    encoders = {key: load_model(ctx.paths, ref, ctx.model) for key, ref in refs.items()}
+    cfg = cfg.model_copy(update={"featuresets": tuple(encoders), "bootstrap": 0})
     featurizer = Featurizer({key: _encoder_feature(enc, ctx, cfg.batch_size) for key, enc in encoders.items()})
-    per_task: dict[str, dict[str, float]] = {key: {} for key in refs}
+    per_task: dict[str, dict[str, float]] = {key: {} for key in encoders}
     for region in regions:
         for task in TASKS:
             data = prepare_task(task, region, None, cfg, featurizer, ctx)
             scored, _ = score_task(data, cfg)
-            for key in refs:
+            for key in encoders:
                 per_task[key][f"{region}/{task}"] = round(scored[key]["logreg"]["macro_f1"], 4)
     return {key: {"score": round(float(np.mean(list(t.values()))), 4), "tasks": t} for key, t in per_task.items()}
 
@@ -112,7 +111,7 @@ def promote(
 
         scores = suite_gate_scores(encoders, regions, evaluate_cfg, ctx, cfg.lift_weight)
     else:
-        scores = gate_scores(refs, regions, evaluate_cfg, ctx)
+        scores = gate_scores(encoders, regions, evaluate_cfg, ctx)
     client = MlflowClient()
     for key, ref in refs.items():
         client.set_model_version_tag(name, ref.version, "gate_score", str(scores[key]["score"]))
