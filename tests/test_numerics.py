@@ -55,11 +55,15 @@ def samples(project: Path, region: str) -> Iterator[Path]:
         yield project
 
 
+def _machine_env(machine: str) -> dict[str, str]:
+    """The environment of a fresh process on `machine`: its instruction caps, nothing pinned by this test process."""
+    env = {k: v for k, v in os.environ.items() if k not in {*THREAD_ENV, *ISA_ENV["avx2"], *AVX2_MACHINE}}
+    return {**env, **MACHINES[machine][1]}
+
+
 def _train_on(machine: str, out: Path) -> str:
     """`loc2vec train` as on `machine`: its cores (CPU affinity) and instruction caps; returns model.pt's sha256."""
-    cpus, caps = MACHINES[machine]
-    env = {k: v for k, v in os.environ.items() if k not in {*THREAD_ENV, *ISA_ENV["avx2"], *AVX2_MACHINE}}
-    env.update(caps)  # a fresh process on that machine: nothing pinned by this test process
+    cpus, env = MACHINES[machine][0], _machine_env(machine)
     cmd = ["taskset", "-c", cpus, sys.executable, "-m", "loc2vec.cli", "train", "--no-mlflow", "--no-resume"]
     proc = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,12 +123,8 @@ print(hashlib.sha256(model[-1].coef_.tobytes()).hexdigest())
 
 
 def _fit_on(machine: str, isa: str) -> str:
-    cpus, caps = MACHINES[machine]
-    env = {k: v for k, v in os.environ.items() if k not in {*THREAD_ENV, *ISA_ENV["avx2"], *AVX2_MACHINE}}
-    env.update(caps)
-    proc = subprocess.run(
-        ["taskset", "-c", cpus, sys.executable, "-c", _FIT, isa], cwd=REPO, env=env, capture_output=True, text=True
-    )
+    cmd = ["taskset", "-c", MACHINES[machine][0], sys.executable, "-c", _FIT, isa]
+    proc = subprocess.run(cmd, cwd=REPO, env=_machine_env(machine), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip()
 

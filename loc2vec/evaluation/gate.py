@@ -156,21 +156,7 @@ def _already_champion(name: str, regions: list[str], candidate: ModelRef, cfg: P
     log.info(
         "%s: candidate v%s is the champion already: nothing to compare it with (not scored)", name, candidate.version
     )
-    return {
-        "model_name": name,
-        "regions": regions,
-        "candidate_version": candidate.version,
-        "previous_champion_version": candidate.version,
-        "champion_version": candidate.version,
-        "promoted": False,
-        "candidate_score": None,
-        "champion_score": None,
-        "candidate_lead": None,
-        "min_delta": cfg.min_delta,
-        "score_formula": SCORE_FORMULAS[cfg.score].format(w=cfg.lift_weight),
-        "candidate_tasks": {},
-        "champion_tasks": {},
-    }
+    return _unscored(name, regions, candidate, candidate, cfg, lead=None, promoted=False)
 
 
 def same_weights(a: Encoder, b: Encoder) -> bool:
@@ -201,6 +187,23 @@ def _same_as_champion(
         " → promoted (promote.min_delta < 0)" if promoted else "",
     )
     return {
+        **_unscored(name, regions, candidate, champion, cfg, lead=0.0, promoted=promoted),
+        "same_weights_as_champion": True,
+    }
+
+
+def _unscored(
+    name: str,
+    regions: list[str],
+    candidate: ModelRef,
+    champion: ModelRef,
+    cfg: PromoteConfig,
+    *,
+    lead: float | None,
+    promoted: bool,
+) -> dict[str, Any]:
+    """A decision made without scoring either version: scores null, not made up."""
+    return {
         "model_name": name,
         "regions": regions,
         "candidate_version": candidate.version,
@@ -209,12 +212,11 @@ def _same_as_champion(
         "promoted": promoted,
         "candidate_score": None,
         "champion_score": None,
-        "candidate_lead": 0.0,
+        "candidate_lead": lead,
         "min_delta": cfg.min_delta,
         "score_formula": SCORE_FORMULAS[cfg.score].format(w=cfg.lift_weight),
         "candidate_tasks": {},
         "champion_tasks": {},
-        "same_weights_as_champion": True,
     }
 
 
