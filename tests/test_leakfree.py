@@ -19,8 +19,15 @@ from loc2vec.cli.project import Project
 from loc2vec.core.geo import lonlat_to_mercator, mercator_scale
 from loc2vec.evaluation.featuresets import EXTRA_LINES, LAND_COVER, TAG_COLUMNS
 from loc2vec.evaluation.labels import TRANSPORT_MODES, VENUE_GROUPS
-from loc2vec.evaluation.leakfree import KEEP_CHANNELS, LEAKFREE_TASKS, building_coverage, make_leakfree_labels
-from loc2vec.evaluation.scene import hidden_of, nearest_way, scene_tag_counts
+from loc2vec.evaluation.leakfree import (
+    KEEP_CHANNELS,
+    MASKED_TASKS,
+    SURFACE_GROUPS,
+    building_coverage,
+    make_leakfree_labels,
+    surface_coverage,
+)
+from loc2vec.evaluation.scene import hidden_of, nearest_way, scene_tag_counts, scene_tiles
 from loc2vec.osm.db import cursor
 from loc2vec.raster.channels import CHANNELS, HIDE_VARIABLES, maskable_sql
 from loc2vec.raster.render import HiddenObject, RenderError, get_renderer, render_tile
@@ -39,6 +46,7 @@ def _labels(region: str, task: str) -> pd.DataFrame:
             "transport_per_class": 30,
             "venue_per_class": 20,
             "building_per_class": 20,
+            "surface_per_class": 20,
             "min_per_class": 5,
         }
     )
@@ -155,7 +163,7 @@ def test_plain_renderer_cannot_hide(proj: Project, region: str) -> None:
         renderer.render(*VADUZ, hidden=HiddenObject("way", 1))
 
 
-@pytest.mark.parametrize("task", LEAKFREE_TASKS)
+@pytest.mark.parametrize("task", MASKED_TASKS)
 def test_masked_tile_has_no_pixels_of_the_hidden_object(proj: Project, region: str, task: str) -> None:
     labels = _labels(region, task).iloc[:SAMPLE]
     keep = KEEP_CHANNELS.get(task, ())
@@ -218,7 +226,7 @@ def _object_counts(proj: Project, region: str, row, hidden: HiddenObject, task: 
     return np.asarray(out, dtype=float)
 
 
-@pytest.mark.parametrize("task", LEAKFREE_TASKS)
+@pytest.mark.parametrize("task", MASKED_TASKS)
 def test_masked_tag_counts_differ_by_exactly_the_hidden_object(proj: Project, region: str, task: str) -> None:
     labels = _labels(region, task).iloc[:SAMPLE].reset_index(drop=True)
     radius = proj.params.render.radius_m
@@ -253,3 +261,40 @@ def test_building_groups_come_from_the_data(proj: Project, region: str) -> None:
     labels = _labels(region, "building_type")
     assert set(labels["label"]) <= set(coverage) and labels["label"].nunique() >= 3
     assert (labels["lat"] == labels["lat0"]).all(), "a building label is the building itself: no GPS noise"
+
+
+def test_road_surface_labels_are_the_roads_own_tag(proj: Project, region: str) -> None:
+    labels = _labels(region, "road_surface")
+    coverage = surface_coverage(region, evaluation_context(proj).labels)
+    assert set(labels["label"]) == set(SURFACE_GROUPS) and (labels["label"].value_counts() == 20).all()
+    assert all(coverage[g] >= 20 for g in SURFACE_GROUPS) and coverage["untagged"] > 0
+    assert labels["osm_id"].is_unique, "one point per road"
+    roads = [c for c in CHANNELS if c.name in ("roads_major", "roads_minor", "paths")]
+    with cursor(proj.info) as cur:
+        for row in labels.itertuples():
+            x, y = lonlat_to_mercator(row.lon0, row.lat0)
+            cur.execute(
+                sql.SQL(
+                    "SELECT surface, min(ST_Distance(way, ST_SetSRID(ST_MakePoint(%s, %s), 3857)))"
+                    " FROM {s}.planet_osm_line WHERE osm_id = %s GROUP BY surface"
+                ).format(s=sql.Identifier(region)),
+                (x, y, int(row.osm_id)),
+            )
+            ((surface, dist),) = cur.fetchall()
+            assert surface in SURFACE_GROUPS[row.label], f"way {row.osm_id}: surface={surface} is not {row.label}"
+            assert dist < 0.01, f"the un-jittered point lies on its road ({dist} m away)"
+            mine = _object_geometries(proj, region, HiddenObject("way", int(row.osm_id)))
+            assert any(_draws(proj, region, c, mine) for c in roads), f"way {row.osm_id}: no road channel draws it"
+
+
+def test_road_surface_scene_hides_nothing_and_no_input_reads_the_surface(proj: Project, region: str) -> None:
+    labels = _labels(region, "road_surface").iloc[:4].reset_index(drop=True)
+    assert (labels["hidden_id"] == 0).all() and hidden_of(labels) == [None] * len(labels)
+    tiles = next(scene_tiles(region, labels, proj.params.render, proj.info, len(labels)))
+    for tile, row in zip(tiles, labels.itertuples(), strict=True):
+        assert np.array_equal(tile, render_tile(region, row.lat, row.lon, render=proj.params.render, info=proj.info))
+    radius = proj.params.render.radius_m
+    plain = labels.drop(columns=["task", "hidden_table", "hidden_id"])  # a consumer point: nothing to hide
+    assert np.array_equal(scene_tag_counts(labels, proj.info, radius), scene_tag_counts(plain, proj.info, radius))
+    filters = [c.sql for c in CHANNELS] + [*TRANSPORT_MODES.values(), *EXTRA_LINES.values(), *VENUE_GROUPS.values()]
+    assert not any("surface" in f for f in [*filters, *LAND_COVER.values()]), "no channel draws, no count reads it"

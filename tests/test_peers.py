@@ -15,7 +15,7 @@ import pytest
 from psycopg2 import sql
 
 from loc2vec.cli.project import Project
-from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, make_leakfree_labels
+from loc2vec.evaluation.leakfree import MASKED_TASKS, make_leakfree_labels
 from loc2vec.evaluation.peers import FOOTPRINT, PEERS, Peers, hidden_feature_ids, tag_filter
 from loc2vec.osm.db import cursor
 
@@ -67,7 +67,7 @@ def _object_tags(proj: Project, region: str, table: str, osm_id: int) -> set[str
     return out
 
 
-@pytest.mark.parametrize("task", LEAKFREE_TASKS)
+@pytest.mark.parametrize("task", MASKED_TASKS)
 def test_peer_inputs_lose_exactly_the_label_object(peers: Peers, region: str, task: str) -> None:
     proj = Project.load()
     labels = _labels(task)

@@ -13,7 +13,7 @@ import torch
 
 from loc2vec.core.config import ModelConfig
 from loc2vec.evaluation.added_value import BEST, BEST_PLUS, WIDE
-from loc2vec.evaluation.leakfree import LEAKFREE_TASKS
+from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, MASKED_TASKS, SURFACE_GROUPS
 from loc2vec.evaluation.provenance import run_info_path
 
 from .fixtures.project import load_project
@@ -21,7 +21,8 @@ from .fixtures.trained import patched_params
 
 SMALL = {
     "labels": {
-        "seed": 3, "transport_per_class": 25, "venue_per_class": 20, "building_per_class": 20, "min_per_class": 8,
+        "seed": 3, "transport_per_class": 25, "venue_per_class": 20, "building_per_class": 20, "surface_per_class": 20,
+        "min_per_class": 8,
     },
     "split": {"block_m": 600.0, "folds": 3, "seed": 1},
     "bootstrap": 100,
@@ -64,7 +65,7 @@ def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict)
         expected = {"loc2vec", "latlon", "histogram", "tag_counts", "random_encoder", "random_wide", BEST, BEST_PLUS}
         expected |= {WIDE, f"{BEST}+{WIDE}"}  # the encoder's wide representation, alone and added
         expected |= {"srai_contextual_counts", "srai_hex2vec"}  # the peers run inside the suite
-        if task == "transport_context":
+        if task in ("transport_context", "road_surface"):
             expected.add("nearest_way")
         assert set(table) == expected | {"lift", f"lift_{WIDE}"}, task
         for name in expected:
@@ -101,8 +102,10 @@ def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict)
     coverage = suite_result["meta"]["tasks"]["building_type"]["building_coverage"]["test_li"]
     assert coverage["untyped"] > 0 and coverage["residential"] > 0
     assert suite_result["meta"]["leakfree_score"] == pytest.approx(
-        sum(tasks[t]["loc2vec"]["logreg"]["macro_f1"] for t in LEAKFREE_TASKS) / 3
-    )
+        sum(tasks[t]["loc2vec"]["logreg"]["macro_f1"] for t in MASKED_TASKS) / 3
+    ), "the gate's three masked tasks: road_surface hides nothing and is reported beside them"
+    surfaces = suite_result["meta"]["tasks"]["road_surface"]
+    assert surfaces["surface_coverage"]["test_li"]["untagged"] > 0 and set(surfaces["classes"]) == set(SURFACE_GROUPS)
     assert json.loads(suite_result["_stdout"]) == tasks, "stdout is the tasks table alone"
 
 
@@ -146,7 +149,7 @@ def test_suite_gate_score_is_leakfree_f1_plus_weighted_consumer_lift(project: Pa
         )
     for s in scores.values():
         assert s["score"] == pytest.approx(s["leakfree"] + 0.5 * s["consumer_lift"], abs=2e-4)
-        assert {f"{region}/{t}" for t in LEAKFREE_TASKS} | {f"{region}/transport.lift", f"{region}/venue.lift"} == set(
+        assert {f"{region}/{t}" for t in MASKED_TASKS} | {f"{region}/transport.lift", f"{region}/venue.lift"} == set(
             s["tasks"]
         )
     assert scores["constant"]["consumer_lift"] == pytest.approx(0.0, abs=0.02), "a constant adds nothing to a baseline"

@@ -363,6 +363,7 @@ class LabelConfig(Section):
     transport_per_class: int = Field(250, ge=1)
     venue_per_class: int = Field(80, ge=1)
     building_per_class: int = Field(150, ge=1)  # building_type (evaluation/leakfree.py): at most this many per group
+    surface_per_class: int = Field(250, ge=1)  # road_surface (evaluation/leakfree.py): at most this many per group
     min_per_class: int = Field(20, ge=1)  # venue groups with fewer POIs are dropped
     min_mode_length_m: float = 1000.0  # transport modes with a shorter network are dropped
     label_time: str = "now"  # "now" or an ISO-8601 time (UTC if no offset)

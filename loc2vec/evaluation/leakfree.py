@@ -15,6 +15,16 @@ is built with that object hidden, by its osm2pgsql id:
   ``amenity``/``shop`` tags, land use, …) is hidden, and no featureset counts building types.
   ``building=yes`` (most buildings) says nothing and is not a label.
 
+One attribute task (``ATTRIBUTE_TASKS``, beside the three ``MASKED_TASKS``; the champion gate scores those three): the label is a tag that no channel draws and no featureset counts,
+so nothing needs hiding, and the object stays in every input:
+
+* ``road_surface`` – is the road under a GPS-like point paved or unpaved (``surface=*``, grouped as
+  SURFACE_GROUPS, after the OSM wiki's "data users may treat this as" column; ambiguous values such as
+  ``wood`` or ``grass_paver`` are no label)? One point per road, at the middle of its way, jittered as the
+  transport points; roads are the highways the three road channels draw. The road's class is drawn (a
+  track looks like a track): the question is whether the scene says more about the surface than that,
+  which is what ``nearest_way`` (the distance to the nearest road of each mode) gives an engineer.
+
 Each frame has the consumer labels' columns plus ``hidden_table`` ("point" or "way") and ``hidden_id``
 (the id in that table: a node's, a way's, or minus a relation's).
 """
@@ -33,13 +43,29 @@ from loc2vec.core.geo import from_mercator
 from loc2vec.core.names import validate_region_name
 from loc2vec.evaluation.labels import LabelSource, finish_labels, margin_box, transport_labels, venue_labels
 from loc2vec.osm.db import cursor
+from loc2vec.raster.channels import MAJOR_ROADS, MINOR_ROADS, PATHS
 from loc2vec.raster.render import HiddenObject
 from loc2vec.sampling.land import ENVELOPE
 
 log = logging.getLogger(__name__)
 
-LEAKFREE_TASKS: tuple[str, ...] = ("venue_context", "transport_context", "building_type")
-TRANSPORT_TASKS: tuple[str, ...] = ("transport", "transport_context")  # the tasks nearest_way is for
+MASKED_TASKS: tuple[str, ...] = ("venue_context", "transport_context", "building_type")  # the champion gate's three
+ATTRIBUTE_TASKS: tuple[str, ...] = ("road_surface",)  # a tag no input renders or counts: nothing to hide
+LEAKFREE_TASKS: tuple[str, ...] = (*MASKED_TASKS, *ATTRIBUTE_TASKS)  # every featureset from each label's scene
+NEAREST_WAY_TASKS: tuple[str, ...] = ("transport", "transport_context", "road_surface")  # the tasks nearest_way is for
+
+# surface=* value → group (OSM wiki Key:surface, "data users may treat this as"; ambiguous values are no label)
+SURFACE_GROUPS: dict[str, tuple[str, ...]] = {
+    "paved": (
+        "paved", "asphalt", "chipseal", "concrete", "concrete:lanes", "concrete:plates", "paving_stones", "sett",
+        "unhewn_cobblestone", "cobblestone", "bricks", "metal",
+    ),
+    "unpaved": (
+        "unpaved", "compacted", "fine_gravel", "gravel", "shells", "rock", "pebblestone", "ground", "dirt", "earth",
+        "grass", "mud", "sand", "woodchips",
+    ),
+}  # fmt: skip
+DRAWN_ROADS = f"highway IN {MAJOR_ROADS[:-1]},{MINOR_ROADS[1:-1]},{PATHS[1:]}"  # the three road channels' highways
 
 # building=* value → group (values seen in Liechtenstein and Andorra and their near synonyms; `yes` is no type)
 BUILDING_GROUPS: dict[str, tuple[str, ...]] = {
@@ -68,12 +94,14 @@ def hidden_object(task: str, table: str, osm_id: int) -> HiddenObject:
 
 
 def _with_hidden(labels: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Rename the consumer task and name each label's hidden object (nodes: point table; else line/polygon)."""
+    """Rename the consumer task and name each label's hidden object (nodes: point table; else line/polygon;
+    id 0: nothing hidden, the attribute tasks)."""
     out = labels.copy()
     out["task"] = task
     out["label_id"] = [f"{r}:{task}:{i}" for i, r in enumerate(out["region"])]
     out["hidden_table"] = np.where(out["osm_kind"] == "node", "point", "way")
-    out["hidden_id"] = out["osm_id"].astype("int64")
+    out["hidden_id"] = 0 if task in ATTRIBUTE_TASKS else out["osm_id"].astype("int64")
+    out["hidden_id"] = out["hidden_id"].astype("int64")
     return out
 
 
@@ -136,6 +164,65 @@ def building_labels(region: str, cfg: LabelConfig, source: LabelSource) -> pd.Da
     return finish_labels(region, "building_type", pd.concat(parts, ignore_index=True), still, rng, source.h3_resolution)
 
 
+def _surface_case() -> sql.Composable:
+    whens = [
+        sql.SQL("WHEN surface IN ({}) THEN {}").format(sql.SQL(", ").join(map(sql.Literal, values)), sql.Literal(g))
+        for g, values in SURFACE_GROUPS.items()
+    ]
+    return sql.SQL("CASE {} END").format(sql.SQL(" ").join(whens))
+
+
+def surface_candidates(region: str, env: tuple[float, ...], source: LabelSource) -> pd.DataFrame:
+    """Every drawn road inside env with a grouped surface: group, the middle of its way, its id (one row per way:
+    osm2pgsql may split a long way, the longest piece is taken)."""
+    query = sql.SQL(
+        """SELECT label, ST_X(g), ST_Y(g), osm_id FROM (
+             SELECT DISTINCT ON (osm_id) {case} AS label, ST_LineInterpolatePoint(way, 0.5) AS g, osm_id
+             FROM {s}.planet_osm_line
+             WHERE osm_id > 0 AND surface IS NOT NULL AND ({roads}) AND way && {env}
+             ORDER BY osm_id, ST_Length(way) DESC
+           ) c WHERE label IS NOT NULL AND g && {env} ORDER BY label, osm_id"""
+    ).format(case=_surface_case(), s=sql.Identifier(region), roads=sql.SQL(DRAWN_ROADS), env=sql.SQL(ENVELOPE))
+    with cursor(source.info) as cur:
+        cur.execute(query, env + env)
+        rows = cur.fetchall()
+    df = pd.DataFrame(rows, columns=["label", "x", "y", "osm_id"])
+    df["lon0"], df["lat0"] = from_mercator(df["x"].to_numpy(float), df["y"].to_numpy(float))
+    df["osm_kind"] = "way"
+    return df.drop(columns=["x", "y"])
+
+
+def surface_coverage(region: str, source: LabelSource) -> dict[str, int]:
+    """Drawn roads (ways) of the region by surface group, plus `untagged` (no surface) and `other` (no group)."""
+    validate_region_name(region)
+    query = sql.SQL(
+        "SELECT COALESCE({case}, CASE WHEN surface IS NULL THEN 'untagged' ELSE 'other' END), count(DISTINCT osm_id)"
+        " FROM {s}.planet_osm_line WHERE osm_id > 0 AND ({roads}) GROUP BY 1 ORDER BY 1"
+    ).format(case=_surface_case(), s=sql.Identifier(region), roads=sql.SQL(DRAWN_ROADS))
+    with cursor(source.info) as cur:
+        cur.execute(query)
+        return {str(k): int(v) for k, v in cur.fetchall()}
+
+
+def surface_labels(region: str, cfg: LabelConfig, source: LabelSource) -> pd.DataFrame:
+    """At most surface_per_class roads per surface group with at least min_per_class of them, jittered."""
+    validate_region_name(region)
+    _, env = margin_box(region, cfg, source)
+    cands = surface_candidates(region, env, source)
+    rng = np.random.default_rng([cfg.seed, 6])
+    parts = []
+    for group in SURFACE_GROUPS:
+        pool = cands[cands["label"] == group]
+        if len(pool) < cfg.min_per_class:
+            log.info("%s: surface group %s has %d roads (< %d): dropped", region, group, len(pool), cfg.min_per_class)
+            continue
+        parts.append(pool.iloc[np.sort(rng.permutation(len(pool))[: cfg.surface_per_class])])
+    if len(parts) < 2:
+        raise ConfigError(f"region {region!r} has fewer than two surface groups with ≥ {cfg.min_per_class} roads")
+    rng = np.random.default_rng([cfg.seed, 7])
+    return finish_labels(region, "road_surface", pd.concat(parts, ignore_index=True), cfg, rng, source.h3_resolution)
+
+
 def make_leakfree_labels(region: str, task: str, cfg: LabelConfig, source: LabelSource) -> pd.DataFrame:
     """The labels of one leak-free task, each naming the object its scene hides.
 
@@ -154,6 +241,8 @@ def make_leakfree_labels(region: str, task: str, cfg: LabelConfig, source: Label
         labels = transport_labels(region, cfg, source)
     elif task == "building_type":
         labels = building_labels(region, cfg, source)
+    elif task == "road_surface":
+        labels = surface_labels(region, cfg, source)
     else:
         raise ConfigError(f"unknown leak-free task {task!r}; tasks are {', '.join(LEAKFREE_TASKS)}")
     return _with_hidden(labels, task)

@@ -2,13 +2,13 @@
 
 Suites:
 
-* ``leakfree`` – venue_context, transport_context, building_type (evaluation/leakfree.py). Every
+* ``leakfree`` – venue_context, transport_context, building_type, road_surface (evaluation/leakfree.py). Every
   featureset of a label comes from its masked scene (evaluation/scene.py): ``loc2vec`` (the given
   encoder on the masked tile rendered at the point), ``loc2vec_wide`` (the same encoder's 32-D representation
   before its projection, `Encoder.representation`, added to best_baseline like loc2vec: ``best_baseline+loc2vec_wide``
   and ``lift_loc2vec_wide``), ``histogram``, ``tag_counts`` (log1p),
   ``random_encoder`` (the same architecture untrained, seeded), ``random_wide`` (evaluation/tilefeatures.py),
-  ``latlon``, for transport_context ``nearest_way``, and the srai peers ``srai_contextual_counts`` and
+  ``latlon``, for transport_context and road_surface ``nearest_way``, and the srai peers ``srai_contextual_counts`` and
   ``srai_hex2vec`` (evaluation/peers.py: fitted once per run on the training region(s), each label's object
   removed from their inputs).
 * ``consumer`` – the consumer tasks transport and venue as `loc2vec evaluate` scores them (loc2vec and the
@@ -30,7 +30,8 @@ Output JSON: ``tasks.<task>.<featureset>.<classifier>.{accuracy, macro_f1}``,
 ``tasks.<task>.lift.<classifier> = {best_baseline, lift, ci95, chosen_per_fold}`` (leak-free tasks also
 ``lift_loc2vec_wide``: the consumer tasks read loc2vec from Feast, which publishes no wide view), and ``meta`` (per task:
 counts, folds, block-bootstrap intervals of every macro-F1, seconds; ``leakfree_score`` = mean loc2vec
-logreg macro-F1 over the leak-free tasks; ``consumer_lift`` = mean logreg lift over the consumer tasks).
+logreg macro-F1 over the three masked leak-free tasks, MASKED_TASKS: road_surface, which hides nothing, is reported
+but not in it; ``consumer_lift`` = mean logreg lift over the consumer tasks).
 A PNG chart of macro-F1 per featureset with intervals is written beside it; both go to MLflow.
 """
 
@@ -55,7 +56,14 @@ from loc2vec.evaluation.context import EvaluationContext
 from loc2vec.evaluation.cv import Fold, block_bootstrap, spatial_folds
 from loc2vec.evaluation.featuresets import Featurizer, cell_tile_features
 from loc2vec.evaluation.labels import TASKS, class_counts, make_labels
-from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, TRANSPORT_TASKS, building_coverage, make_leakfree_labels
+from loc2vec.evaluation.leakfree import (
+    LEAKFREE_TASKS,
+    MASKED_TASKS,
+    NEAREST_WAY_TASKS,
+    building_coverage,
+    make_leakfree_labels,
+    surface_coverage,
+)
 from loc2vec.evaluation.peers import PEERS, Peers, check_sources, drop_empty_columns, fit_regions_of, require_srai
 from loc2vec.evaluation.provenance import run_info_path, write_result
 from loc2vec.evaluation.run import TaskData, prepare_task
@@ -77,8 +85,8 @@ CONSUMER_FEAST: tuple[str, ...] = (REFERENCE, "histogram")  # the consumer featu
 
 
 def task_baselines(task: str, cfg: EvaluateConfig) -> list[str]:
-    """The suite's baselines that apply to a task (nearest_way: transport tasks only)."""
-    out: list[str] = [b for b in cfg.suite.baselines if b != "nearest_way" or task in TRANSPORT_TASKS]
+    """The suite's baselines that apply to a task (nearest_way: the transport and road tasks only)."""
+    out: list[str] = [b for b in cfg.suite.baselines if b != "nearest_way" or task in NEAREST_WAY_TASKS]
     return [b for b in out if b in CONSUMER_BASELINES] if task in TASKS else out
 
 
@@ -237,6 +245,8 @@ def finish_leakfree(
         meta["seconds_scenes"] = round(seconds_scenes, 1)
     if task == "building_type":
         meta["building_coverage"] = {r: building_coverage(r, source) for r in (*train_regions, region)}
+    if task == "road_surface":
+        meta["surface_coverage"] = {r: surface_coverage(r, source) for r in (*train_regions, region)}
     return TaskData(labels, folds, feats, feats, np.asarray(blocks), meta)
 
 
@@ -446,7 +456,7 @@ def run_suite(
         "train_regions": train_regions or None,
         "split": "regions" if train_regions else "spatial_blocks",
         "model": model or {},
-        "leakfree_score": suite_score(tasks, LEAKFREE_TASKS),
+        "leakfree_score": suite_score(tasks, MASKED_TASKS),
         "consumer_lift": mean_lift(tasks, TASKS),
         "tasks": metas,
     }

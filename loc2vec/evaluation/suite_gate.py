@@ -29,7 +29,7 @@ from loc2vec.evaluation.featuresets import (
     tag_count_features,
 )
 from loc2vec.evaluation.labels import TASKS, class_counts
-from loc2vec.evaluation.leakfree import LEAKFREE_TASKS, TRANSPORT_TASKS, make_leakfree_labels
+from loc2vec.evaluation.leakfree import MASKED_TASKS, NEAREST_WAY_TASKS, make_leakfree_labels
 from loc2vec.evaluation.run import TaskData, prepare_task
 from loc2vec.evaluation.scene import tile_features
 from loc2vec.evaluation.tilefeatures import encoder_tiles
@@ -91,7 +91,7 @@ def consumer_lifts(
             "nearest_way": lambda p, m, s: nearest_way(p, ctx.info, ctx.radius_m),
         }
     )
-    baselines = [b for b in GATE_BASELINES if b != "nearest_way" or task in TRANSPORT_TASKS]
+    baselines = [b for b in GATE_BASELINES if b != "nearest_way" or task in NEAREST_WAY_TASKS]
     names = (*encoders, *baselines)
     data = prepare_task(task, region, None, cfg.model_copy(update={"featuresets": names}), Featurizer(base), ctx)
     out = {}
@@ -130,7 +130,7 @@ def suite_gate_scores(
     f1: dict[str, dict[str, float]] = {key: {} for key in encoders}
     lift: dict[str, dict[str, float]] = {key: {} for key in encoders}
     for region in regions:
-        for task in LEAKFREE_TASKS:
+        for task in MASKED_TASKS:
             for key, value in leakfree_scores(encoders, region, task, cfg, ctx).items():
                 f1[key][f"{region}/{task}"] = round(value, 4)
         for task in TASKS:
