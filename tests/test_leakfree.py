@@ -282,7 +282,7 @@ def test_road_surface_labels_are_the_roads_own_tag(proj: Project, region: str) -
             )
             ((surface, dist),) = cur.fetchall()
             assert surface in SURFACE_GROUPS[row.label], f"way {row.osm_id}: surface={surface} is not {row.label}"
-            assert dist < 0.01, f"the un-jittered point lies on its road ({dist} m away)"
+            assert dist < 0.01, f"the un-jittered point lies on its road ({dist} Mercator units away)"
             mine = _object_geometries(proj, region, HiddenObject("way", int(row.osm_id)))
             assert any(_draws(proj, region, c, mine) for c in roads), f"way {row.osm_id}: no road channel draws it"
 

@@ -15,8 +15,9 @@ is built with that object hidden, by its osm2pgsql id:
   ``amenity``/``shop`` tags, land use, …) is hidden, and no featureset counts building types.
   ``building=yes`` (most buildings) says nothing and is not a label.
 
-One attribute task (``ATTRIBUTE_TASKS``, beside the three ``MASKED_TASKS``; the champion gate scores those three): the label is a tag that no channel draws and no featureset counts,
-so nothing needs hiding, and the object stays in every input:
+One attribute task (``ATTRIBUTE_TASKS``, beside the three ``MASKED_TASKS``, which alone the champion gate
+scores): the label is a tag that no channel draws and no featureset counts, so nothing needs hiding, and the
+object stays in every input:
 
 * ``road_surface`` – is the road under a GPS-like point paved or unpaved (``surface=*``, grouped as
   SURFACE_GROUPS, after the OSM wiki's "data users may treat this as" column; ambiguous values such as
@@ -65,7 +66,7 @@ SURFACE_GROUPS: dict[str, tuple[str, ...]] = {
         "grass", "mud", "sand", "woodchips",
     ),
 }  # fmt: skip
-DRAWN_ROADS = f"highway IN {MAJOR_ROADS[:-1]},{MINOR_ROADS[1:-1]},{PATHS[1:]}"  # the three road channels' highways
+DRAWN_ROADS = f"(highway IN {MAJOR_ROADS} OR highway IN {MINOR_ROADS} OR highway IN {PATHS})"  # the road channels
 
 # building=* value → group (values seen in Liechtenstein and Andorra and their near synonyms; `yes` is no type)
 BUILDING_GROUPS: dict[str, tuple[str, ...]] = {
@@ -100,8 +101,7 @@ def _with_hidden(labels: pd.DataFrame, task: str) -> pd.DataFrame:
     out["task"] = task
     out["label_id"] = [f"{r}:{task}:{i}" for i, r in enumerate(out["region"])]
     out["hidden_table"] = np.where(out["osm_kind"] == "node", "point", "way")
-    out["hidden_id"] = 0 if task in ATTRIBUTE_TASKS else out["osm_id"].astype("int64")
-    out["hidden_id"] = out["hidden_id"].astype("int64")
+    out["hidden_id"] = np.zeros(len(out), dtype="int64") if task in ATTRIBUTE_TASKS else out["osm_id"].astype("int64")
     return out
 
 
