@@ -105,12 +105,49 @@ def _with_hidden(labels: pd.DataFrame, task: str) -> pd.DataFrame:
     return out
 
 
-def _building_case() -> sql.Composable:
+def _grouped_case(column: str, groups: dict[str, tuple[str, ...]]) -> sql.Composable:
+    """CASE mapping a tag column's values to their group (NULL: in no group)."""
     whens = [
-        sql.SQL("WHEN building IN ({}) THEN {}").format(sql.SQL(", ").join(map(sql.Literal, values)), sql.Literal(g))
-        for g, values in BUILDING_GROUPS.items()
+        sql.SQL("WHEN {} IN ({}) THEN {}").format(
+            sql.Identifier(column), sql.SQL(", ").join(map(sql.Literal, values)), sql.Literal(g)
+        )
+        for g, values in groups.items()
     ]
     return sql.SQL("CASE {} END").format(sql.SQL(" ").join(whens))
+
+
+def _candidate_frame(query: sql.Composable, env: tuple[float, ...], source: LabelSource, kind: str) -> pd.DataFrame:
+    """A candidates query's rows (label, Mercator x, y, osm_id) as label, osm_id, lon0, lat0 and osm_kind."""
+    with cursor(source.info) as cur:
+        cur.execute(query, env + env)
+        rows = cur.fetchall()
+    df = pd.DataFrame(rows, columns=["label", "x", "y", "osm_id"])
+    df["lon0"], df["lat0"] = from_mercator(df["x"].to_numpy(float), df["y"].to_numpy(float))
+    df["osm_kind"] = kind
+    return df.drop(columns=["x", "y"])
+
+
+def _per_group(
+    region: str,
+    cands: pd.DataFrame,
+    groups: dict[str, tuple[str, ...]],
+    per_class: int,
+    cfg: LabelConfig,
+    seed: int,
+    what: str,
+) -> pd.DataFrame:
+    """At most per_class seeded candidates of each group that has at least min_per_class of them."""
+    rng = np.random.default_rng([cfg.seed, seed])
+    parts = []
+    for group in groups:
+        pool = cands[cands["label"] == group]
+        if len(pool) < cfg.min_per_class:
+            log.info("%s: %s group %s has %d (< %d): dropped", region, what, group, len(pool), cfg.min_per_class)
+            continue
+        parts.append(pool.iloc[np.sort(rng.permutation(len(pool))[:per_class])])
+    if len(parts) < 2:
+        raise ConfigError(f"region {region!r} has fewer than two {what} groups with ≥ {cfg.min_per_class} labels")
+    return pd.concat(parts, ignore_index=True)
 
 
 def building_candidates(region: str, env: tuple[float, ...], source: LabelSource) -> pd.DataFrame:
@@ -120,14 +157,8 @@ def building_candidates(region: str, env: tuple[float, ...], source: LabelSource
              SELECT {case} AS label, ST_PointOnSurface(way) AS g, osm_id FROM {s}.planet_osm_polygon
              WHERE building IS NOT NULL AND way && {env}
            ) c WHERE label IS NOT NULL AND g && {env} ORDER BY label, osm_id"""
-    ).format(case=_building_case(), s=sql.Identifier(region), env=sql.SQL(ENVELOPE))
-    with cursor(source.info) as cur:
-        cur.execute(query, env + env)
-        rows = cur.fetchall()
-    df = pd.DataFrame(rows, columns=["label", "x", "y", "osm_id"])
-    df["lon0"], df["lat0"] = from_mercator(df["x"].to_numpy(float), df["y"].to_numpy(float))
-    df["osm_kind"] = "area"
-    return df.drop(columns=["x", "y"])
+    ).format(case=_grouped_case("building", BUILDING_GROUPS), s=sql.Identifier(region), env=sql.SQL(ENVELOPE))
+    return _candidate_frame(query, env, source, "area")
 
 
 def building_coverage(region: str, source: LabelSource) -> dict[str, int]:
@@ -136,7 +167,7 @@ def building_coverage(region: str, source: LabelSource) -> dict[str, int]:
     query = sql.SQL(
         "SELECT COALESCE({case}, CASE WHEN building = 'yes' THEN 'untyped' ELSE 'other' END), count(*)"
         " FROM {s}.planet_osm_polygon WHERE building IS NOT NULL AND building <> 'no' GROUP BY 1 ORDER BY 1"
-    ).format(case=_building_case(), s=sql.Identifier(region))
+    ).format(case=_grouped_case("building", BUILDING_GROUPS), s=sql.Identifier(region))
     with cursor(source.info) as cur:
         cur.execute(query)
         return {str(k): int(v) for k, v in cur.fetchall()}
@@ -147,29 +178,10 @@ def building_labels(region: str, cfg: LabelConfig, source: LabelSource) -> pd.Da
     validate_region_name(region)
     _, env = margin_box(region, cfg, source)
     cands = building_candidates(region, env, source)
-    rng = np.random.default_rng([cfg.seed, 4])
-    parts = []
-    for group in BUILDING_GROUPS:
-        pool = cands[cands["label"] == group]
-        if len(pool) < cfg.min_per_class:
-            log.info(
-                "%s: building group %s has %d buildings (< %d): dropped", region, group, len(pool), cfg.min_per_class
-            )
-            continue
-        parts.append(pool.iloc[np.sort(rng.permutation(len(pool))[: cfg.building_per_class])])
-    if len(parts) < 2:
-        raise ConfigError(f"region {region!r} has fewer than two building groups with ≥ {cfg.min_per_class} buildings")
+    picked = _per_group(region, cands, BUILDING_GROUPS, cfg.building_per_class, cfg, 4, "building")
     still = cfg.model_copy(update={"jitter_m": 0.0})  # the building is the place: no GPS noise
     rng = np.random.default_rng([cfg.seed, 5])
-    return finish_labels(region, "building_type", pd.concat(parts, ignore_index=True), still, rng, source.h3_resolution)
-
-
-def _surface_case() -> sql.Composable:
-    whens = [
-        sql.SQL("WHEN surface IN ({}) THEN {}").format(sql.SQL(", ").join(map(sql.Literal, values)), sql.Literal(g))
-        for g, values in SURFACE_GROUPS.items()
-    ]
-    return sql.SQL("CASE {} END").format(sql.SQL(" ").join(whens))
+    return finish_labels(region, "building_type", picked, still, rng, source.h3_resolution)
 
 
 def surface_candidates(region: str, env: tuple[float, ...], source: LabelSource) -> pd.DataFrame:
@@ -182,14 +194,13 @@ def surface_candidates(region: str, env: tuple[float, ...], source: LabelSource)
              WHERE osm_id > 0 AND surface IS NOT NULL AND ({roads}) AND way && {env}
              ORDER BY osm_id, ST_Length(way) DESC
            ) c WHERE label IS NOT NULL AND g && {env} ORDER BY label, osm_id"""
-    ).format(case=_surface_case(), s=sql.Identifier(region), roads=sql.SQL(DRAWN_ROADS), env=sql.SQL(ENVELOPE))
-    with cursor(source.info) as cur:
-        cur.execute(query, env + env)
-        rows = cur.fetchall()
-    df = pd.DataFrame(rows, columns=["label", "x", "y", "osm_id"])
-    df["lon0"], df["lat0"] = from_mercator(df["x"].to_numpy(float), df["y"].to_numpy(float))
-    df["osm_kind"] = "way"
-    return df.drop(columns=["x", "y"])
+    ).format(
+        case=_grouped_case("surface", SURFACE_GROUPS),
+        s=sql.Identifier(region),
+        roads=sql.SQL(DRAWN_ROADS),
+        env=sql.SQL(ENVELOPE),
+    )
+    return _candidate_frame(query, env, source, "way")
 
 
 def surface_coverage(region: str, source: LabelSource) -> dict[str, int]:
@@ -198,7 +209,7 @@ def surface_coverage(region: str, source: LabelSource) -> dict[str, int]:
     query = sql.SQL(
         "SELECT COALESCE({case}, CASE WHEN surface IS NULL THEN 'untagged' ELSE 'other' END), count(DISTINCT osm_id)"
         " FROM {s}.planet_osm_line WHERE osm_id > 0 AND ({roads}) GROUP BY 1 ORDER BY 1"
-    ).format(case=_surface_case(), s=sql.Identifier(region), roads=sql.SQL(DRAWN_ROADS))
+    ).format(case=_grouped_case("surface", SURFACE_GROUPS), s=sql.Identifier(region), roads=sql.SQL(DRAWN_ROADS))
     with cursor(source.info) as cur:
         cur.execute(query)
         return {str(k): int(v) for k, v in cur.fetchall()}
@@ -209,18 +220,9 @@ def surface_labels(region: str, cfg: LabelConfig, source: LabelSource) -> pd.Dat
     validate_region_name(region)
     _, env = margin_box(region, cfg, source)
     cands = surface_candidates(region, env, source)
-    rng = np.random.default_rng([cfg.seed, 6])
-    parts = []
-    for group in SURFACE_GROUPS:
-        pool = cands[cands["label"] == group]
-        if len(pool) < cfg.min_per_class:
-            log.info("%s: surface group %s has %d roads (< %d): dropped", region, group, len(pool), cfg.min_per_class)
-            continue
-        parts.append(pool.iloc[np.sort(rng.permutation(len(pool))[: cfg.surface_per_class])])
-    if len(parts) < 2:
-        raise ConfigError(f"region {region!r} has fewer than two surface groups with ≥ {cfg.min_per_class} roads")
+    picked = _per_group(region, cands, SURFACE_GROUPS, cfg.surface_per_class, cfg, 6, "surface")
     rng = np.random.default_rng([cfg.seed, 7])
-    return finish_labels(region, "road_surface", pd.concat(parts, ignore_index=True), cfg, rng, source.h3_resolution)
+    return finish_labels(region, "road_surface", picked, cfg, rng, source.h3_resolution)
 
 
 def make_leakfree_labels(region: str, task: str, cfg: LabelConfig, source: LabelSource) -> pd.DataFrame:
