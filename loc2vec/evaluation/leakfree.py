@@ -127,6 +127,13 @@ def _candidate_frame(query: sql.Composable, env: tuple[float, ...], source: Labe
     return df.drop(columns=["x", "y"])
 
 
+def _group_counts(query: sql.Composable, source: LabelSource) -> dict[str, int]:
+    """A coverage query's (group, count) rows as a dict."""
+    with cursor(source.info) as cur:
+        cur.execute(query)
+        return {str(k): int(v) for k, v in cur.fetchall()}
+
+
 def _per_group(
     region: str,
     cands: pd.DataFrame,
@@ -168,9 +175,7 @@ def building_coverage(region: str, source: LabelSource) -> dict[str, int]:
         "SELECT COALESCE({case}, CASE WHEN building = 'yes' THEN 'untyped' ELSE 'other' END), count(*)"
         " FROM {s}.planet_osm_polygon WHERE building IS NOT NULL AND building <> 'no' GROUP BY 1 ORDER BY 1"
     ).format(case=_grouped_case("building", BUILDING_GROUPS), s=sql.Identifier(region))
-    with cursor(source.info) as cur:
-        cur.execute(query)
-        return {str(k): int(v) for k, v in cur.fetchall()}
+    return _group_counts(query, source)
 
 
 def building_labels(region: str, cfg: LabelConfig, source: LabelSource) -> pd.DataFrame:
@@ -210,9 +215,7 @@ def surface_coverage(region: str, source: LabelSource) -> dict[str, int]:
         "SELECT COALESCE({case}, CASE WHEN surface IS NULL THEN 'untagged' ELSE 'other' END), count(DISTINCT osm_id)"
         " FROM {s}.planet_osm_line WHERE osm_id > 0 AND ({roads}) GROUP BY 1 ORDER BY 1"
     ).format(case=_grouped_case("surface", SURFACE_GROUPS), s=sql.Identifier(region), roads=sql.SQL(DRAWN_ROADS))
-    with cursor(source.info) as cur:
-        cur.execute(query)
-        return {str(k): int(v) for k, v in cur.fetchall()}
+    return _group_counts(query, source)
 
 
 def surface_labels(region: str, cfg: LabelConfig, source: LabelSource) -> pd.DataFrame:
