@@ -67,7 +67,8 @@ def _measure(
         torch.manual_seed(0)
         model = Encoder(cfg).to(device, memory_format=fmt).train()
         n_tiles = (3 if encode_negatives else 2) * batch
-        tiles = torch.randint(0, 256, (n_tiles, cfg.in_channels, cfg.input_size, cfg.input_size), dtype=torch.uint8)
+        channels = cfg.in_channels * (2 if cfg.centre_px else 1)  # a centre branch trains on two views per tile
+        tiles = torch.randint(0, 256, (n_tiles, channels, cfg.input_size, cfg.input_size), dtype=torch.uint8)
         tiles = tiles.to(device).contiguous(memory_format=fmt)
     torch.manual_seed(1)  # dropout masks
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -133,6 +134,7 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         "isa": compute.cpu_isa,
         "threads": compute.cpu_threads,
         "conv_channels": list(model.conv_channels),
+        "centre_px": model.centre_px,
         "loss": project.params.loss.name,
         "encode_negatives": project.params.loss.name not in NEGATIVE_FREE,
     }
@@ -143,6 +145,7 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         ("fp32 channels_last", {"channels_last": True, "bf16": False}),
         ("fp32 channels_last, 1 thread", {"channels_last": True, "bf16": False, "threads": 1}),
         ("fp32 channels_last, first conv 8 wide", {"channels_last": True, "bf16": False, "conv_channels": first8}),
+        ("centre branch (model.centre_px 32)", {"centre_px": 32}),
         ("fp32 channels_last, native ISA", {"channels_last": True, "bf16": False, "isa": "native"}),
         ("bf16 channels_last, native ISA", {"channels_last": True, "bf16": True, "isa": "native"}),
         ("SoftPN (negatives encoded)", {"loss": "softpn", "encode_negatives": True}),
@@ -158,6 +161,11 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         seen.add(key)
         out.append({"name": name, **setting, "is_default": not change or setting == default})
     return out
+
+
+def _model_cfg(model: dict[str, Any], setting: dict[str, Any]) -> ModelConfig:
+    """params' model with the setting's first-layer widths and centre branch."""
+    return ModelConfig(**{**model, "conv_channels": tuple(setting["conv_channels"]), "centre_px": setting["centre_px"]})
 
 
 def _child_env(setting: dict[str, Any]) -> dict[str, str]:
@@ -190,7 +198,7 @@ def child() -> None:
     spec = json.loads(sys.stdin.read())
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    model = ModelConfig(**{**spec["model"], "conv_channels": tuple(spec["conv_channels"])})
+    model = _model_cfg(spec["model"], spec)
     result = _measure(
         torch.device("cpu"),
         spec["steps"],
@@ -235,9 +243,7 @@ def run(project: Project, *, region: str | None = None, n: int | None = None) ->
             # Determinism: the same seed and tiles in a second fresh process, compared after the same 3 steps.
             again = _run_child({**spec, "steps": 1}, env)
             row["deterministic"] = again.get("weights_sha256_first_step") == first["weights_sha256_first_step"]
-            row["parameters"] = count_parameters(
-                Encoder(ModelConfig(**{**cfg.model_dump(), "conv_channels": tuple(setting["conv_channels"])}))
-            )
+            row["parameters"] = count_parameters(Encoder(_model_cfg(cfg.model_dump(), setting)))
         rows.append(row)
     base = next((r for r in rows if r["is_default"] and "error" not in r), None)
     for r in rows:

@@ -175,3 +175,9 @@ def test_dense_is_deterministic_and_independent_of_the_windows(cells: dict) -> N
     np.testing.assert_array_equal(small[1], first[1])
     keys, xs, ys = tile_corners(index, lats, lons)
     assert len(np.unique(keys)) >= 2, "several metatiles: several tasks"
+
+
+def test_an_encoder_with_a_centre_branch_is_refused_with_the_fix() -> None:
+    model = Encoder(ModelConfig(centre_px=32)).eval()
+    with pytest.raises(ValueError, match=r"centre branch .*embed.method: per_tile"):
+        dense_trunk(model, torch.rand(1, 12, 160, 160), 16)

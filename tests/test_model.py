@@ -125,3 +125,34 @@ def test_representation_is_forwards_pooled_trunk_output(encoder: Encoder) -> Non
     hook.remove()
     assert wide.shape == (3, encoder.cfg.nin_channels[-1]) and out.shape == (3, 16) and len(seen) == 1
     assert torch.equal(wide, seen[0].mean(dim=(2, 3)))
+
+
+def test_centre_branch_reads_the_centre_crop_of_its_view() -> None:
+    torch.manual_seed(0)
+    model = Encoder(ModelConfig(centre_px=32)).eval()
+    assert "centre.1.weight" in model.state_dict() and not any("centre" in k for k in Encoder().state_dict())
+    n_centre = 12 * 16 * 9 + 16 * 32 * 9 + 32 * 64 * 9 + 2 * (16 + 32 + 64)  # convs, BatchNorms
+    assert count_parameters(model) == 303_248 + n_centre + 64 * 192  # and the head's wider first layer
+    x = torch.rand(3, 12, 128, 128)
+    with torch.no_grad():
+        one = model(x)
+        both = model(torch.cat([x, x], 1))  # a 12-channel tile is both views
+        assert one.shape == (3, 16) and model.representation(x).shape == (3, 32 + 64)
+        torch.testing.assert_close(one, both)
+        centre_view = x.clone()
+        centre_view[..., :48, :] = torch.rand(3, 12, 48, 128)  # outside the central 32 px: not read
+        assert torch.equal(model(torch.cat([x, centre_view], 1)), both)
+        centre_view[..., 60, 60] = 1 - centre_view[..., 60, 60]  # inside: read
+        assert not torch.equal(model(torch.cat([x, centre_view], 1)), both)
+    with pytest.raises(ValueError, match="channels"):
+        model(torch.rand(1, 13, 128, 128))
+
+
+def test_centre_branch_settings_are_checked_and_absent_keys_are_not_written() -> None:
+    from pydantic import ValidationError
+
+    assert "centre_px" not in ModelConfig().model_dump() and "centre_channels" not in ModelConfig().model_dump()
+    assert ModelConfig(centre_px=32).model_dump()["centre_channels"] == (16, 32, 64)
+    for bad in ({"centre_px": 36}, {"centre_px": 160}, {"centre_px": 33}, {"centre_px": 32, "centre_channels": ()}):
+        with pytest.raises(ValidationError, match="centre"):
+            ModelConfig(**bad)

@@ -299,3 +299,54 @@ def test_champion_gate_moves_champion_only_for_a_downstream_improvement(tiny: Pa
         assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version
     finally:
         path.write_text(saved)
+
+
+def test_centre_branch_trains_on_a_centre_view_cut_at_the_same_rotation(
+    tiny: Path, region: str, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from loc2vec.core.errors import Loc2VecError
+    from loc2vec.raster.cutter import cut_tiles
+    from loc2vec.training.batches import TripletBatches, TripletConfig
+    from loc2vec.training.outputs import load_encoder
+    from loc2vec.training.sources import build_source
+    from loc2vec.training.trainer import Trainer
+
+    centre = {"model": {"centre_px": 32}, "embed": {"method": "per_tile"}, "train": {"max_steps": 3, "val_every": 3}}
+    with patched_params(tiny, centre):
+        p = load_project()
+        trainer = Trainer.from_params(p.params, [region], p.info, out_dir=tmp_path, checkpoint_dir=tmp_path)
+    plain = Trainer.from_params(load_project().params, [region], p.info, out_dir=tmp_path, checkpoint_dir=tmp_path)
+    source = build_source(trainer.samples, trainer.source, torch.device("cpu"))
+    plain_source = build_source(plain.samples, plain.source, torch.device("cpu"))
+    rows = np.flatnonzero(trainer.samples["split"].to_numpy() == "train")[:3]
+
+    anchors, positives = source.pairs(rows, 2, np.random.default_rng(5))
+    assert anchors.shape == positives.shape == (6, 24, 128, 128)
+    assert torch.equal(anchors[:, :12], anchors[:, 12:])  # the anchor is both of its views
+    plain_anchors, plain_positives = plain_source.pairs(rows, 2, np.random.default_rng(5))
+    # the context views are what the source cuts without a centre branch: the centre's shifts are drawn last
+    assert torch.equal(anchors[:, :12], plain_anchors) and torch.equal(positives[:, :12], plain_positives)
+    # the centre view: the same rotation, shifted at most augment.centre_max_shift_m
+    rng = np.random.default_rng(5)
+    angles, _ = rng.uniform(0.0, 360.0, 6), rng.uniform(-80.0, 80.0, (6, 2))
+    small = rng.uniform(-15.0, 15.0, (6, 2))
+    lats = np.repeat(source.lats[rows], 2)
+    lons = np.repeat(source.lons[rows], 2)
+    assert torch.equal(positives[:, 12:], cut_tiles(source.index, lats, lons, angles, small))
+    assert np.abs(small).max() <= 15.0
+
+    cfg = replace(TripletConfig.from_config(p.params.triplets, p.params.augment), channel_drop_p=0.0)
+    batch = TripletBatches(source, rows, cfg, seed=1).batch(0)
+    assert batch.anchor.shape[1] == batch.positive.shape[1] == batch.negative.shape[1] == 24
+
+    summary = trainer.fit(resume=False)  # a few steps on the two views, no MLflow
+    assert summary["steps"] == 3
+    model = load_encoder(tmp_path)
+    assert model.centre is not None and model.cfg.centre_px == 32
+    tiles = anchors[:2, :12].float() / 255
+    with torch.no_grad():
+        assert model(tiles).shape == (2, 16) and model.representation(tiles).shape == (2, 32 + 64)
+    with pytest.raises(Loc2VecError, match="train.source: metatiles"):
+        build_source(trainer.samples, replace(trainer.source, kind="tiles"), torch.device("cpu"))

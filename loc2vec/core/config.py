@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from loc2vec.core.errors import ConfigError
 from loc2vec.core.names import REGION_NAME_RE, validate_region_name
@@ -146,6 +146,8 @@ class AugmentConfig(Section):
 
     max_shift_m: float = Field(80.0, ge=0, le=1000)  # |shift| ~ U(0, max) on each axis, random sign
     channel_drop_p: float = Field(0.2, ge=0, lt=1)  # each channel of a positive is switched off with this probability
+    # model.centre_px > 0 only: the centre branch's positive is cut at the same rotation, shifted U(0, this) per axis
+    centre_max_shift_m: float = Field(15.0, ge=0, le=1000)
 
 
 class ShardsConfig(Section):
@@ -218,6 +220,10 @@ class ModelConfig(Section):
     input_dropout: float = Field(0.05, ge=0, lt=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     leaky_slope: float = 0.1
+    # A second, small branch over the tile's central centre_px × centre_px px (0 = none, the article's encoder),
+    # trained on positives shifted only augment.centre_max_shift_m: what lies under the point (training/model.py).
+    centre_px: int = Field(0, ge=0)
+    centre_channels: tuple[int, ...] = (16, 32, 64)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -228,7 +234,29 @@ class ModelConfig(Section):
                 f"input_size={self.input_size} is not divisible by 2**{len(self.conv_channels)} "
                 "(one 2×2 max-pool per conv layer)"
             )
+        if self.centre_px:
+            if not self.centre_channels:
+                raise ValueError("centre_channels must not be empty when centre_px > 0")
+            if self.centre_px > self.input_size or (self.input_size - self.centre_px) % 2:
+                raise ValueError(
+                    f"centre_px={self.centre_px} must be at most input_size={self.input_size}, with an even margin"
+                )
+            if self.centre_px % (2 ** len(self.centre_channels)):
+                raise ValueError(
+                    f"centre_px={self.centre_px} is not divisible by 2**{len(self.centre_channels)} "
+                    "(one 2×2 max-pool per centre conv layer)"
+                )
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_centre(self, handler: Any) -> dict[str, Any]:
+        """Without a centre branch, the centre keys are left out: such a model's model_config.json, the trainer's run
+        signature and the suite inputs' fingerprint stay what they were before the branch existed."""
+        data = handler(self)
+        if not self.centre_px:
+            data.pop("centre_px", None)
+            data.pop("centre_channels", None)
+        return data
 
     @property
     def feature_size(self) -> int:
@@ -558,6 +586,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "input_dropout": 0.05,
             "dropout": 0.1,
             "leaky_slope": 0.1,
+            "centre_px": 0,
         },
         "loss": {"name": "softpn"},
         "augment": {"max_shift_m": 80.0, "channel_drop_p": 0.2},
@@ -625,6 +654,17 @@ class Params(Section):
             raise ValueError(
                 "train.cpu_bf16 needs compute.cpu_isa: native (the AVX2 kernels have no bf16 and run it ~20x slower)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _centre_branch_needs_per_tile_embedding(self) -> Params:
+        if self.model.centre_px and self.embed.method == "dense":
+            raise ValueError(
+                "model.centre_px > 0 needs embed.method: per_tile (the dense path runs the trunk only, not the centre"
+                " branch)"
+            )
+        if self.model.centre_px and self.augment.centre_max_shift_m > self.augment.max_shift_m:
+            raise ValueError("augment.centre_max_shift_m must not exceed augment.max_shift_m (the metatiles' margin)")
         return self
 
     @property

@@ -91,6 +91,11 @@ def block_px(model: Encoder) -> int:
 def _check(model: Encoder, stride: int) -> None:
     if model.training:
         raise ValueError("the dense path needs the encoder in eval mode (dropout off, BatchNorm's running stats)")
+    if model.centre is not None:
+        raise ValueError(
+            "the dense path runs the trunk only, not an encoder's centre branch (model.centre_px > 0): embed per tile"
+            " (embed.method: per_tile)"
+        )
     block = block_px(model)
     if stride < 1 or block % stride:
         raise ValueError(f"dense stride {stride} must divide the trunk's stride {block} (a power of two)")

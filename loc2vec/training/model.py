@@ -12,6 +12,14 @@ Architecture (params.yaml `model:`, core.config.ModelConfig), after the Loc2Vec 
 
 Exact parameter count of the default network: 303,248 (the article's has 305,040).
 
+Optional centre branch (`model.centre_px` > 0, off by default): the context trunk above still reads the whole
+tile, positives shifted up to augment.max_shift_m (the article's invariance), while a small second trunk
+(`centre_channels` blocks of the same kind, mean-pooled) reads the central centre_px × centre_px px, whose
+training positive is cut at the same rotation but shifted only augment.centre_max_shift_m (GPS-noise scale):
+so what lies under the point is kept beside the surroundings (issue 17, "two scales, centre-aware"). The head
+reads both, flatten(trunk) ++ centre features. In training a tile carries the two views as 2 × in_channels
+channels (context view, then centre view: training/sources.py); any 12-channel tile is both views.
+
 Convs followed by BatchNorm carry no bias (BN's shift replaces it). `forward` has no
 data-dependent Python control flow, so it is `torch.compile`-able, and every op
 accepts channels_last inputs and bf16 autocast.
@@ -47,12 +55,25 @@ class Encoder(nn.Module):
 
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(c * cfg.feature_size**2, cfg.dense_units),
+            nn.Linear(c * cfg.feature_size**2 + self._centre_width(), cfg.dense_units),
             act,
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.dense_units, cfg.embedding_dim),
         )
+        # Built after the head, so that an encoder without it draws exactly the weights it always drew.
+        self.centre: nn.Sequential | None = self._centre_branch(act) if cfg.centre_px else None
         self._init_weights()
+
+    def _centre_width(self) -> int:
+        return self.cfg.centre_channels[-1] if self.cfg.centre_px else 0
+
+    def _centre_branch(self, act: nn.Module) -> nn.Sequential:
+        layers: list[nn.Module] = [nn.Dropout2d(self.cfg.input_dropout)]
+        c = self.cfg.in_channels
+        for w in self.cfg.centre_channels:
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), act]
+            c = w
+        return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
         # Kaiming init matched to the leaky slope keeps activations' scale through 7 conv layers.
@@ -62,8 +83,21 @@ class Encoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context view, centre crop) of a batch: tiles of in_channels are both views; tiles of 2 × in_channels
+        (training with a centre branch) carry the context view, then the centre view."""
+        n, side = self.cfg.in_channels, self.cfg.centre_px
+        if x.shape[1] not in (n, 2 * n):
+            raise ValueError(f"expected {n} (or, with a centre branch, {2 * n}) channels, got {x.shape[1]}")
+        context, centre = (x[:, :n], x[:, n:]) if x.shape[1] == 2 * n else (x, x)
+        lo = (x.shape[-1] - side) // 2
+        return context, centre[..., lo : lo + side, lo : lo + side]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        if self.centre is None:
+            return self.head(self.features(x))
+        context, centre = self.views(x)
+        return self.head(torch.cat([self.features(context).flatten(1), self.centre(centre).mean(dim=(2, 3))], 1))
 
     def representation(self, x: torch.Tensor) -> torch.Tensor:
         """(B, nin_channels[-1]) the convolutional trunk's output averaged over its 4×4 positions: what the dense
@@ -71,9 +105,12 @@ class Encoder(nn.Module):
 
         SimCLR reports the layer before the projection head to be better under a linear probe than the loss's own
         output. Of eight layers tried on Liechtenstein folds (README, "Wider than 16-D"), this 32-D one added the
-        most to the best cheap baseline.
+        most to the best cheap baseline. With a centre branch, its mean-pooled features follow.
         """
-        return self.features(x).mean(dim=(2, 3))
+        if self.centre is None:
+            return self.features(x).mean(dim=(2, 3))
+        context, centre = self.views(x)
+        return torch.cat([self.features(context).mean(dim=(2, 3)), self.centre(centre).mean(dim=(2, 3))], 1)
 
 
 def to_input(tiles_uint8: torch.Tensor) -> torch.Tensor:

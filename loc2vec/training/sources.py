@@ -42,12 +42,27 @@ class StoredTiles:
 
 
 class FastTiles:
-    """Pairs cut on the fly from metatiles: every positive is a fresh random rotation and shift."""
+    """Pairs cut on the fly from metatiles: every positive is a fresh random rotation and shift.
 
-    def __init__(self, index, lats: np.ndarray, lons: np.ndarray, max_shift_m: float, device: str | None = None):
+    With `centre_max_shift_m` (an encoder with a centre branch, model.centre_px > 0) every tile carries two views
+    side by side in its channels: the context view, then the centre view. The anchor's two views are the anchor;
+    a positive's centre view is cut at its context view's rotation, shifted only U(0, centre_max_shift_m) per axis
+    (drawn after everything else, so the context views are those the source cuts without a centre branch).
+    """
+
+    def __init__(
+        self,
+        index,
+        lats: np.ndarray,
+        lons: np.ndarray,
+        max_shift_m: float,
+        device: str | None = None,
+        centre_max_shift_m: float | None = None,
+    ):
         self._cut = cut_tiles
         self.index, self.lats, self.lons = index, np.asarray(lats), np.asarray(lons)
         self.max_shift_m, self.device = max_shift_m, device
+        self.centre_max_shift_m = centre_max_shift_m
 
     def __len__(self) -> int:
         return len(self.lats)
@@ -61,7 +76,12 @@ class FastTiles:
         angles = rng.uniform(0.0, 360.0, len(lats))
         shifts = rng.uniform(-self.max_shift_m, self.max_shift_m, (len(lats), 2))
         positives = self._cut(self.index, lats, lons, angles, shifts, device=self.device)
-        return anchors.repeat_interleave(n_pairs, dim=0), positives
+        anchors = anchors.repeat_interleave(n_pairs, dim=0)
+        if self.centre_max_shift_m is None:
+            return anchors, positives
+        small = rng.uniform(-self.centre_max_shift_m, self.centre_max_shift_m, (len(lats), 2))
+        centres = self._cut(self.index, lats, lons, angles, small, device=self.device)
+        return torch.cat([anchors, anchors], 1), torch.cat([positives, centres], 1)
 
 
 class ConcatSource:
@@ -96,6 +116,7 @@ class SourceSettings:
     info: ConnInfo
     orchestrate: OrchestrateConfig
     max_shift_m: float  # augment.max_shift_m: the positives' shifts (the metatile margin covers them)
+    centre_max_shift_m: float | None = None  # augment.centre_max_shift_m with a centre branch (FastTiles), else None
 
 
 def build_source(samples: pd.DataFrame, settings: SourceSettings, device: torch.device) -> TileSource:
@@ -104,6 +125,11 @@ def build_source(samples: pd.DataFrame, settings: SourceSettings, device: torch.
     for region, frame in samples.groupby("region", sort=False):
         name = str(region)
         if settings.kind == "tiles":
+            if settings.centre_max_shift_m is not None:
+                raise Loc2VecError(
+                    "an encoder with a centre branch (model.centre_px > 0) trains on train.source: metatiles"
+                    " (its centre views are cut on the fly)"
+                )
             store = TileStore(settings.paths.tile_store(name))
             if len(store) != len(frame):
                 raise Loc2VecError(f"tile store of {name!r} is out of date: run `loc2vec render-tiles --region {name}`")
@@ -120,7 +146,10 @@ def build_source(samples: pd.DataFrame, settings: SourceSettings, device: torch.
                 orchestrate=settings.orchestrate,
             )
             dev = str(device) if device.type == "cuda" else None
-            parts.append((FastTiles(index, lats, lons, settings.max_shift_m, device=dev), len(frame)))
+            fast = FastTiles(
+                index, lats, lons, settings.max_shift_m, device=dev, centre_max_shift_m=settings.centre_max_shift_m
+            )
+            parts.append((fast, len(frame)))
     return parts[0][0] if len(parts) == 1 else ConcatSource(parts)
 
 

@@ -78,15 +78,16 @@ class MlflowTracker:
         step = int(record["step"])
         self.mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "step"}, step=step)
 
-    def log_triplet_grid(self, batch) -> None:
+    def log_triplet_grid(self, batch, channels: int) -> None:
+        """Six triplets of a batch as a picture; `channels`: the context view's (a centre branch's tiles carry two)."""
         from loc2vec.raster.preview import triplet_grid
 
         with tempfile.TemporaryDirectory() as d:
             idx = np.arange(0, len(batch.anchor), max(1, len(batch.anchor) // 6))[:6]
             path = triplet_grid(
-                batch.anchor[idx].numpy(),
-                batch.positive[idx].numpy(),
-                batch.negative[idx].numpy(),
+                batch.anchor[idx, :channels].numpy(),
+                batch.positive[idx, :channels].numpy(),
+                batch.negative[idx, :channels].numpy(),
                 Path(d) / "triplets.png",
                 title="training triplets (anchor, positive, negative)",
             )

@@ -197,6 +197,7 @@ class Trainer:
             info=info,
             orchestrate=params.orchestrate,
             max_shift_m=params.augment.max_shift_m,
+            centre_max_shift_m=params.augment.centre_max_shift_m if params.model.centre_px else None,
         )
         return cls(
             regions,
@@ -269,7 +270,7 @@ class Trainer:
             if ctx.enabled:
                 tracker.mlflow.set_tags({"ddp.world_size": ctx.world_size, "ddp.backend": ctx.backend})
             if state.step == 0:
-                tracker.log_triplet_grid(train_stream.batch(0))
+                tracker.log_triplet_grid(train_stream.batch(0), self.model_cfg.in_channels)
 
         started = time.monotonic()
         pool = ThreadPoolExecutor(max_workers=1)
