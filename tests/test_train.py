@@ -335,7 +335,6 @@ def test_centre_branch_trains_on_a_centre_view_cut_at_the_same_rotation(
     lats = np.repeat(source.lats[rows], 2)
     lons = np.repeat(source.lons[rows], 2)
     assert torch.equal(positives[:, 12:], cut_tiles(source.index, lats, lons, angles, small))
-    assert np.abs(small).max() <= 15.0
 
     cfg = replace(TripletConfig.from_config(p.params.triplets, p.params.augment), channel_drop_p=0.0)
     batch = TripletBatches(source, rows, cfg, seed=1).batch(0)
