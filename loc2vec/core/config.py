@@ -657,7 +657,7 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
-    def _centre_branch_needs_per_tile_embedding(self) -> Params:
+    def _centre_branch_settings(self) -> Params:
         if self.model.centre_px and self.embed.method == "dense":
             raise ValueError(
                 "model.centre_px > 0 needs embed.method: per_tile (the dense path runs the trunk only, not the centre"

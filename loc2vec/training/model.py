@@ -93,11 +93,17 @@ class Encoder(nn.Module):
         lo = (x.shape[-1] - side) // 2
         return context, centre[..., lo : lo + side, lo : lo + side]
 
+    def _trunk_and_centre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk's map of the context view and the centre branch's mean-pooled features of the centre crop."""
+        assert self.centre is not None
+        context, centre = self.views(x)
+        return self.features(context), self.centre(centre).mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.centre is None:
             return self.head(self.features(x))
-        context, centre = self.views(x)
-        return self.head(torch.cat([self.features(context).flatten(1), self.centre(centre).mean(dim=(2, 3))], 1))
+        trunk, centre = self._trunk_and_centre(x)
+        return self.head(torch.cat([trunk.flatten(1), centre], 1))
 
     def representation(self, x: torch.Tensor) -> torch.Tensor:
         """(B, nin_channels[-1]) the convolutional trunk's output averaged over its 4×4 positions: what the dense
@@ -109,8 +115,8 @@ class Encoder(nn.Module):
         """
         if self.centre is None:
             return self.features(x).mean(dim=(2, 3))
-        context, centre = self.views(x)
-        return torch.cat([self.features(context).mean(dim=(2, 3)), self.centre(centre).mean(dim=(2, 3))], 1)
+        trunk, centre = self._trunk_and_centre(x)
+        return torch.cat([trunk.mean(dim=(2, 3)), centre], 1)
 
 
 def to_input(tiles_uint8: torch.Tensor) -> torch.Tensor:
