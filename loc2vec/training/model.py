@@ -33,6 +33,20 @@ from torch import nn
 from loc2vec.core.config import ModelConfig
 
 
+def conv_blocks(in_channels: int, widths: tuple[int, ...], act: nn.Module) -> list[nn.Module]:
+    """[3×3 conv → 2×2 max-pool → BN → act] per width: the trunk's blocks, and the centre branch's.
+
+    Pool right after the conv: BN and LeakyReLU then run on a quarter of the pixels (30% faster training steps on
+    CPU, same parameters).
+    """
+    layers: list[nn.Module] = []
+    c = in_channels
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), act]
+        c = w
+    return layers
+
+
 class Encoder(nn.Module):
     """Tile (B, C, H, W) float in [0, 1] → embedding (B, embedding_dim)."""
 
@@ -41,13 +55,8 @@ class Encoder(nn.Module):
         self.cfg = cfg = cfg if cfg is not None else ModelConfig()
         act = nn.LeakyReLU(cfg.leaky_slope)
 
-        layers: list[nn.Module] = [nn.Dropout2d(cfg.input_dropout)]
-        c = cfg.in_channels
-        for w in cfg.conv_channels:
-            # Pool right after the conv: BN and LeakyReLU then run on a quarter of the pixels
-            # (30% faster training steps on CPU, same parameters).
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), act]
-            c = w
+        layers = [nn.Dropout2d(cfg.input_dropout), *conv_blocks(cfg.in_channels, cfg.conv_channels, act)]
+        c = cfg.conv_channels[-1]
         for w in cfg.nin_channels:
             layers += [nn.Conv2d(c, w, 1), act]
             c = w
@@ -61,19 +70,14 @@ class Encoder(nn.Module):
             nn.Linear(cfg.dense_units, cfg.embedding_dim),
         )
         # Built after the head, so that an encoder without it draws exactly the weights it always drew.
-        self.centre: nn.Sequential | None = self._centre_branch(act) if cfg.centre_px else None
+        self.centre: nn.Sequential | None = None
+        if cfg.centre_px:
+            blocks = conv_blocks(cfg.in_channels, cfg.centre_channels, act)
+            self.centre = nn.Sequential(nn.Dropout2d(cfg.input_dropout), *blocks)
         self._init_weights()
 
     def _centre_width(self) -> int:
         return self.cfg.centre_channels[-1] if self.cfg.centre_px else 0
-
-    def _centre_branch(self, act: nn.Module) -> nn.Sequential:
-        layers: list[nn.Module] = [nn.Dropout2d(self.cfg.input_dropout)]
-        c = self.cfg.in_channels
-        for w in self.cfg.centre_channels:
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), act]
-            c = w
-        return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
         # Kaiming init matched to the leaky slope keeps activations' scale through 7 conv layers.
