@@ -18,7 +18,15 @@ import torch
 from pydantic import ValidationError
 
 from loc2vec.core.config import EmbedConfig, ModelConfig
-from loc2vec.embedding.dense import DenseSettings, dense_trunk, encode_dense, head_at, tile_corners, windows_at
+from loc2vec.embedding.dense import (
+    DenseSettings,
+    centre_features,
+    dense_trunk,
+    encode_dense,
+    head_at,
+    tile_corners,
+    windows_at,
+)
 from loc2vec.training.model import Encoder, to_input
 
 from .fixtures.project import ensure_metatiles, load_project
@@ -27,11 +35,12 @@ STRIDES = (32, 16, 8, 4, 2, 1)
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # float summation order: a dilated or larger conv sums in another order
 
 
-def _encoder(seed: int = 0) -> Encoder:
+def _encoder(seed: int = 0, centre_px: int = 0) -> Encoder:
     """A seeded untrained encoder whose BatchNorms are not the identity (running statistics and affine
-    parameters drawn, some scales negative: a max-pool does not commute with them)."""
+    parameters drawn, some scales negative: a max-pool does not commute with them); with centre_px, with a
+    centre branch."""
     torch.manual_seed(seed)
-    model = Encoder(ModelConfig())
+    model = Encoder(ModelConfig(centre_px=centre_px))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -162,8 +171,10 @@ def test_dense_agrees_with_per_tile_on_the_test_region(cells: dict) -> None:
         assert (diff == 0).mean() > 0.9 and diff.max() <= 2 * 128 / 128**2, (settings, (diff == 0).mean(), diff.max())
 
 
-def test_dense_is_deterministic_and_independent_of_the_windows(cells: dict) -> None:
-    lats, lons, index, model = cells["lats"], cells["lons"], cells["index"], cells["model"]
+@pytest.mark.parametrize("centre", [False, True], ids=["trunk", "centre-branch"])
+def test_dense_is_deterministic_and_independent_of_the_windows(cells: dict, centre: bool) -> None:
+    lats, lons, index = cells["lats"], cells["lons"], cells["index"]
+    model = _encoder(2, centre_px=32) if centre else cells["model"]
 
     def run(settings: DenseSettings) -> np.ndarray:
         return encode_dense(model, index, lats, lons, settings, progress=False, cfg=cells["orchestrate"], kind="inline")
@@ -177,7 +188,62 @@ def test_dense_is_deterministic_and_independent_of_the_windows(cells: dict) -> N
     assert len(np.unique(keys)) >= 2, "several metatiles: several tasks"
 
 
-def test_an_encoder_with_a_centre_branch_is_refused_with_the_fix() -> None:
-    model = Encoder(ModelConfig(centre_px=32)).eval()
-    with pytest.raises(ValueError, match=r"centre branch .*embed.method: per_tile"):
-        dense_trunk(model, torch.rand(1, 12, 160, 160), 16)
+@pytest.mark.parametrize("stride", (32, 16, 8))
+def test_centre_branch_on_a_tile_alone_is_the_encoder(stride: int) -> None:
+    """With a centre branch, the dense trunk's window and the centre features of the tile's own central crop,
+    through the head, are the encoder's embedding; the centre features are `representation`'s centre part."""
+    model = _encoder(0, centre_px=32)
+    canvas = _canvas(128, 128, seed=3)
+    tile = _input(canvas)
+    with torch.no_grad():
+        centre = centre_features(model, canvas, np.array([0]), np.array([0]))
+        torch.testing.assert_close(centre, model.representation(tile)[:, 32:], **TOL)
+        fmap = dense_trunk(model, tile, stride)[0]
+        torch.testing.assert_close(
+            head_at(model, fmap, np.array([0]), np.array([0]), stride, None, centre), model(tile), **TOL
+        )
+        with pytest.raises(ValueError, match="centre branch"):
+            head_at(model, fmap, np.array([0]), np.array([0]), stride)  # its features are needed
+
+
+def test_centre_features_cut_the_exact_crop_and_pad_with_zeros() -> None:
+    """Inside a canvas the centre features are the branch on the tile's central crop, at any pixel (no grid);
+    where the crop leaves the array it reads zeros, as the per-tile cut does beyond a metatile."""
+    model = _encoder(1, centre_px=32)
+    canvas = _canvas(300, 300, seed=4)
+    xs, ys = np.array([0, 37, 101, 172]), np.array([5, 0, 63, 172])
+    with torch.no_grad():
+        got = centre_features(model, canvas, xs, ys, batch=3)  # batches of 3: a batch edge crossed
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            expected = model.representation(_input(canvas[y : y + 128, x : x + 128]))[0, 32:]
+            torch.testing.assert_close(got[i], expected, **TOL)
+        padded = np.zeros((400, 400, 12), np.uint8)
+        padded[100:, 100:] = canvas
+        # corners whose central crop (px 48–79 of the tile) reaches beyond the canvas's top-left edge
+        edge = centre_features(model, canvas, np.array([-60, -50]), np.array([-55, 10]))
+        inside = centre_features(model, padded, np.array([40, 50]), np.array([45, 110]))
+        torch.testing.assert_close(edge, inside, **TOL)
+
+
+def test_centre_features_on_the_test_region_are_the_per_tile_paths(cells: dict) -> None:
+    """On the real metatiles, the centre features `encode_dense` gives the head are the per-tile path's (the
+    branch on the cut tile's central crop) wherever the cut reads the same pixels: the crop is cut at the
+    tile's exact pixel, not snapped to the trunk's grid. (How far the whole embedding moves is the trunk's
+    padding and position, measured with a trained centre encoder by `loc2vec bench embed`.)"""
+    from loc2vec.raster.cutter import cut_tiles
+
+    lats, lons, index = cells["lats"], cells["lons"], cells["index"]
+    model = _encoder(2, centre_px=32)
+    keys, xs, ys = tile_corners(index, lats, lons)
+    px, py = np.floor(xs + 0.5).astype(np.int64), np.floor(ys + 0.5).astype(np.int64)
+    n = len(lats)
+    tiles = cut_tiles(index, lats, lons, np.zeros(n), np.zeros((n, 2)), device="cpu")
+    with torch.no_grad():
+        expected = model.representation(to_input(tiles))[:, 32:]
+        got = torch.empty_like(expected)
+        for key in np.unique(keys).tolist():
+            sel = np.flatnonzero(keys == key)
+            got[sel] = centre_features(model, index.array(key), px[sel], py[sel])
+    exact = ((got - expected).abs() <= 1e-4 + 1e-4 * expected.abs()).all(dim=1).float().mean()
+    assert exact > 0.9, exact  # the rest: the cut repeats or skips a pixel row or column (see the histograms)
+    assert (_cosine(got.numpy(), expected.numpy()) > 0.99).all()

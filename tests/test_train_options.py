@@ -66,11 +66,10 @@ def test_cpu_bf16_needs_the_cpus_own_kernels() -> None:
     assert p.train.cpu_bf16 and p.train.channels_last
 
 
-def test_centre_branch_needs_per_tile_embedding_and_a_covered_shift() -> None:
-    with pytest.raises(ConfigError, match=r"model.centre_px > 0 needs embed.method: per_tile"):
-        _params(model={"centre_px": 32})
+def test_centre_branch_needs_a_shift_the_metatiles_cover() -> None:
     with pytest.raises(ConfigError, match=r"centre_max_shift_m must not exceed"):
-        _params(model={"centre_px": 32}, embed={"method": "per_tile"}, augment={"centre_max_shift_m": 90.0})
-    p = _params(model={"centre_px": 32}, embed={"method": "per_tile"})
-    assert p.model.centre_px == 32 and p.augment.centre_max_shift_m == 15.0
+        _params(model={"centre_px": 32}, augment={"centre_max_shift_m": 90.0})
+    for method in ("dense", "per_tile"):  # both embedding paths run the centre branch
+        p = _params(model={"centre_px": 32}, embed={"method": method})
+        assert p.model.centre_px == 32 and p.augment.centre_max_shift_m == 15.0
     assert _params(preset="article", model={"centre_px": 32}).model.centre_px == 0  # the article has no centre branch

@@ -658,11 +658,6 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _centre_branch_settings(self) -> Params:
-        if self.model.centre_px and self.embed.method == "dense":
-            raise ValueError(
-                "model.centre_px > 0 needs embed.method: per_tile (the dense path runs the trunk only, not the centre"
-                " branch)"
-            )
         if self.model.centre_px and self.augment.centre_max_shift_m > self.augment.max_shift_m:
             raise ValueError("augment.centre_max_shift_m must not exceed augment.max_shift_m (the metatiles' margin)")
         return self
