@@ -10,14 +10,15 @@ Architecture (params.yaml `model:`, core.config.ModelConfig), after the Loc2Vec 
     Flatten (32·4·4 = 512) → Linear 192 → LeakyReLU → Dropout(0.1)
     Linear 16                       – the embedding, no activation (distances live in R^16)
 
-Exact parameter count of the default network: 303,248 (the article's has 305,040).
+Exact parameter count of this network: 303,248 (the article's has 305,040); 340,528 with the centre branch.
 
-Optional centre branch (`model.centre_px` > 0, off by default): the context trunk above still reads the whole
-tile, positives shifted up to augment.max_shift_m (the article's invariance), while a small second trunk
-(`centre_channels` blocks of the same kind, mean-pooled) reads the central centre_px × centre_px px, whose
-training positive is cut at the same rotation but shifted only augment.centre_max_shift_m (GPS-noise scale):
-so what lies under the point is kept beside the surroundings (issue 17, "two scales, centre-aware"). The head
-reads both, flatten(trunk) ++ centre features. In training a tile carries the two views as 2 × in_channels
+Centre branch (`model.centre_px` > 0; params.yaml's default, 32, since the champion gate chose it; ModelConfig's
+own default is 0, the article's encoder, so that stored models without the key load as they were): the context
+trunk above still reads the whole tile, positives shifted up to augment.max_shift_m (the article's invariance),
+while a small second trunk (`centre_channels` blocks of the same kind, mean-pooled) reads the central centre_px ×
+centre_px px, whose training positive is cut at the same rotation but shifted only augment.centre_max_shift_m
+(GPS-noise scale): so what lies under the point is kept beside the surroundings (issue 17, "two scales,
+centre-aware"). The head reads both, flatten(trunk) ++ centre features. In training a tile carries the two views as 2 × in_channels
 channels (context view, then centre view: training/sources.py); any 12-channel tile is both views.
 
 Convs followed by BatchNorm carry no bias (BN's shift replaces it). `forward` has no
