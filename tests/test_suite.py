@@ -33,13 +33,14 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained, seeded encoder saved the way training saves one (what is tested is the suite, not the model)."""
+def model_dir(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained, seeded encoder of params.model's architecture (the suite inputs' random_encoder is built with
+    it), saved the way training saves one (what is tested is the suite, not the model)."""
     from loc2vec.training.model import Encoder
 
     out = tmp_path_factory.mktemp("model")
     torch.manual_seed(5)
-    cfg = ModelConfig()
+    cfg = load_project().params.model
     torch.save(Encoder(cfg).state_dict(), out / "model.pt")
     (out / "model_config.json").write_text(cfg.model_dump_json())
     return out
@@ -59,6 +60,8 @@ def suite_result(project: Path, region: str, model_dir: Path, tmp_path_factory: 
 
 
 def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict) -> None:
+    cfg = load_project().params.model
+    wide_dims = cfg.nin_channels[-1] + (cfg.centre_channels[-1] if cfg.centre_px else 0)
     tasks = suite_result["tasks"]
     assert list(tasks) == list(LEAKFREE_TASKS)
     for task, table in tasks.items():
@@ -85,7 +88,7 @@ def test_suite_json_has_every_featureset_classifier_and_lift(suite_result: dict)
             )
         meta = suite_result["meta"]["tasks"][task]
         assert meta["feature_dims"]["random_wide"] == 64 and meta["feature_dims"]["loc2vec"] == 16
-        assert meta["feature_dims"][WIDE] == ModelConfig().nin_channels[-1]
+        assert meta["feature_dims"][WIDE] == wide_dims  # the trunk's pooled output, then the centre branch's
         assert meta["bootstrap"]["macro_f1_ci95"]["loc2vec"]["logreg"][0] <= table["loc2vec"]["logreg"]["macro_f1"]
     assert "nearest_way" not in tasks["venue_context"], "nearest_way is a transport baseline"
     peers = suite_result["meta"]["peers"]

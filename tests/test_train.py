@@ -54,7 +54,8 @@ def test_triplet_batches_follow_the_article(tiny: Path, region: str) -> None:
     from loc2vec.training.trainer import Trainer
 
     p = load_project()
-    trainer = Trainer.from_params(p.params, [region], p.info)
+    article = p.params.model_copy(update={"model": p.params.model.model_copy(update={"centre_px": 0})})
+    trainer = Trainer.from_params(article, [region], p.info)  # the article's encoder: one 12-channel view
     source = build_source(trainer.samples, trainer.source, torch.device("cpu"))
     cfg = TripletConfig.from_config(p.params.triplets, p.params.augment)
 
@@ -313,11 +314,12 @@ def test_centre_branch_trains_on_a_centre_view_cut_at_the_same_rotation(
     from loc2vec.training.sources import build_source
     from loc2vec.training.trainer import Trainer
 
-    centre = {"model": {"centre_px": 32}, "embed": {"method": "per_tile"}, "train": {"max_steps": 3, "val_every": 3}}
+    centre = {"model": {"centre_px": 32}, "train": {"max_steps": 3, "val_every": 3}}
     with patched_params(tiny, centre):
         p = load_project()
         trainer = Trainer.from_params(p.params, [region], p.info, out_dir=tmp_path, checkpoint_dir=tmp_path)
-    plain = Trainer.from_params(load_project().params, [region], p.info, out_dir=tmp_path, checkpoint_dir=tmp_path)
+    with patched_params(tiny, {"model": {"centre_px": 0}}):  # the encoder without the branch
+        plain = Trainer.from_params(load_project().params, [region], p.info, out_dir=tmp_path, checkpoint_dir=tmp_path)
     source = build_source(trainer.samples, trainer.source, torch.device("cpu"))
     plain_source = build_source(plain.samples, plain.source, torch.device("cpu"))
     rows = np.flatnonzero(trainer.samples["split"].to_numpy() == "train")[:3]
