@@ -145,7 +145,8 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         ("fp32 channels_last", {"channels_last": True, "bf16": False}),
         ("fp32 channels_last, 1 thread", {"channels_last": True, "bf16": False, "threads": 1}),
         ("fp32 channels_last, first conv 8 wide", {"channels_last": True, "bf16": False, "conv_channels": first8}),
-        ("centre branch (model.centre_px 32)", {"centre_px": 32}),
+        ("centre branch (model.centre_px 32)", {"centre_px": 32}),  # params' default: then left out as a repeat
+        ("no centre branch (model.centre_px 0)", {"centre_px": 0}),
         ("fp32 channels_last, native ISA", {"channels_last": True, "bf16": False, "isa": "native"}),
         ("bf16 channels_last, native ISA", {"channels_last": True, "bf16": True, "isa": "native"}),
         ("SoftPN (negatives encoded)", {"loss": "softpn", "encode_negatives": True}),

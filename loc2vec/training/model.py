@@ -18,8 +18,9 @@ trunk above still reads the whole tile, positives shifted up to augment.max_shif
 while a small second trunk (`centre_channels` blocks of the same kind, mean-pooled) reads the central centre_px ×
 centre_px px, whose training positive is cut at the same rotation but shifted only augment.centre_max_shift_m
 (GPS-noise scale): so what lies under the point is kept beside the surroundings (issue 17, "two scales,
-centre-aware"). The head reads both, flatten(trunk) ++ centre features. In training a tile carries the two views as 2 × in_channels
-channels (context view, then centre view: training/sources.py); any 12-channel tile is both views.
+centre-aware"). The head reads both, flatten(trunk) ++ centre features. In training a tile carries the two views
+as 2 × in_channels channels (context view, then centre view: training/sources.py); any 12-channel tile is both
+views.
 
 Convs followed by BatchNorm carry no bias (BN's shift replaces it). `forward` has no
 data-dependent Python control flow, so it is `torch.compile`-able, and every op
