@@ -21,6 +21,7 @@ from loc2vec.core.config import EmbedConfig, ModelConfig
 from loc2vec.embedding.dense import (
     DenseSettings,
     centre_features,
+    cut_pixels,
     dense_trunk,
     encode_dense,
     head_at,
@@ -235,7 +236,7 @@ def test_centre_features_on_the_test_region_are_the_per_tile_paths(cells: dict) 
     lats, lons, index = cells["lats"], cells["lons"], cells["index"]
     model = _encoder(2, centre_px=32)
     keys, xs, ys = tile_corners(index, lats, lons)
-    px, py = np.floor(xs + 0.5).astype(np.int64), np.floor(ys + 0.5).astype(np.int64)
+    px, py = cut_pixels(xs, ys)
     n = len(lats)
     tiles = cut_tiles(index, lats, lons, np.zeros(n), np.zeros((n, 2)), device="cpu")
     with torch.no_grad():

@@ -287,15 +287,23 @@ def centre_features(
     return torch.cat(out)
 
 
+def _overlap(shape: tuple[int, ...], y0: int, y1: int, x0: int, x1: int) -> tuple[slice, slice, slice, slice] | None:
+    """Where the box [y0, y1) × [x0, x1) meets an array of `shape` (H, W, …): (rows, cols) in the array, then (rows,
+    cols) in the box; None if they do not meet."""
+    sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, shape[0]), max(x0, 0), min(x1, shape[1])
+    if sy0 >= sy1 or sx0 >= sx1:
+        return None
+    return slice(sy0, sy1), slice(sx0, sx1), slice(sy0 - y0, sy1 - y0), slice(sx0 - x0, sx1 - x0)
+
+
 def _crops(array: np.ndarray, xs: np.ndarray, ys: np.ndarray, side: int) -> np.ndarray:
     """(n, side, side, C) uint8 crops of an (H, W, C) array at top-left pixels (xs, ys), zeros beyond its edge: a
     slice copied per crop (measured 6.6× faster than one fancy-indexing gather of them all)."""
-    height, width = array.shape[:2]
     out = np.zeros((len(xs), side, side, array.shape[2]), dtype=array.dtype)
     for i, (x, y) in enumerate(zip(xs.tolist(), ys.tolist(), strict=True)):
-        y0, y1, x0, x1 = max(y, 0), min(y + side, height), max(x, 0), min(x + side, width)
-        if y0 < y1 and x0 < x1:
-            out[i, y0 - y : y1 - y, x0 - x : x1 - x] = array[y0:y1, x0:x1]
+        if (box := _overlap(array.shape, y, y + side, x, x + side)) is not None:
+            rows, cols, out_rows, out_cols = box
+            out[i, out_rows, out_cols] = array[rows, cols]
     return out
 
 
@@ -328,6 +336,12 @@ def head_at(
     return _head(model, win, channels, taps, centre)
 
 
+def cut_pixels(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-tile cut's top-left pixels (int64) of tiles with corners (xs, ys) from `tile_corners`: the pixel under
+    pixel (0, 0)'s centre."""
+    return np.floor(np.asarray(xs) + 0.5).astype(np.int64), np.floor(np.asarray(ys) + 0.5).astype(np.int64)
+
+
 def tile_corners(index: MetatileIndex, lats: np.ndarray, lons: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(metatile key, corner col, corner row) of each location's tile (angle 0, no shift), in metatile px.
 
@@ -356,14 +370,14 @@ def _window_input(array: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> torc
     it: (1, C, h, w) float32 in [0, 1] in channels_last memory, written in one pass (cast and ÷255 as
     `to_input` computes it) instead of a uint8 crop, a float copy and a division over it."""
     out = np.empty((y1 - y0, x1 - x0, array.shape[2]), dtype=np.float32)
-    sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, array.shape[0]), max(x0, 0), min(x1, array.shape[1])
-    if sy0 < sy1 and sx0 < sx1:
-        inner = out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
-        np.divide(array[sy0:sy1, sx0:sx1], np.float32(255), out=inner, casting="unsafe")
-        out[: sy0 - y0], out[sy1 - y0 :] = 0, 0  # the halo beyond the metatile's edge
-        out[sy0 - y0 : sy1 - y0, : sx0 - x0], out[sy0 - y0 : sy1 - y0, sx1 - x0 :] = 0, 0
-    else:
+    box = _overlap(array.shape, y0, y1, x0, x1)
+    if box is None:
         out[:] = 0
+        return torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0)
+    rows, cols, ry, rx = box
+    np.divide(array[rows, cols], np.float32(255), out=out[ry, rx], casting="unsafe")
+    out[: ry.start], out[ry.stop :] = 0, 0  # the halo beyond the metatile's edge
+    out[ry, : rx.start], out[ry, rx.stop :] = 0, 0
     return torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -424,8 +438,7 @@ def encode_metatile(
     else:
         ax, ay = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
         frac = (gy - ay, gx - ax)
-    # the per-tile path's crop: the pixel under pixel (0, 0)'s centre
-    px, py = np.floor(np.asarray(xs) + 0.5).astype(np.int64), np.floor(np.asarray(ys) + 0.5).astype(np.int64)
+    px, py = cut_pixels(xs, ys)
     n = len(gx)
     emb = np.empty((n, model.cfg.embedding_dim), dtype=np.float32)
     counts = np.empty((n, array.shape[2]), dtype=np.int32)
