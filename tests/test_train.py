@@ -133,6 +133,60 @@ def test_negative_free_losses_encode_no_negatives() -> None:
         torch.testing.assert_close(LOSSES[name](a, p, n), LOSSES[name](a, p, torch.randn(6, 16, generator=gen)))
 
 
+def test_validation_encodes_each_distinct_tile_once() -> None:
+    """Validation encodes a location's anchor once and copies its negatives from its positives' embeddings: 120
+    tiles instead of 300 with the default batch shape, and the same embeddings bit for bit (eval mode). A batch with
+    channel drop keeps no copy index (its negatives are undropped copies of dropped positives)."""
+    import numpy as np
+
+    from loc2vec.core.config import ModelConfig
+    from loc2vec.training.batches import TripletBatches, TripletConfig, anchor_rows
+    from loc2vec.training.model import Encoder
+    from loc2vec.training.trainer import forward_triplets
+
+    class RandomTiles:  # a TileSource: one fixed random tile per location, positives its noisy copies
+        def __init__(self, n: int) -> None:
+            self.tiles = torch.randint(
+                0, 256, (n, 12, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+            )
+
+        def __len__(self) -> int:
+            return len(self.tiles)
+
+        def pairs(self, rows, n_pairs, rng):
+            anchors = self.tiles[torch.from_numpy(np.repeat(rows, n_pairs))]
+            noise = torch.from_numpy(rng.integers(0, 256, anchors.shape, dtype=np.uint8))
+            return anchors, anchors ^ noise
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.tiles = Encoder(ModelConfig()).eval(), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.tiles += len(x)
+            return self.encoder(x)
+
+    cfg = TripletConfig(locations_per_batch=4, pairs_per_location=3, channel_drop_p=0.0)
+    batch = TripletBatches(RandomTiles(9), np.arange(9), cfg, seed=3).batch(0)
+    assert batch.negative_row is not None and torch.equal(batch.negative, batch.positive[batch.negative_row])
+    first, inverse = anchor_rows(batch.location)
+    assert len(first) == 4 and torch.equal(batch.anchor[first][inverse], batch.anchor)
+    model, cpu = Counting(), torch.device("cpu")
+    with torch.no_grad():
+        full = forward_triplets(model, batch, cpu, channels_last=True)
+        assert model.tiles == 36
+        once = forward_triplets(model, batch, cpu, channels_last=True, unique_anchors=True, copied_negatives=True)
+        assert model.tiles == 36 + 4 + 12
+    for whole, lean in zip(full, once, strict=True):
+        assert torch.equal(whole, lean)
+    dropped = TripletBatches(RandomTiles(9), np.arange(9), TripletConfig(4, 3, channel_drop_p=0.2), seed=3).batch(0)
+    assert dropped.negative_row is None
+    with torch.no_grad():  # nothing to copy: the negatives are encoded
+        forward_triplets(model, dropped, cpu, channels_last=True, copied_negatives=True)
+    assert model.tiles == 52 + 36
+
+
 def _run_fit(resume: bool) -> None:
     """`loc2vec train` in its own process, like the killed run: every run computes with the CPU numerics the
     command line pins (core/numerics.py), whatever earlier tests did to this process's torch state."""

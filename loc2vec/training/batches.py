@@ -50,16 +50,32 @@ class TileSource(Protocol):
     def __len__(self) -> int: ...
 
     def pairs(self, rows: np.ndarray, n_pairs: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(anchors, positives), each (len(rows)·n_pairs, 12, S, S) uint8, grouped by location."""
+        """(anchors, positives), each (len(rows)·n_pairs, 12, S, S) uint8, grouped by location; a location's
+        n_pairs anchors are one tile (its unaugmented tile), repeated."""
         ...
 
 
 @dataclass
 class TripletBatch:
-    anchor: torch.Tensor  # (B, 12, S, S) uint8
+    anchor: torch.Tensor  # (B, 12, S, S) uint8; every row of a location holds the same anchor tile
     positive: torch.Tensor
     negative: torch.Tensor
     location: torch.Tensor  # (B,) row of the anchor's location
+    # (B,) the row of `positive` each negative is an exact copy of; None where the positives were changed after
+    # the copy (channel drop) or the rows are a slice of a batch (DDP)
+    negative_row: torch.Tensor | None = None
+
+
+def anchor_rows(location: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, inverse): the first row of each location in the batch, and each row's index into them.
+
+    Every row of a location holds the same anchor (TileSource.pairs: its unaugmented tile), so
+    `anchor[first][inverse]` equals `anchor`: a batch's anchors are encoded once per location, not once per pair.
+    """
+    locations, inverse = torch.unique(location, return_inverse=True)
+    rows = torch.arange(len(location))
+    first = torch.full((len(locations),), len(location), dtype=torch.long).scatter_reduce_(0, inverse, rows, "amin")
+    return first, inverse
 
 
 def stand_in_negatives(location: torch.Tensor) -> torch.Tensor | None:
@@ -96,9 +112,11 @@ def make_batch(
     anchors, positives = source.pairs(rows, n_pairs, rng)
     owner = np.repeat(np.arange(n_loc), n_pairs)
     other = (owner + rng.integers(1, n_loc, size=len(owner))) % n_loc  # uniform over the other locations
-    negatives = positives[other * n_pairs + rng.integers(0, n_pairs, size=len(owner))]
+    negative_row = torch.from_numpy(other * n_pairs + rng.integers(0, n_pairs, size=len(owner)))
+    negatives = positives[negative_row]
     positives = drop_channels(positives, cfg.channel_drop_p, gen)
-    return TripletBatch(anchors, positives, negatives, torch.from_numpy(np.asarray(rows)[owner]))
+    copied = negative_row if cfg.channel_drop_p <= 0 else None  # drop_channels left the positives as they were
+    return TripletBatch(anchors, positives, negatives, torch.from_numpy(np.asarray(rows)[owner]), copied)
 
 
 class TripletBatches(IterableDataset):

@@ -10,8 +10,9 @@
   Δ(a,p) < min(Δ(a,n), Δ(p,n)) — over fixed val batches from spatially held-out locations
   (positives rotated and shifted; channel drop is for training only, as in the article).
 * A loss that reads no negatives (infonce, the default, and vicreg: losses.NEGATIVE_FREE) gets a step that encodes
-  anchors and positives only, 200 tiles instead of 300 with the default batch (`forward_triplets`); validation
-  still encodes the negatives, so early stopping follows the same triplet accuracy as before.
+  anchors and positives only, 200 tiles instead of 300 with the default batch (`forward_triplets`). Validation
+  scores real negatives, each distinct tile encoded once (its negatives are copies of its positives, its anchors
+  one per location: 120 tiles instead of 300, the same embeddings bit for bit in eval mode).
 * The step budget (max_steps) is sized so the cosine schedule completes; a wall-clock cap
   (max_minutes) is optional, because on a shared machine it would cut the schedule short.
 * Everything is tracked in MLflow (training/tracking.py). The loop is this module; what stops it
@@ -51,7 +52,13 @@ from loc2vec.core.paths import ProjectPaths
 from loc2vec.osm.db import ConnInfo
 from loc2vec.raster.metatiles import MetatileSpec
 from loc2vec.training import distributed as ddp
-from loc2vec.training.batches import TripletBatch, TripletBatches, TripletConfig, stand_in_negatives
+from loc2vec.training.batches import (
+    TripletBatch,
+    TripletBatches,
+    TripletConfig,
+    anchor_rows,
+    stand_in_negatives,
+)
 from loc2vec.training.checkpoint import Checkpointer
 from loc2vec.training.early_stopping import TrainState, record_budgets, record_validation
 from loc2vec.training.losses import NEGATIVE_FREE, build_loss, softpn_terms, triplet_accuracy
@@ -88,6 +95,8 @@ def forward_triplets(
     channels_last: bool,
     cpu_bf16: bool = False,
     encode_negatives: bool = True,
+    unique_anchors: bool = False,
+    copied_negatives: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """One forward pass over anchors, positives and negatives together (shared BN statistics): the (a, p, n)
     embeddings.
@@ -95,21 +104,37 @@ def forward_triplets(
     With `encode_negatives` False (a loss that reads no negatives, losses.NEGATIVE_FREE) only anchors and positives
     are encoded, a third fewer tiles, and n is another location's positive embedding (`stand_in_negatives`),
     for the triplet metrics only; a batch where no row can have one is encoded whole.
+    With `unique_anchors` each location's anchor is encoded once and its embedding given to all its rows
+    (`anchor_rows`: 20 anchors instead of 100 with the default batch); with `copied_negatives` and a batch whose
+    negatives are exact copies of its positives (`TripletBatch.negative_row`: no channel drop, as in validation)
+    they are not encoded but copied from the positives' embeddings. In eval mode both give the same embeddings
+    bit for bit (an embedding does not depend on the rest of its batch); in training mode the copies would
+    share one dropout mask, and BatchNorm's batch statistics would see each tile once.
     bf16 autocast on CUDA always, on the CPU when `cpu_bf16`; the embeddings come back as float32.
     """
-    stand_in = None if encode_negatives else stand_in_negatives(batch.location)
-    parts = [batch.anchor, batch.positive] if stand_in is not None else [batch.anchor, batch.positive, batch.negative]
+    first, inverse = anchor_rows(batch.location) if unique_anchors else (None, None)
+    anchors = batch.anchor if first is None else batch.anchor[first]
+    copy_from = batch.negative_row if copied_negatives else None
+    stand_in = None if encode_negatives or copy_from is not None else stand_in_negatives(batch.location)
+    parts = [anchors, batch.positive]
+    if copy_from is None and stand_in is None:
+        parts.append(batch.negative)
     x = to_input(torch.cat(parts).to(device, non_blocking=True))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     bf16 = device.type == "cuda" or cpu_bf16
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         emb = model(x)
-    out = emb.float().split(len(batch.anchor))
-    if stand_in is None:
-        return out
-    a, p = out
-    return a, p, p.detach()[stand_in.to(p.device)]
+    emb = emb.float()
+    b = len(batch.positive)
+    a, p = emb[: len(anchors)], emb[len(anchors) : len(anchors) + b]
+    if inverse is not None:
+        a = a[inverse.to(a.device)]
+    if copy_from is not None:
+        return a, p, p[copy_from.to(p.device)]
+    if stand_in is not None:
+        return a, p, p.detach()[stand_in.to(p.device)]
+    return a, p, emb[len(anchors) + b :]
 
 
 def run_signature(regions: list[str], samples: pd.DataFrame, parts: dict[str, Any]) -> str:
@@ -386,8 +411,10 @@ class Trainer:
         model.eval()
         accs, losses = [], []
         for k in range(self.cfg.val_batches):
-            batch = stream.batch(k)
-            a, p, n = forward_triplets(model, batch, self.device, channels_last, self.cfg.cpu_bf16)
+            batch = stream.batch(k)  # no channel drop: its negatives are copies of its positives
+            a, p, n = forward_triplets(
+                model, batch, self.device, channels_last, self.cfg.cpu_bf16, unique_anchors=True, copied_negatives=True
+            )
             accs.append(float(triplet_accuracy(a, p, n)))
             losses.append(float(loss_fn(a, p, n, groups=batch.location.to(self.device))))
         return {"val_triplet_accuracy": float(np.mean(accs)), "val_loss": float(np.mean(losses))}
