@@ -171,27 +171,41 @@ def evaluated_models(paths: ProjectPaths, regions: list[str]) -> dict[str, str]:
     return out
 
 
-def promotion_line(paths: ProjectPaths) -> str | None:
-    """One sentence on the champion gate's last decision (data/promotion.json), or None before any."""
+def promotion_line(paths: ProjectPaths, evaluated: dict[str, str] | None = None) -> str | None:
+    """One sentence on the champion gate's last decision (data/promotion.json), or None before any.
+
+    `evaluated` ({region: "name version N"}, `evaluated_models`): where the embeddings evaluated are not of the
+    decision's champion, the sentence says so. That happens in a fresh clone: DVC finds the gate's inputs and its
+    committed decision unchanged and does not run it, while the clone's own registry numbers its first version 1.
+    """
     try:
         p = json.loads(paths.promotion.read_text())
         if p["candidate_version"] == p["previous_champion_version"]:  # the first version: nothing to compare with
             scored = "not scored" if p["candidate_score"] is None else f"its gate score {_f(p['candidate_score'])}"
-            return (
+            line = (
                 f"Champion gate: version {p['candidate_version']} is the champion, with nothing to compare it with "
                 f"({scored})."
             )
-        verdict = (
-            f"promoted: version {p['champion_version']} is the champion"
-            if p["promoted"]
-            else f"not promoted: the champion stays version {p['champion_version']}"
-        )
-        return (
-            f"Champion gate: candidate version {p['candidate_version']} scored {_f(p['candidate_score'])} against "
-            f"champion version {p['previous_champion_version']}'s {_f(p['champion_score'])} ({verdict})."
-        )
+        else:
+            verdict = (
+                f"promoted: version {p['champion_version']} is the champion"
+                if p["promoted"]
+                else f"not promoted: the champion stays version {p['champion_version']}"
+            )
+            line = (
+                f"Champion gate: candidate version {p['candidate_version']} scored {_f(p['candidate_score'])} "
+                f"against champion version {p['previous_champion_version']}'s {_f(p['champion_score'])} ({verdict})."
+            )
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    champion = f"{p.get('model_name', '')} version {p['champion_version']}".strip()
+    others = sorted({model for model in (evaluated or {}).values() if not model.endswith(champion)})
+    if others:
+        line += (
+            f" That is the decision recorded in {paths.promotion.name} (the gate did not run here: DVC found its"
+            f" inputs unchanged); the embeddings evaluated here are of {', '.join(others)} of this checkout's registry."
+        )
+    return line
 
 
 def mlflow_link(paths: ProjectPaths, run_id: str | None, ui: str) -> dict[str, Any]:
@@ -283,7 +297,7 @@ def summarize(
             f"Best validation triplet accuracy {_f(training.get('best_val_triplet_accuracy'))} at step "
             f"{training.get('best_step')} of {training.get('steps')} ({training.get('stopped')})."
         )
-    gate = promotion_line(paths)
+    gate = promotion_line(paths, evaluated_models(paths, regions))
     if gate:
         md.append(gate)
     if mlflow.get("url"):

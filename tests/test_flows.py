@@ -606,6 +606,18 @@ def test_summary_lists_only_the_runs_regions(tmp_path: Path) -> None:
         "Champion gate: candidate version 3 scored 0.399 against champion version 1's 0.404 "
         "(not promoted: the champion stays version 1)." in md
     )
+    assert "the gate did not run here" not in md  # the embeddings evaluated are the champion's
+
+    # A fresh clone: the committed decision promoted version 3 of another checkout's registry, while this one's
+    # registry holds version 1 only (DVC did not re-run the gate): the line says which model was evaluated here.
+    decision = {**json.loads(paths.promotion.read_text()), "model_name": "loc2vec-encoder"}
+    paths.promotion.write_text(json.dumps({**decision, "champion_version": "3", "promoted": True}))
+    md = summarize(paths, ["ran"], [], OrchestrateConfig())["markdown"]
+    assert (
+        "(promoted: version 3 is the champion). That is the decision recorded in promotion.json (the gate did not "
+        "run here: DVC found its inputs unchanged); the embeddings evaluated here are of loc2vec-encoder version 1 "
+        "of this checkout's registry." in md
+    )
 
     # The first version is the champion with nothing to compare; the lifts' intervals read as numbers.
     paths.promotion.write_text(
