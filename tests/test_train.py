@@ -88,29 +88,33 @@ def test_channel_drop_switches_whole_channels_off() -> None:
     assert (per_channel.amax(dim=1) == 255).all(), "a tile never loses every channel"
 
 
+class CountingEncoder(torch.nn.Module):
+    """The real (untrained, eval-mode) encoder, counting the tiles it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from loc2vec.core.config import ModelConfig
+        from loc2vec.training.model import Encoder
+
+        self.encoder, self.tiles = Encoder(ModelConfig()).eval(), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tiles += len(x)
+        return self.encoder(x)
+
+
 def test_negative_free_losses_encode_no_negatives() -> None:
     """infonce and vicreg read no negatives, so the step encodes anchors and positives only (a third fewer tiles)
     and takes another location's positive as n for the triplet metrics; the rest of the output is unchanged."""
-    from loc2vec.core.config import ModelConfig
     from loc2vec.training.batches import TripletBatch, stand_in_negatives
     from loc2vec.training.losses import LOSSES, NEGATIVE_FREE
-    from loc2vec.training.model import Encoder
     from loc2vec.training.trainer import forward_triplets
-
-    class Counting(torch.nn.Module):  # the real encoder, counting the tiles it is given
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder, self.tiles = Encoder(ModelConfig()).eval(), 0
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.tiles += len(x)
-            return self.encoder(x)
 
     gen = torch.Generator().manual_seed(0)
     tiles = [torch.randint(0, 256, (6, 12, 128, 128), dtype=torch.uint8, generator=gen) for _ in range(3)]
     location = torch.tensor([10, 10, 11, 11, 12, 12])  # L = 3 locations × P = 2 pairs, in runs
     batch = TripletBatch(*tiles, location)
-    model, cpu = Counting(), torch.device("cpu")
+    model, cpu = CountingEncoder(), torch.device("cpu")
     with torch.no_grad():
         full = forward_triplets(model, batch, cpu, channels_last=True)
         assert model.tiles == 18
@@ -139,9 +143,7 @@ def test_validation_encodes_each_distinct_tile_once() -> None:
     channel drop keeps no copy index (its negatives are undropped copies of dropped positives)."""
     import numpy as np
 
-    from loc2vec.core.config import ModelConfig
     from loc2vec.training.batches import TripletBatches, TripletConfig, anchor_rows
-    from loc2vec.training.model import Encoder
     from loc2vec.training.trainer import forward_triplets
 
     class RandomTiles:  # a TileSource: one fixed random tile per location, positives its noisy copies
@@ -158,33 +160,24 @@ def test_validation_encodes_each_distinct_tile_once() -> None:
             noise = torch.from_numpy(rng.integers(0, 256, anchors.shape, dtype=np.uint8))
             return anchors, anchors ^ noise
 
-    class Counting(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder, self.tiles = Encoder(ModelConfig()).eval(), 0
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.tiles += len(x)
-            return self.encoder(x)
-
     cfg = TripletConfig(locations_per_batch=4, pairs_per_location=3, channel_drop_p=0.0)
     batch = TripletBatches(RandomTiles(9), np.arange(9), cfg, seed=3).batch(0)
     assert batch.negative_row is not None and torch.equal(batch.negative, batch.positive[batch.negative_row])
     first, inverse = anchor_rows(batch.location)
     assert len(first) == 4 and torch.equal(batch.anchor[first][inverse], batch.anchor)
-    model, cpu = Counting(), torch.device("cpu")
+    model, cpu = CountingEncoder(), torch.device("cpu")
     with torch.no_grad():
         full = forward_triplets(model, batch, cpu, channels_last=True)
         assert model.tiles == 36
-        once = forward_triplets(model, batch, cpu, channels_last=True, unique_anchors=True, copied_negatives=True)
+        once = forward_triplets(model, batch, cpu, channels_last=True, distinct_once=True)
         assert model.tiles == 36 + 4 + 12
     for whole, lean in zip(full, once, strict=True):
         assert torch.equal(whole, lean)
     dropped = TripletBatches(RandomTiles(9), np.arange(9), TripletConfig(4, 3, channel_drop_p=0.2), seed=3).batch(0)
     assert dropped.negative_row is None
-    with torch.no_grad():  # nothing to copy: the negatives are encoded
-        forward_triplets(model, dropped, cpu, channels_last=True, copied_negatives=True)
-    assert model.tiles == 52 + 36
+    with torch.no_grad():  # nothing to copy: the negatives are encoded (the anchors still once per location)
+        forward_triplets(model, dropped, cpu, channels_last=True, distinct_once=True)
+    assert model.tiles == 52 + 4 + 12 + 12
 
 
 def _run_fit(resume: bool) -> None:

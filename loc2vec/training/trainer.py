@@ -95,8 +95,7 @@ def forward_triplets(
     channels_last: bool,
     cpu_bf16: bool = False,
     encode_negatives: bool = True,
-    unique_anchors: bool = False,
-    copied_negatives: bool = False,
+    distinct_once: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """One forward pass over anchors, positives and negatives together (shared BN statistics): the (a, p, n)
     embeddings.
@@ -104,17 +103,17 @@ def forward_triplets(
     With `encode_negatives` False (a loss that reads no negatives, losses.NEGATIVE_FREE) only anchors and positives
     are encoded, a third fewer tiles, and n is another location's positive embedding (`stand_in_negatives`),
     for the triplet metrics only; a batch where no row can have one is encoded whole.
-    With `unique_anchors` each location's anchor is encoded once and its embedding given to all its rows
-    (`anchor_rows`: 20 anchors instead of 100 with the default batch); with `copied_negatives` and a batch whose
-    negatives are exact copies of its positives (`TripletBatch.negative_row`: no channel drop, as in validation)
-    they are not encoded but copied from the positives' embeddings. In eval mode both give the same embeddings
-    bit for bit (an embedding does not depend on the rest of its batch); in training mode the copies would
-    share one dropout mask, and BatchNorm's batch statistics would see each tile once.
+    With `distinct_once` (validation) each distinct tile is encoded once: a location's anchor once for all its rows
+    (`anchor_rows`: 20 anchors instead of 100 with the default batch), and negatives that are exact copies of
+    positives (`TripletBatch.negative_row`: no channel drop) not at all, copied from the positives' embeddings. In
+    eval mode that gives the same embeddings bit for bit (an embedding does not depend on the rest of its batch).
+    Not for training: there the copies would share one dropout mask and BatchNorm's batch statistics would see each
+    tile once (measured: a worse model, README "Issue 17's options in one table").
     bf16 autocast on CUDA always, on the CPU when `cpu_bf16`; the embeddings come back as float32.
     """
-    first, inverse = anchor_rows(batch.location) if unique_anchors else (None, None)
+    first, inverse = anchor_rows(batch.location) if distinct_once else (None, None)
     anchors = batch.anchor if first is None else batch.anchor[first]
-    copy_from = batch.negative_row if copied_negatives else None
+    copy_from = batch.negative_row if distinct_once else None
     stand_in = None if encode_negatives or copy_from is not None else stand_in_negatives(batch.location)
     parts = [anchors, batch.positive]
     if copy_from is None and stand_in is None:
@@ -412,9 +411,7 @@ class Trainer:
         accs, losses = [], []
         for k in range(self.cfg.val_batches):
             batch = stream.batch(k)  # no channel drop: its negatives are copies of its positives
-            a, p, n = forward_triplets(
-                model, batch, self.device, channels_last, self.cfg.cpu_bf16, unique_anchors=True, copied_negatives=True
-            )
+            a, p, n = forward_triplets(model, batch, self.device, channels_last, self.cfg.cpu_bf16, distinct_once=True)
             accs.append(float(triplet_accuracy(a, p, n)))
             losses.append(float(loss_fn(a, p, n, groups=batch.location.to(self.device))))
         return {"val_triplet_accuracy": float(np.mean(accs)), "val_loss": float(np.mean(losses))}
