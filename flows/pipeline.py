@@ -264,9 +264,9 @@ def summarize(
         for r in results
     ] or ["| (none selected) | | | |"]
     md += ["", "## Downstream evaluation", ""]
-    models = evaluated_models(paths, regions)
-    if models:
-        md += [f"Embeddings evaluated: {region}: {model}." for region, model in models.items()] + [""]
+    evaluated = evaluated_models(paths, regions)
+    if evaluated:
+        md += [f"Embeddings evaluated: {region}: {model}." for region, model in evaluated.items()] + [""]
     if metrics:
         md += [
             "| evaluation | task | featureset | logreg macro-F1 | logreg accuracy | hgb macro-F1 | hgb accuracy |",
@@ -297,7 +297,7 @@ def summarize(
             f"Best validation triplet accuracy {_f(training.get('best_val_triplet_accuracy'))} at step "
             f"{training.get('best_step')} of {training.get('steps')} ({training.get('stopped')})."
         )
-    gate = promotion_line(paths, evaluated_models(paths, regions))
+    gate = promotion_line(paths, evaluated)
     if gate:
         md.append(gate)
     if mlflow.get("url"):
@@ -314,7 +314,7 @@ def summarize(
         "metrics": metrics,
         "training": training,
         "mlflow": mlflow,
-        "evaluated_models": models,
+        "evaluated_models": evaluated,
         "artifact_key": ARTIFACT_KEY,
         "markdown": "\n".join(md) + "\n",
     }
