@@ -135,6 +135,7 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         "threads": compute.cpu_threads,
         "conv_channels": list(model.conv_channels),
         "centre_px": model.centre_px,
+        "centre_source": model.centre_source,
         "loss": project.params.loss.name,
         "encode_negatives": project.params.loss.name not in NEGATIVE_FREE,
     }
@@ -145,7 +146,8 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         ("fp32 channels_last", {"channels_last": True, "bf16": False}),
         ("fp32 channels_last, 1 thread", {"channels_last": True, "bf16": False, "threads": 1}),
         ("fp32 channels_last, first conv 8 wide", {"channels_last": True, "bf16": False, "conv_channels": first8}),
-        ("centre branch (model.centre_px 32)", {"centre_px": 32}),  # params' default: then left out as a repeat
+        ("centre branch (model.centre_px 32)", {"centre_px": 32, "centre_source": "branch"}),  # a repeat if default
+        ("centre from the trunk (model.centre_source trunk)", {"centre_px": 32, "centre_source": "trunk"}),
         ("no centre branch (model.centre_px 0)", {"centre_px": 0}),
         ("fp32 channels_last, native ISA", {"channels_last": True, "bf16": False, "isa": "native"}),
         ("bf16 channels_last, native ISA", {"channels_last": True, "bf16": True, "isa": "native"}),
@@ -165,8 +167,9 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
 
 
 def _model_cfg(model: dict[str, Any], setting: dict[str, Any]) -> ModelConfig:
-    """params' model with the setting's first-layer widths and centre branch."""
-    return ModelConfig(**{**model, "conv_channels": tuple(setting["conv_channels"]), "centre_px": setting["centre_px"]})
+    """params' model with the setting's first-layer widths and centre."""
+    keys = {"conv_channels": tuple(setting["conv_channels"]), "centre_px": setting["centre_px"]}
+    return ModelConfig(**{**model, **keys, "centre_source": setting.get("centre_source", "branch")})
 
 
 def _child_env(setting: dict[str, Any]) -> dict[str, str]:

@@ -21,9 +21,12 @@ from loc2vec.core.config import EmbedConfig, ModelConfig
 from loc2vec.embedding.dense import (
     DenseSettings,
     centre_features,
+    centre_from_tap,
     cut_pixels,
     dense_trunk,
+    dense_trunk_and_tap,
     encode_dense,
+    encode_metatile,
     head_at,
     tile_corners,
     windows_at,
@@ -36,12 +39,12 @@ STRIDES = (32, 16, 8, 4, 2, 1)
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # float summation order: a dilated or larger conv sums in another order
 
 
-def _encoder(seed: int = 0, centre_px: int = 0) -> Encoder:
+def _encoder(seed: int = 0, centre_px: int = 0, centre_source: str = "branch") -> Encoder:
     """A seeded untrained encoder whose BatchNorms are not the identity (running statistics and affine
     parameters drawn, some scales negative: a max-pool does not commute with them); with centre_px, with a
-    centre branch."""
+    centre (a branch of its own, or read from the trunk)."""
     torch.manual_seed(seed)
-    model = Encoder(ModelConfig(centre_px=centre_px))
+    model = Encoder(ModelConfig(centre_px=centre_px, centre_source=centre_source))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -172,10 +175,10 @@ def test_dense_agrees_with_per_tile_on_the_test_region(cells: dict) -> None:
         assert (diff == 0).mean() > 0.9 and diff.max() <= 2 * 128 / 128**2, (settings, (diff == 0).mean(), diff.max())
 
 
-@pytest.mark.parametrize("centre", [False, True], ids=["trunk", "centre-branch"])
-def test_dense_is_deterministic_and_independent_of_the_windows(cells: dict, centre: bool) -> None:
+@pytest.mark.parametrize("centre", [None, "branch", "trunk"], ids=["trunk", "centre-branch", "centre-from-trunk"])
+def test_dense_is_deterministic_and_independent_of_the_windows(cells: dict, centre: str | None) -> None:
     lats, lons, index = cells["lats"], cells["lons"], cells["index"]
-    model = _encoder(2, centre_px=32) if centre else cells["model"]
+    model = _encoder(2, centre_px=32, centre_source=centre) if centre else cells["model"]
 
     def run(settings: DenseSettings) -> np.ndarray:
         return encode_dense(model, index, lats, lons, settings, progress=False, cfg=cells["orchestrate"], kind="inline")
@@ -205,6 +208,53 @@ def test_centre_branch_on_a_tile_alone_is_the_encoder(stride: int) -> None:
         )
         with pytest.raises(ValueError, match="centre branch"):
             head_at(model, fmap, np.array([0]), np.array([0]), stride)  # its features are needed
+
+
+@pytest.mark.parametrize("stride", (32, 16, 8, 4))
+def test_centre_from_the_trunk_on_a_tile_alone_is_the_encoder(stride: int) -> None:
+    """With the centre read from the trunk, the dense trunk's map after three blocks holds it: the mean of its
+    4×4 taps at the tile's central 32 px, through the head with the trunk's window, is the encoder's embedding."""
+    model = _encoder(0, centre_px=32, centre_source="trunk")
+    tile = _input(_canvas(128, 128, seed=5))
+    with torch.no_grad():
+        fmap, tap, tap_step = dense_trunk_and_tap(model, tile, stride, 3)
+        assert tap_step == min(stride, 8)
+        at = np.array([48 / tap_step])
+        centre = centre_from_tap(model, tap[0], tap_step, at, at, "snap")
+        torch.testing.assert_close(centre, model.representation(tile)[:, 32:], **TOL)
+        torch.testing.assert_close(centre_from_tap(model, tap[0], tap_step, at, at, "bilinear"), centre, **TOL)
+        emb = head_at(model, fmap[0], np.array([0]), np.array([0]), stride, None, centre)
+        torch.testing.assert_close(emb, model(tile), **TOL)
+
+
+def test_centre_from_the_trunk_inside_a_canvas_is_the_per_tile_centre() -> None:
+    """Inside a canvas (real neighbourhood, no zero padding near the centre) the map's centre is the per-tile path's
+    exactly where the tile's corner lies on the 8 px grid, and between grid corners the bilinear mix of theirs: the
+    encoder's 8 px margin makes the per-tile centre independent of what lies beyond its tile."""
+    model = _encoder(3, centre_px=32, centre_source="trunk")
+    canvas = _canvas(320, 320, seed=6)
+
+    def per_tile(y: int, x: int) -> torch.Tensor:
+        return model.representation(_input(canvas[y : y + 128, x : x + 128]))[0, 32:]
+
+    with torch.no_grad():
+        _, tap, step = dense_trunk_and_tap(model, _input(canvas), 16, 3)
+        for y, x in [(0, 0), (64, 152), (184, 96)]:  # on the grid: exact
+            got = centre_from_tap(model, tap[0], step, np.array([(y + 48) / 8]), np.array([(x + 48) / 8]), "bilinear")
+            torch.testing.assert_close(got[0], per_tile(y, x), **TOL)
+        y, x = 66, 101  # between (64, 96) and (72, 104): fractions 2/8 and 5/8
+        got = centre_from_tap(model, tap[0], step, np.array([(y + 48) / 8]), np.array([(x + 48) / 8]), "bilinear")[0]
+        mix = 0.75 * (0.375 * per_tile(64, 96) + 0.625 * per_tile(64, 104)) + 0.25 * (
+            0.375 * per_tile(72, 96) + 0.625 * per_tile(72, 104)
+        )
+        torch.testing.assert_close(got, mix, **TOL)
+        snapped = centre_from_tap(model, tap[0], step, np.array([(y + 48) / 8]), np.array([(x + 48) / 8]), "snap")
+        torch.testing.assert_close(snapped[0], per_tile(64, 104), **TOL)
+        # encode_metatile reads it so: a cell on the grid gets the per-tile centre through the head
+        emb, _ = encode_metatile(model, canvas, np.array([96.0]), np.array([64.0]), DenseSettings(window_px=128))
+        fmap = dense_trunk(model, _input(canvas), 16)[0]
+        expected = head_at(model, fmap, np.array([64 // 16]), np.array([96 // 16]), 16, None, per_tile(64, 96)[None])
+        torch.testing.assert_close(torch.from_numpy(emb), expected, **TOL)
 
 
 def test_centre_features_cut_the_exact_crop_and_pad_with_zeros() -> None:

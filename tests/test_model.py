@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from loc2vec.core.config import ModelConfig
 from loc2vec.training.losses import softpn_loss
@@ -159,3 +160,29 @@ def test_centre_branch_settings_are_checked_and_absent_keys_are_not_written() ->
     for bad in ({"centre_px": 36}, {"centre_px": 160}, {"centre_px": 33}, {"centre_px": 32, "centre_channels": ()}):
         with pytest.raises(ValidationError, match="centre"):
             ModelConfig(**bad)
+
+
+def test_centre_read_from_the_trunk_is_the_trunks_own_map_and_its_crop() -> None:
+    """centre_source: trunk has no convs of its own; a 12-channel tile's centre is the middle 4×4 of the trunk's map
+    after three blocks, and a separate centre view's is the inner 4×4 of that map over its crop with one position
+    (8 px) of margin each side: equal in eval mode, since the crop's zero padding reaches only the margin."""
+    torch.manual_seed(0)
+    model = Encoder(ModelConfig(centre_px=32, centre_source="trunk")).eval()
+    assert not any("centre" in k for k in model.state_dict())
+    assert count_parameters(model) == 303_248 + 64 * 192  # only the head's wider first layer
+    assert model.centre_margin_px == 8
+    x = torch.rand(3, 12, 128, 128)
+    with torch.no_grad():
+        stem = model.features[:13](x)  # the input's dropout, then three [conv, pool, BN, act] blocks
+        assert model.representation(x)[:, 32:].equal(stem[..., 6:10, 6:10].mean(dim=(2, 3)))
+        torch.testing.assert_close(model(x), model(torch.cat([x, x], 1)), rtol=1e-6, atol=1e-6)
+        centre_view = x.clone()
+        centre_view[..., :40, :] = torch.rand(3, 12, 40, 128)  # outside the central 32 px and its margin: not read
+        assert torch.equal(model(torch.cat([x, centre_view], 1)), model(torch.cat([x, x], 1)))
+        centre_view[..., 41, 60] = 1 - centre_view[..., 41, 60]  # in the margin: read
+        assert not torch.equal(model(torch.cat([x, centre_view], 1)), model(torch.cat([x, x], 1)))
+    for bad in ({"centre_px": 32, "centre_channels": (16, 32, 48)}, {"centre_px": 120}):  # not the trunk's; no margin
+        with pytest.raises(ValidationError, match="centre"):
+            ModelConfig(centre_source="trunk", **bad)
+    assert "centre_source" not in ModelConfig(centre_px=32).model_dump()  # stored branch models: unchanged keys
+    assert ModelConfig(centre_px=32, centre_source="trunk").model_dump()["centre_source"] == "trunk"

@@ -392,7 +392,7 @@ def test_centre_branch_trains_on_a_centre_view_cut_at_the_same_rotation(
     summary = trainer.fit(resume=False)  # a few steps on the two views, no MLflow
     assert summary["steps"] == 3
     model = load_encoder(tmp_path)
-    assert model.centre is not None and model.cfg.centre_px == 32
+    assert model.cfg.centre_px == 32 and model.cfg.centre_source == p.params.model.centre_source
     tiles = anchors[:2, :12].float() / 255
     with torch.no_grad():
         assert model(tiles).shape == (2, 16) and model.representation(tiles).shape == (2, 32 + 64)

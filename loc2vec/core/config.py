@@ -224,6 +224,10 @@ class ModelConfig(Section):
     # trained on positives shifted only augment.centre_max_shift_m: what lies under the point (training/model.py).
     centre_px: int = Field(0, ge=0)
     centre_channels: tuple[int, ...] = (16, 32, 64)
+    # branch: the centre has convs of its own (centre_channels). trunk: it reads the trunk's own first
+    # len(centre_channels) blocks (their widths must be centre_channels), so the dense path gets it from the
+    # trunk's map it computes anyway (training/model.py).
+    centre_source: Literal["branch", "trunk"] = "branch"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -246,6 +250,17 @@ class ModelConfig(Section):
                     f"centre_px={self.centre_px} is not divisible by 2**{len(self.centre_channels)} "
                     "(one 2×2 max-pool per centre conv layer)"
                 )
+            k = len(self.centre_channels)
+            if self.centre_source == "trunk" and tuple(self.conv_channels[:k]) != tuple(self.centre_channels):
+                raise ValueError(
+                    f"centre_source: trunk reads the trunk's first {k} blocks: centre_channels={self.centre_channels}"
+                    f" must equal conv_channels[:{k}]={self.conv_channels[:k]}"
+                )
+            if self.centre_source == "trunk" and self.centre_px + 2 ** (k + 1) > self.input_size:
+                raise ValueError(
+                    f"centre_source: trunk crops centre_px={self.centre_px} plus {2**k} px each side, more than "
+                    f"input_size={self.input_size}"
+                )
         return self
 
     @model_serializer(mode="wrap")
@@ -256,6 +271,8 @@ class ModelConfig(Section):
         if not self.centre_px:
             data.pop("centre_px", None)
             data.pop("centre_channels", None)
+        if not self.centre_px or self.centre_source == "branch":
+            data.pop("centre_source", None)  # so the models trained before the key load and fingerprint as they were
         return data
 
     @property

@@ -38,6 +38,13 @@ since the crops barely overlap (32² px against a cell's ~880). The head reads t
 Measured on Liechtenstein (benchmarks/README.md): the branch adds ~50% to the dense path's time (18.7 s
 against 12.5 s for 89,492 cells), by its FLOPs ~5% to the per-tile path's.
 
+**Centre read from the trunk** (``model.centre_source: trunk``). The encoder averages its trunk's own map after
+three blocks over the tile's central 32 px, and trains its separate centre views on crops with 8 px of margin,
+so that no zero padding reaches the average: the dense path reads it off the map the trunk computes anyway
+(`dense_trunk_and_tap`, `centre_from_tap`), at the centre's exact position on the 8 px grid, snapped or
+bilinearly interpolated between grid positions as the trunk's windows are. On the grid it is the per-tile
+path's centre exactly (tests/test_dense.py); its cost is a gather.
+
 **Windows.** A metatile's cells are processed in windows of ``embed.dense_window_px`` px of tile
 corners (fitted to the cells they hold, so sparse edges cost little), each with a halo of B px: the
 trunk's reach beyond a tile is 1+2+4+8+16 = 31 px, so the window's own zero padding never reaches a
@@ -210,13 +217,26 @@ def dense_trunk(model: Encoder, x: torch.Tensor, stride: int) -> torch.Tensor:
     place: the maps are large, and each fresh copy costs its page faults. (Running the first block over row
     strips, to keep its maps in cache, was measured 1.5–3× slower: many small convolutions cost more.)
     """
+    return dense_trunk_and_tap(model, x, stride, 0)[0]
+
+
+def dense_trunk_and_tap(
+    model: Encoder, x: torch.Tensor, stride: int, blocks: int
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """`dense_trunk`'s map, and the map after the trunk's first `blocks` conv blocks (None if 0) with the px
+    between its samples: what a centre read from the trunk (model.centre_source: trunk) averages."""
     _check(model, stride)
     x = x.contiguous(memory_format=torch.channels_last)
     x = to_input(x) if x.dtype == torch.uint8 else x
     spacing, step = 1, 1  # px between the features' grid positions, and between their samples
+    tap, tap_step, done = None, 0, 0
     for m, weight, bias in _plan(model):
         x, spacing, step = _layer(m, weight, bias, x, spacing, step, stride)
-    return x
+        if isinstance(m, nn.LeakyReLU) and done < blocks:
+            done += 1  # each conv block ends with its activation
+            if done == blocks:
+                tap, tap_step = x, step  # later layers write new maps (only activations run in place, on them)
+    return x, tap, tap_step
 
 
 def windows_at(fmap: torch.Tensor, rows: np.ndarray, cols: np.ndarray, taps: int, step: int) -> torch.Tensor:
@@ -246,7 +266,7 @@ def _head(
     """The encoder's head on (N, taps·taps·C) windows in (row, col, channel) order, followed by the centre
     branch's (N, C') features when the encoder has one: its first Linear's trunk columns are permuted to that
     order instead of each window to the flatten's (C, row, col), saving a copy."""
-    if (centre is None) != (model.centre is None):
+    if (centre is None) != (not model.cfg.centre_px):
         raise ValueError("the centre branch's features are needed exactly when the encoder has a centre branch")
     mods = list(model.head)
     if len(mods) < 2 or not isinstance(mods[0], nn.Flatten) or not isinstance(mods[1], nn.Linear):
@@ -285,6 +305,55 @@ def centre_features(
     if not out:
         return torch.zeros((0, model.cfg.centre_channels[-1]))
     return torch.cat(out)
+
+
+def centre_from_tap(
+    model: Encoder,
+    tap: torch.Tensor,
+    tap_step: int,
+    gy: np.ndarray,
+    gx: np.ndarray,
+    position: Position,
+) -> torch.Tensor:
+    """(N, C') a trunk-read centre's features (model.centre_source: trunk) from the trunk's (C', H, W) map after its
+    first blocks, sampled every `tap_step` px: the mean of the taps covering each tile's central centre_px², whose
+    top-left lies at (gy, gx) map positions (fractional: snapped, or the four means around it bilinearly
+    interpolated, as the trunk's windows are).
+
+    Why from the map: the encoder's centre crop carries one position of margin each side (Encoder.centre_margin_px),
+    so its inner positions are the map's own numbers; the centre then costs the dense path a gather, not a conv.
+    """
+    side = model.centre_margin_px
+    means = _box_means(tap, model.cfg.centre_px // side, side // tap_step)  # (C', H', W'): one mean per position
+    channels, height = means.shape[0], means.shape[1]
+    flat = means.permute(1, 2, 0).reshape(-1, channels)
+
+    def at(rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        return _gather(flat, height, rows, cols, 1, 1)
+
+    if position == "snap":
+        return at(np.rint(gy).astype(np.int64), np.rint(gx).astype(np.int64))
+    ay, ax = np.floor(gy).astype(np.int64), np.floor(gx).astype(np.int64)
+    fy, fx = (torch.as_tensor(f, dtype=tap.dtype)[:, None] for f in (gy - ay, gx - ax))
+    out = at(ay, ax).mul_((1 - fy) * (1 - fx))
+    out.addcmul_(at(ay, ax + 1), (1 - fy) * fx)
+    out.addcmul_(at(ay + 1, ax), fy * (1 - fx))
+    return out.addcmul_(at(ay + 1, ax + 1), fy * fx)
+
+
+def _box_means(fmap: torch.Tensor, taps: int, d: int) -> torch.Tensor:
+    """(C, H − (taps−1)·d, W − (taps−1)·d) the mean of each taps × taps box of a (C, H, W) map's positions `d` apart,
+    by shifted sums along each axis: one pass over the map per tap, instead of gathering every cell's taps (16 of
+    them × 4 interpolated corners, measured ~10% of the dense path)."""
+    reach = (taps - 1) * d
+    height, width = fmap.shape[1] - reach, fmap.shape[2] - reach
+    rows = fmap[:, 0:height].clone()
+    for i in range(1, taps):
+        rows += fmap[:, i * d : i * d + height]
+    out = rows[:, :, 0:width].clone()
+    for j in range(1, taps):
+        out += rows[:, :, j * d : j * d + width]
+    return out.div_(taps * taps)
 
 
 def _overlap(shape: tuple[int, ...], y0: int, y1: int, x0: int, x1: int) -> tuple[slice, slice, slice, slice] | None:
@@ -439,6 +508,7 @@ def encode_metatile(
         ax, ay = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
         frac = (gy - ay, gx - ax)
     px, py = cut_pixels(xs, ys)
+    from_trunk = model.centre_blocks if model.cfg.centre_px and model.centre is None else 0
     n = len(gx)
     emb = np.empty((n, model.cfg.embedding_dim), dtype=np.float32)
     counts = np.empty((n, array.shape[2]), dtype=np.int32)
@@ -453,10 +523,17 @@ def encode_metatile(
         x1 = (int(ax[sel].max()) + reach) * s + size + block
         counts[sel] = _box_counts(array, py[sel], px[sel], size)
         with torch.inference_mode():
-            fmap = dense_trunk(model, _window_input(array, y0, y1, x0, x1), s)[0]
+            fmap, tap, tap_step = dense_trunk_and_tap(model, _window_input(array, y0, y1, x0, x1), s, from_trunk)
+            fmap = fmap[0]
             rows, cols = ay[sel] - gy0 + block // s, ax[sel] - gx0 + block // s
             sub = None if frac is None else (frac[0][sel], frac[1][sel])
-            centre = None if model.centre is None else centre_features(model, array, px[sel], py[sel])
+            centre = None
+            if tap is not None:
+                lo = (size - model.cfg.centre_px) // 2  # the centre's top-left in the tile
+                gyc, gxc = ((np.asarray(v, np.float64)[sel] + lo - o) / tap_step for v, o in ((ys, y0), (xs, x0)))
+                centre = centre_from_tap(model, tap[0], tap_step, gyc, gxc, settings.position)
+            elif model.centre is not None:
+                centre = centre_features(model, array, px[sel], py[sel])
             emb[sel] = head_at(model, fmap, rows, cols, s, sub, centre).float().numpy()
     hist = (counts.astype(np.float32) / np.float32(size * size)).astype(np.float32)
     return emb, hist

@@ -10,7 +10,8 @@ Architecture (params.yaml `model:`, core.config.ModelConfig), after the Loc2Vec 
     Flatten (32·4·4 = 512) → Linear 192 → LeakyReLU → Dropout(0.1)
     Linear 16                       – the embedding, no activation (distances live in R^16)
 
-Exact parameter count of this network: 303,248 (the article's has 305,040); 340,528 with the centre branch.
+Exact parameter count of this network: 303,248 (the article's has 305,040); 340,528 with the centre branch, 315,536
+with the centre read from the trunk.
 
 Centre branch (`model.centre_px` > 0; params.yaml's default, 32, since the champion gate chose it; ModelConfig's
 own default is 0, the article's encoder, so that stored models without the key load as they were): the context
@@ -21,6 +22,12 @@ centre_px px, whose training positive is cut at the same rotation but shifted on
 centre-aware"). The head reads both, flatten(trunk) ++ centre features. In training a tile carries the two views
 as 2 × in_channels channels (context view, then centre view: training/sources.py); any 12-channel tile is both
 views.
+
+Centre read from the trunk (`model.centre_source: trunk`): no convs of its own; the centre's features are the mean
+of the trunk's own map after its first len(centre_channels) blocks over the central centre_px px. A separate centre
+view (training) runs those blocks over its crop with one position of margin each side (`centre_margin_px`, 8 px), so
+the crop's zero padding never reaches what is averaged: its features are exactly what the trunk computes over a whole
+tile, or the dense path over a metatile, where they cost a gather instead of a second trunk (embedding/dense.py).
 
 Convs followed by BatchNorm carry no bias (BN's shift replaces it). `forward` has no
 data-dependent Python control flow, so it is `torch.compile`-able, and every op
@@ -73,7 +80,7 @@ class Encoder(nn.Module):
         )
         # Built after the head, so that an encoder without it draws exactly the weights it always drew.
         self.centre: nn.Sequential | None = None
-        if cfg.centre_px:
+        if cfg.centre_px and cfg.centre_source == "branch":
             blocks = conv_blocks(cfg.in_channels, cfg.centre_channels, act)
             self.centre = nn.Sequential(nn.Dropout2d(cfg.input_dropout), *blocks)
         self._init_weights()
@@ -91,22 +98,46 @@ class Encoder(nn.Module):
 
     def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(context view, centre crop) of a batch: tiles of in_channels are both views; tiles of 2 × in_channels
-        (training with a centre branch) carry the context view, then the centre view."""
-        n, side = self.cfg.in_channels, self.cfg.centre_px
+        (training with a centre branch) carry the context view, then the centre view. With the centre read from
+        the trunk, the crop has a margin of one position of its last block each side (`centre_margin_px`)."""
+        n, side = self.cfg.in_channels, self.cfg.centre_px + 2 * self.centre_margin_px
         if x.shape[1] not in (n, 2 * n):
             raise ValueError(f"expected {n} (or, with a centre branch, {2 * n}) channels, got {x.shape[1]}")
         context, centre = (x[:, :n], x[:, n:]) if x.shape[1] == 2 * n else (x, x)
         lo = (x.shape[-1] - side) // 2
         return context, centre[..., lo : lo + side, lo : lo + side]
 
+    @property
+    def centre_blocks(self) -> int:
+        """How many conv blocks the centre's features come out of."""
+        return len(self.cfg.centre_channels) if self.cfg.centre_px else 0
+
+    @property
+    def centre_margin_px(self) -> int:
+        """With the centre read from the trunk, the px its crop carries beyond centre_px on each side: one position
+        of the last block it reads (2**centre_blocks px). The zero padding at a crop's edge changes exactly one
+        ring of positions per block, so the crop's inner positions are what the trunk computes over the whole tile
+        (and the dense path over a metatile): the three paths agree (tests/test_model.py, tests/test_dense.py)."""
+        return 2**self.centre_blocks if self.cfg.centre_px and self.cfg.centre_source == "trunk" else 0
+
     def _trunk_and_centre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trunk's map of the context view and the centre branch's mean-pooled features of the centre crop."""
-        assert self.centre is not None
+        """The trunk's map of the context view and the centre's mean-pooled features."""
         context, centre = self.views(x)
-        return self.features(context), self.centre(centre).mean(dim=(2, 3))
+        if self.centre is not None:
+            return self.features(context), self.centre(centre).mean(dim=(2, 3))
+        stem_len = 1 + 4 * self.centre_blocks  # the input's Dropout2d, then [conv, pool, BN, act] per block
+        stem, rest = self.features[:stem_len], self.features[stem_len:]
+        mid = stem(context)
+        if x.shape[1] == self.cfg.in_channels:  # one view: its centre is the middle of the trunk's own map
+            lo = (self.cfg.input_size - self.cfg.centre_px) // 2 // self.centre_margin_px
+            width = self.cfg.centre_px // self.centre_margin_px
+            inner = mid[..., lo : lo + width, lo : lo + width]
+        else:
+            inner = stem(centre)[..., 1:-1, 1:-1]
+        return rest(mid), inner.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.centre is None:
+        if not self.cfg.centre_px:
             return self.head(self.features(x))
         trunk, centre = self._trunk_and_centre(x)
         return self.head(torch.cat([trunk.flatten(1), centre], 1))
@@ -119,7 +150,7 @@ class Encoder(nn.Module):
         output. Of eight layers tried on Liechtenstein folds (README, "Wider than 16-D"), this 32-D one added the
         most to the best cheap baseline. With a centre branch, its mean-pooled features follow.
         """
-        if self.centre is None:
+        if not self.cfg.centre_px:
             return self.features(x).mean(dim=(2, 3))
         trunk, centre = self._trunk_and_centre(x)
         return torch.cat([trunk.mean(dim=(2, 3)), centre], 1)
