@@ -186,6 +186,11 @@ def promotion_line(paths: ProjectPaths, evaluated: dict[str, str] | None = None)
                 f"Champion gate: version {p['candidate_version']} is the champion, with nothing to compare it with "
                 f"({scored})."
             )
+        elif p.get("same_weights_as_champion"):  # a retrain that reproduced the champion's bytes: nothing to score
+            line = (
+                f"Champion gate: candidate version {p['candidate_version']} has the weights of champion version "
+                f"{p['previous_champion_version']} (not scored; the champion stays version {p['champion_version']})."
+            )
         else:
             verdict = (
                 f"promoted: version {p['champion_version']} is the champion"

@@ -619,6 +619,15 @@ def test_summary_lists_only_the_runs_regions(tmp_path: Path) -> None:
         "of this checkout's registry." in md
     )
 
+    # A retrain that reproduced the champion's weights byte for byte: the gate did not score it.
+    same = {"candidate_version": "5", "previous_champion_version": "3", "champion_version": "3", "promoted": False}
+    paths.promotion.write_text(json.dumps({**same, "candidate_score": None, "same_weights_as_champion": True}))
+    md = summarize(paths, ["ran"], [], OrchestrateConfig())["markdown"]
+    assert (
+        "Champion gate: candidate version 5 has the weights of champion version 3 (not scored; the champion stays "
+        "version 3)." in md
+    )
+
     # The first version is the champion with nothing to compare; the lifts' intervals read as numbers.
     paths.promotion.write_text(
         json.dumps(
