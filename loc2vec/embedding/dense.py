@@ -65,6 +65,7 @@ torch's thread count (see embedding/encode.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -336,11 +337,23 @@ def centre_from_tap(
     if position == "snap":
         return mean_at(np.rint(gy).astype(np.int64), np.rint(gx).astype(np.int64))
     ay, ax = np.floor(gy).astype(np.int64), np.floor(gx).astype(np.int64)
-    fy, fx = (torch.as_tensor(f, dtype=tap.dtype)[:, None] for f in (gy - ay, gx - ax))
-    out = mean_at(ay, ax).mul_((1 - fy) * (1 - fx))
-    out.addcmul_(mean_at(ay, ax + 1), (1 - fy) * fx)
-    out.addcmul_(mean_at(ay + 1, ax), fy * (1 - fx))
-    return out.addcmul_(mean_at(ay + 1, ax + 1), fy * fx)
+    return _bilinear(mean_at, ay, ax, (gy - ay, gx - ax), tap.dtype)
+
+
+def _bilinear(
+    at: Callable[[np.ndarray, np.ndarray], torch.Tensor],
+    rows: np.ndarray,
+    cols: np.ndarray,
+    frac: tuple[np.ndarray, np.ndarray],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The mix of `at`'s (N, …) rows at the four grid positions (rows + 0/1, cols + 0/1), weighted by the (row, col)
+    fractions `frac` towards the next position (summed in place, in this order)."""
+    fy, fx = (torch.as_tensor(f, dtype=dtype)[:, None] for f in frac)
+    out = at(rows, cols).mul_((1 - fy) * (1 - fx))
+    out.addcmul_(at(rows, cols + 1), (1 - fy) * fx)
+    out.addcmul_(at(rows + 1, cols), fy * (1 - fx))
+    return out.addcmul_(at(rows + 1, cols + 1), fy * fx)
 
 
 def _overlap(shape: tuple[int, ...], y0: int, y1: int, x0: int, x1: int) -> tuple[slice, slice, slice, slice] | None:
@@ -384,11 +397,7 @@ def head_at(
     flat = fmap.permute(1, 2, 0).reshape(-1, channels)  # a view of a channels_last map
     if frac is None:
         return _head(model, _gather(flat, height, rows, cols, taps, step), channels, taps, centre)
-    fy, fx = (torch.as_tensor(f, dtype=fmap.dtype)[:, None] for f in frac)
-    win = _gather(flat, height, rows, cols, taps, step).mul_((1 - fy) * (1 - fx))
-    win.addcmul_(_gather(flat, height, rows, cols + 1, taps, step), (1 - fy) * fx)
-    win.addcmul_(_gather(flat, height, rows + 1, cols, taps, step), fy * (1 - fx))
-    win.addcmul_(_gather(flat, height, rows + 1, cols + 1, taps, step), fy * fx)
+    win = _bilinear(lambda r, c: _gather(flat, height, r, c, taps, step), rows, cols, frac, fmap.dtype)
     return _head(model, win, channels, taps, centre)
 
 
@@ -495,7 +504,7 @@ def encode_metatile(
         ax, ay = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
         frac = (gy - ay, gx - ax)
     px, py = cut_pixels(xs, ys)
-    from_trunk = model.centre_blocks if model.cfg.centre_px and model.centre is None else 0
+    from_trunk = model.centre_blocks if model.centre_margin_px else 0  # a margin: the centre is read from the trunk
     n = len(gx)
     emb = np.empty((n, model.cfg.embedding_dim), dtype=np.float32)
     counts = np.empty((n, array.shape[2]), dtype=np.int32)
