@@ -12,7 +12,7 @@
 * A loss that reads no negatives (infonce, the default, and vicreg: losses.NEGATIVE_FREE) gets a step that encodes
   anchors and positives only, 200 tiles instead of 300 with the default batch (`forward_triplets`). Validation
   scores real negatives, each distinct tile encoded once (its negatives are copies of its positives, its anchors
-  one per location: 120 tiles instead of 300, the same embeddings bit for bit in eval mode).
+  one per location: 120 tiles instead of 300, the same embeddings in eval mode up to the head's float rounding).
 * The step budget (max_steps) is sized so the cosine schedule completes; a wall-clock cap
   (max_minutes) is optional, because on a shared machine it would cut the schedule short.
 * Everything is tracked in MLflow (training/tracking.py). The loop is this module; what stops it
@@ -106,7 +106,10 @@ def forward_triplets(
     With `distinct_once` (validation) each distinct tile is encoded once: a location's anchor once for all its rows
     (`anchor_rows`: 20 anchors instead of 100 with the default batch), and negatives that are exact copies of
     positives (`TripletBatch.negative_row`: no channel drop) not at all, copied from the positives' embeddings. In
-    eval mode that gives the same embeddings bit for bit (an embedding does not depend on the rest of its batch).
+    eval mode that gives the same embeddings up to float rounding: the convolutions' results do not depend on the
+    rest of the batch, but MKL's sgemm (the head) may sum in another order for another number of rows (~2e-6 apart
+    on an Intel AVX-512 machine, bit for bit on an AMD AVX2 one); validation always encodes the same batches the
+    same way, so a run is still deterministic.
     Not for training: there the copies would share one dropout mask and BatchNorm's batch statistics would see each
     tile once (measured: a worse model, README "Issue 17's options in one table").
     bf16 autocast on CUDA always, on the CPU when `cpu_bf16`; the embeddings come back as float32.
