@@ -1,4 +1,4 @@
-"""Same bytes on any machine: pin the CPU kernels and the thread count every command computes with.
+"""Same bytes on any machine of one CPU vendor: pin the CPU kernels and the thread count every command computes with.
 
 Why two machines trained different models from the same samples (measured with 4 Adam steps of the
 default Encoder on fixed random triplets, torch 2.13 CPU; `tests/test_numerics.py` repeats it through
@@ -24,6 +24,11 @@ per training step than AVX-512 kernels. `cpu_isa: native` and `cpu_threads: 0` (
 and machine-specific. Not covered: GPUs (CUDA kernels differ by device and driver), and Dask workers,
 which run one thread each (orchestrate.dask_threads_per_worker; embeddings then agree within float32
 rounding, tests/test_fanout.py).
+
+Nor Intel against AMD: MKL honours its pinned branch (MKL_CBWR=AVX2) on Intel CPUs only and runs its AUTO
+branch elsewhere: from the same samples and metatiles an Intel Xeon trained a different model from the one two
+AMD EPYCs trained (from the second step on; srai's Hex2Vec, an MLP, differed too). MKL_CBWR=COMPATIBLE is the branch
+both vendors run; it changes every machine's results and is not checked on AMD yet (README, "Same bytes").
 
 The settings are environment variables that the libraries read when they first run a kernel, so they are
 set here, at the edge, before torch or numpy is imported; every process a command starts (DVC stages,
