@@ -140,9 +140,8 @@ def test_negative_free_losses_encode_no_negatives() -> None:
 def test_validation_encodes_each_distinct_tile_once() -> None:
     """Validation encodes a location's anchor once and copies its negatives from its positives' embeddings: 120
     tiles instead of 300 with the default batch shape, and the same embeddings (eval mode) up to the head's float
-    rounding: MKL's sgemm sums in another order for another number of rows on some CPUs (an Intel AVX-512 machine:
-    ~2e-6 apart with 36 and 16 rows, capped at AVX2 and with one thread too; bit for bit on an AMD AVX2 one). A
-    batch with channel drop keeps no copy index (its negatives are undropped copies of dropped positives)."""
+    rounding (MKL: `forward_triplets`' docstring). A batch with channel drop keeps no copy index (its negatives are
+    undropped copies of dropped positives)."""
     import numpy as np
 
     from loc2vec.training.batches import TripletBatches, TripletConfig, anchor_rows
