@@ -129,6 +129,22 @@ def test_hex2vec_is_fitted_once_on_the_training_region(peers: Peers) -> None:
     assert peers._hex2vec is fitted, "one fit per suite run"
 
 
+def test_hex2vec_runs_on_one_thread_and_gives_the_caller_its_threads_back(peers: Peers) -> None:
+    """Two threads gave another seeded fit in a few busy processes (peers._one_thread); the encoder now sees one
+    thread, and the suite's other featuresets keep the command's count."""
+    import torch
+
+    seen: list[int] = []
+    hook = peers._hex2vec._model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        peers.embed("srai_hex2vec", _labels("venue_context"))
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.parametrize("task", ["venue_context", "building_type"])
 def test_contextual_counts_without_the_object_are_srais_own_recomputation(peers: Peers, region: str, task: str) -> None:
     """The suite subtracts each hidden object's count vector with its rings' weights (one srai call for all

@@ -12,7 +12,8 @@ beside loc2vec, fitted on the suite's training region(s) from the same extract:
   training regions. Chosen over GeoVex (a hexagonal convolution over k-ring patches) and S2Vec (a masked
   autoencoder over rasterised patches, which needs timm/torchvision): it trains in minutes on 2 CPU cores,
   and its embedding of a cell is a function of that cell's counts alone, so a label's object can be removed
-  from it exactly.
+  from it exactly. Fitted and applied on one torch thread (``_one_thread``): with two, the same seeded fit
+  ended on other weights in a few busy processes.
 
 **Source.** The features come from the region's PostGIS import (osm2pgsql's point/line/polygon tables,
 columns and hstore tags), i.e. the extract recorded in ``loc2vec_meta.imports`` with its sha256: srai's
@@ -193,6 +194,23 @@ def _canonical_pairs() -> Iterator[None]:
         setattr(module, "NeighbourDataset", original)  # noqa: B010
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread inside the block (Hex2Vec's fit and transform), the caller's count restored after.
+
+    With the commands' two threads the same seeded fit ended, in a few processes out of many and only while the
+    machine was busy (a concurrent `make test`), on other weights (~6e-6 apart in the embeddings; no thread count,
+    seed or input changed): one thread leaves no split of work to vary, and srai's small MLP loses little by it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @dataclass
 class Peers:
     """The srai peers of one suite run: the region features (loaded once) and Hex2Vec fitted once.
@@ -366,7 +384,7 @@ class Peers:
         # alike), and the training pairs sorted too (_canonical_pairs), the same seed gives the same fit anywhere
         raw_counts = embedder._get_raw_counts
         embedder._get_raw_counts = lambda *a, **k: raw_counts(*a, **k).sort_index().sort_index(axis=1)  # type: ignore[method-assign]
-        with _canonical_pairs():
+        with _canonical_pairs(), _one_thread():
             embedder.fit(
                 regions,
                 features,
@@ -421,7 +439,8 @@ class Peers:
         else:
             feats = features.iloc[:0]
         joint = gpd.GeoDataFrame(index=pd.MultiIndex.from_tuples(pairs, names=["region_id", "feature_id"]))
-        emb = self._hex2vec.transform(regions, feats, joint)
+        with _one_thread():
+            emb = self._hex2vec.transform(regions, feats, joint)
         return emb.loc[ids].to_numpy(float)
 
 
