@@ -131,6 +131,17 @@ def test_representation_is_forwards_pooled_trunk_output(encoder: Encoder) -> Non
     assert torch.equal(wide, seen[0].mean(dim=(2, 3)))
 
 
+@pytest.mark.parametrize("centre_px", [0, 32])
+def test_embedding_and_representation_in_one_pass_equal_the_two_calls(centre_px: int) -> None:
+    """The suite encodes loc2vec and loc2vec_wide from one trunk pass (evaluation/tilefeatures.encoder_tiles_both)."""
+    torch.manual_seed(0)
+    model = Encoder(ModelConfig(centre_px=centre_px)).eval()
+    x = torch.rand(5, 12, 128, 128)
+    with torch.no_grad():
+        emb, rep = model.embedding_and_representation(x)
+        assert torch.equal(emb, model(x)) and torch.equal(rep, model.representation(x))
+
+
 def test_centre_branch_reads_the_centre_crop_of_its_view() -> None:
     torch.manual_seed(0)
     model = Encoder(ModelConfig(centre_px=32)).eval()

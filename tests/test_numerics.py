@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loc2vec.core.numerics import ISA_ENV, THREAD_ENV
+from loc2vec.core.numerics import ISA_ENV, PIN_MARKER, THREAD_ENV, bf16_kernels_available
 
 from .conftest import REPO
 from .fixtures.trained import patched_params
@@ -34,7 +34,15 @@ TRAIN = {
     # 8 triplets a step (test_train's TINY batch): every kernel the digests compare runs as with larger
     # batches, at a quarter of the cost of 32
     "triplets": {"locations_per_batch": 4, "pairs_per_location": 2},
-    "train": {"max_steps": STEPS, "val_every": STEPS, "val_batches": 1, "warmup_steps": 2, "prefetch": 1},
+    # float32 with the pinned kernels: what machines agree on (train.cpu_bf16: auto is tested on its own below)
+    "train": {
+        "max_steps": STEPS,
+        "val_every": STEPS,
+        "val_batches": 1,
+        "warmup_steps": 2,
+        "prefetch": 1,
+        "cpu_bf16": False,
+    },
 }
 AVX2_MACHINE = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -57,7 +65,7 @@ def samples(project: Path, region: str) -> Iterator[Path]:
 
 def _machine_env(machine: str) -> dict[str, str]:
     """The environment of a fresh process on `machine`: its instruction caps, nothing pinned by this test process."""
-    env = {k: v for k, v in os.environ.items() if k not in {*THREAD_ENV, *ISA_ENV["avx2"], *AVX2_MACHINE}}
+    env = {k: v for k, v in os.environ.items() if k not in {*THREAD_ENV, *ISA_ENV["avx2"], *AVX2_MACHINE, PIN_MARKER}}
     return {**env, **MACHINES[machine][1]}
 
 
@@ -102,6 +110,29 @@ def test_cpu_bf16_training_is_deterministic_run_to_run(samples: Path, project: P
     with patched_params(project, {**bf16, "train": {"cpu_bf16": False}}):
         fp32 = _train_on(machine, tmp_path / "fp32")
     assert fp32 != first  # bf16 really ran: it trains other weights
+
+
+def test_auto_bf16_trains_bf16_where_the_cpu_has_its_kernels_and_the_pinned_float32_elsewhere(
+    samples: Path, project: Path, tmp_path: Path
+) -> None:
+    """train.cpu_bf16: auto (params.yaml's default) on both machines: machine B (AVX2 caps of its own) trains the
+    pinned float32 model; machine A trains the bf16 model with its own kernels if its CPU has them (AVX-512 BF16 or
+    AMX), else the same float32 model. The summary says which."""
+    auto = {"train": {"cpu_bf16": "auto"}}
+    with patched_params(project, auto):
+        got = {m: _train_on(m, tmp_path / f"auto-{m[0]}") for m in MACHINES}
+    fp32 = _train_on("B: 1 core, AVX2 only", tmp_path / "fp32")
+    assert got["B: 1 core, AVX2 only"] == fp32
+    summary = json.loads((tmp_path / "auto-A" / "summary.json").read_text())
+    if bf16_kernels_available({}):
+        with patched_params(project, {"train": {"cpu_bf16": True}, "compute": {"cpu_isa": "native"}}):
+            bf16 = _train_on("A: 2 cores, AVX-512", tmp_path / "bf16")
+        assert got["A: 2 cores, AVX-512"] == bf16 != fp32
+        assert summary["cpu_bf16"] is True
+    else:
+        assert got["A: 2 cores, AVX-512"] == fp32
+        assert summary["cpu_bf16"] is False
+    assert json.loads((tmp_path / "auto-B" / "summary.json").read_text())["cpu_bf16"] is False
 
 
 # A logistic regression as the suite fits them (evaluation/added_value.py) on wide random features: its weights

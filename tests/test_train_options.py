@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from loc2vec.core.config import PRESETS, ModelConfig, parse_params, read_yaml
+from loc2vec.core.config import PRESETS, ComputeConfig, ModelConfig, parse_params, read_yaml
 from loc2vec.core.errors import ConfigError
+from loc2vec.core.numerics import ISA_ENV, PIN_MARKER, pin_cpu_numerics, resolve_cpu_bf16
 from loc2vec.training.model import Encoder, count_parameters
 
 from .conftest import REPO
@@ -64,6 +67,39 @@ def test_cpu_bf16_needs_the_cpus_own_kernels() -> None:
         _params(train={"cpu_bf16": True})
     p = _params(train={"cpu_bf16": True}, compute={"cpu_isa": "native"})
     assert p.train.cpu_bf16 and p.train.channels_last
+
+
+def test_auto_bf16_resolves_by_the_cpus_flags_and_the_caps_it_finds() -> None:
+    """train.cpu_bf16: auto is valid with the pinned ISA; `loc2vec train` resolves it before pinning: bf16 with the CPU's
+    own kernels where the CPU reports bf16 and no cap but loc2vec's own keeps oneDNN below them, else float32 pinned."""
+    p = _params(train={"cpu_bf16": "auto"})
+    assert p.train.cpu_bf16 == "auto" and p.compute.cpu_isa == "avx2"
+    amx, avx2_only = frozenset({"avx2", "amx_bf16", "amx_tile"}), frozenset({"avx2", "fma"})
+    own_pin = {**ISA_ENV["avx2"], PIN_MARKER: "avx2"}  # what a parent command's pin leaves (a DVC stage's flow)
+    foreign_cap = {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # a machine's owner, or a test simulating an older CPU
+    bf16 = resolve_cpu_bf16(p, env={}, flags=amx)
+    assert bf16.train.cpu_bf16 is True and bf16.compute.cpu_isa == "native"
+    assert bf16.compute.cpu_threads == p.compute.cpu_threads
+    for env, flags, lift in ((own_pin, amx, False), (foreign_cap, amx, True), ({}, avx2_only, True)):
+        fp32 = resolve_cpu_bf16(p, env=env, flags=flags, lift_own_pin=lift)
+        assert fp32.train.cpu_bf16 is False and fp32.compute.cpu_isa == "avx2", (env, flags, lift)
+    assert resolve_cpu_bf16(p, env=own_pin, flags=amx, lift_own_pin=True).train.cpu_bf16 is True
+    assert resolve_cpu_bf16(p, env={"ONEDNN_MAX_CPU_ISA": "avx512_core_amx"}, flags=amx).train.cpu_bf16 is True
+    explicit = _params(train={"cpu_bf16": False})
+    assert resolve_cpu_bf16(explicit, env={}, flags=amx) is explicit  # true and false stay what they say
+
+
+def test_pinning_native_lifts_only_loc2vecs_own_caps(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ISA_ENV["avx2"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(PIN_MARKER, raising=False)
+    pin_cpu_numerics(ComputeConfig(cpu_isa="avx2", cpu_threads=0))
+    assert os.environ[PIN_MARKER] == "avx2" and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    pin_cpu_numerics(ComputeConfig(cpu_isa="native", cpu_threads=0))
+    assert not {PIN_MARKER, *ISA_ENV["avx2"]} & set(os.environ)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # not ours: kept
+    pin_cpu_numerics(ComputeConfig(cpu_isa="native", cpu_threads=0))
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
 
 
 def test_centre_branch_needs_a_shift_the_metatiles_cover() -> None:

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from loc2vec import __version__
 
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     from loc2vec.cli.errors import report
     from loc2vec.cli.project import Project
-    from loc2vec.core.numerics import pin_cpu_numerics
+    from loc2vec.core.numerics import pin_cpu_numerics, resolve_cpu_bf16
 
     try:
         if args.params:  # DDP workers and other subprocesses read the same file
@@ -65,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             os.environ[PARAMS_ENV] = str(args.params)
         project = Project.load(args.params)
+        if args.command == "train":  # train.cpu_bf16: auto, resolved for this machine (it may lift our own ISA pin)
+            project = replace(project, params=resolve_cpu_bf16(project.params, lift_own_pin=True))
         pin_cpu_numerics(project.params.compute)  # before torch or numpy is imported
         return int(args.func(args, project) or 0)
     except (Exception, KeyboardInterrupt) as exc:

@@ -320,9 +320,11 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False  # torch.compile on CUDA
     # bf16 autocast on the CPU too (CUDA always uses it). oneDNN's bf16 kernels need AVX-512 BF16 (or AMX):
-    # with compute.cpu_isa: avx2 they fall back to reference code (measured ~20x slower), so it needs
-    # cpu_isa: native, and its bytes are then this CPU's (Params rejects the combination).
-    cpu_bf16: bool = False
+    # with compute.cpu_isa: avx2 they fall back to reference code (measured ~20x slower), so `true` needs
+    # cpu_isa: native, and its bytes are then this CPU's (Params rejects the combination). `auto`: bf16 with the
+    # CPU's own kernels for `loc2vec train` where the CPU has them and nothing caps oneDNN below them, float32 with
+    # compute's pinned kernels elsewhere (core/numerics.py resolve_cpu_bf16; README, "Same bytes").
+    cpu_bf16: bool | Literal["auto"] = False
     channels_last: bool = True  # NHWC activations: oneDNN's fast convolution layout on CPU and CUDA alike
     prefetch: int = Field(2, ge=0)  # batches prepared ahead in a background thread
     experiment_prefix: str = "loc2vec"
@@ -667,7 +669,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _bf16_needs_native_kernels(self) -> Params:
-        if self.train.cpu_bf16 and self.compute.cpu_isa != "native" and self.train.device != "cuda":
+        if self.train.cpu_bf16 is True and self.compute.cpu_isa != "native" and self.train.device != "cuda":
             raise ValueError(
                 "train.cpu_bf16 needs compute.cpu_isa: native (the AVX2 kernels have no bf16 and run it ~20x slower)"
             )

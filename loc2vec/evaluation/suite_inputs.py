@@ -68,7 +68,7 @@ from loc2vec.evaluation.suite import (
     scene_featuresets,
     task_baselines,
 )
-from loc2vec.evaluation.tilefeatures import encoder_tiles
+from loc2vec.evaluation.tilefeatures import encoder_tiles_both
 from loc2vec.osm.db import require_import
 from loc2vec.training.model import Encoder
 
@@ -356,12 +356,12 @@ class SuiteInputs:
         fits = BaselineFits.from_json(json.loads((self.path / f"{task}.fits.json").read_text()))
         phases["load_inputs"] = time.perf_counter() - t0
         batch = self.cfg.suite.tile_batch
-        for name, wide in ((REFERENCE, False), (WIDE, True)):
-            t0 = time.perf_counter()
-            encode = encoder_tiles(encoder, wide)
-            chunks = [encode(tiles[i : i + batch]) for i in range(0, len(tiles), batch)]
-            feats[name] = np.concatenate(chunks).astype(float) if chunks else np.zeros((0, 1))
-            phases[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        encode = encoder_tiles_both(encoder)  # loc2vec and loc2vec_wide from one pass of the trunk
+        chunks = [encode(tiles[i : i + batch]) for i in range(0, len(tiles), batch)]
+        for j, name in enumerate((REFERENCE, WIDE)):
+            feats[name] = np.concatenate([c[j] for c in chunks]).astype(float) if chunks else np.zeros((0, 1))
+        phases[REFERENCE] = time.perf_counter() - t0
         stored = self.manifest["tasks"][task]["meta"]
         scenes = self._scene_seconds(task)
         data = finish_leakfree(task, self.region, [], self.cfg, self.ctx, labels, feats, scenes)

@@ -42,6 +42,19 @@ def encoder_tiles(encoder: Encoder, wide: bool = False) -> TileFn:
     return run
 
 
+def encoder_tiles_both(encoder: Encoder) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`encoder_tiles` and `encoder_tiles(wide=True)` in one pass of the trunk per batch: (embeddings, representations),
+    the same numbers as the two functions give."""
+    encoder = encoder.eval()
+
+    def run(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            emb, rep = encoder.embedding_and_representation(to_input(torch.from_numpy(np.ascontiguousarray(tiles))))
+            return emb.float().numpy(), rep.float().numpy()
+
+    return run
+
+
 def untrained_encoder(encoder_cfg, seed: int) -> Encoder:
     """The Encoder architecture with seeded random weights (eval mode): the `random_encoder` baseline."""
     with torch.random.fork_rng(devices=[]):

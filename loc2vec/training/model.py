@@ -142,6 +142,14 @@ class Encoder(nn.Module):
         trunk, centre = self._trunk_and_centre(x)
         return self.head(torch.cat([trunk.flatten(1), centre], 1))
 
+    def embedding_and_representation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(x), representation(x)) from one pass of the trunk: the same numbers as the two calls."""
+        if not self.cfg.centre_px:
+            trunk = self.features(x)
+            return self.head(trunk), trunk.mean(dim=(2, 3))
+        trunk, centre = self._trunk_and_centre(x)
+        return self.head(torch.cat([trunk.flatten(1), centre], 1)), torch.cat([trunk.mean(dim=(2, 3)), centre], 1)
+
     def representation(self, x: torch.Tensor) -> torch.Tensor:
         """(B, nin_channels[-1]) the convolutional trunk's output averaged over its 4×4 positions: what the dense
         head reads, pooled, before the projection to the embedding (``loc2vec_wide`` in the evaluation suite).

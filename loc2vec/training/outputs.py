@@ -39,7 +39,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """model.pt + model_config.json, train_curve.csv, training_curves.png and summary.json in `out`, atomically.
 
-    `run` describes the run (regions, wall_s, device, source, n_train_locations, n_val_locations, signature);
+    `run` describes the run (regions, wall_s, device, cpu_bf16, source, n_train_locations, n_val_locations, signature);
     returns the summary as written: that, what the state says (steps, best and first validation, final loss,
     why it stopped), the parameter count and `extra`; plus this run's provenance (wall_s, the MLflow run),
     which is written to run.json instead.
@@ -64,7 +64,8 @@ def write_outputs(
         "stopped": state.stopped_reason,
         "device": run["device"],
         "parameters": count_parameters(model),
-        **{k: run[k] for k in ("source", "n_train_locations", "n_val_locations", "signature")},
+        # cpu_bf16: the numerics it trained with (train.cpu_bf16: auto decides by CPU; README, "Same bytes")
+        **{k: run[k] for k in ("source", "cpu_bf16", "n_train_locations", "n_val_locations", "signature")},
         **(extra or {}),
     }
     provenance = {"wall_s": run["wall_s"], "mlflow_run_id": state.mlflow_run_id}

@@ -5,7 +5,7 @@
   the checkpointed step and continues exactly as if it had never stopped (deterministic on CPU).
 * CUDA when present (bf16 autocast, channels_last, optional torch.compile), CPU otherwise;
   no code change between the two. On the CPU, channels_last (`train.channels_last`, default on) and
-  bf16 autocast (`train.cpu_bf16`, off: it needs the CPU's own kernels, see core.config.TrainConfig).
+  bf16 autocast (`train.cpu_bf16`: `auto` uses it where the CPU has its own bf16 kernels, core/numerics.py).
 * Early stopping on validation triplet accuracy — the fraction of val triplets with
   Δ(a,p) < min(Δ(a,n), Δ(p,n)) — over fixed val batches from spatially held-out locations
   (positives rotated and shifted; channel drop is for training only, as in the article).
@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from loc2vec.core.config import LossConfig, ModelConfig, Params, TrainConfig
 from loc2vec.core.errors import Loc2VecError
+from loc2vec.core.numerics import bf16_kernels_available
 from loc2vec.core.paths import ProjectPaths
 from loc2vec.osm.db import ConnInfo
 from loc2vec.raster.metatiles import MetatileSpec
@@ -176,6 +177,8 @@ class Trainer:
         checkpoint_dir: Path,
     ):
         self.regions = regions
+        if cfg.cpu_bf16 == "auto":  # not resolved at an edge (a library call): bf16 only where the kernels allow it now
+            cfg = cfg.model_copy(update={"cpu_bf16": bf16_kernels_available()})
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.loss_cfg = loss_cfg
@@ -366,6 +369,7 @@ class Trainer:
             "regions": self.regions,
             "wall_s": round(time.monotonic() - started, 1),
             "device": str(self.device),
+            "cpu_bf16": bool(self.cfg.cpu_bf16),
             "source": self.cfg.source,
             "n_train_locations": int((self.samples["split"] == "train").sum()),
             "n_val_locations": int((self.samples["split"] == "val").sum()),
