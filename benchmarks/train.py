@@ -31,7 +31,7 @@ import torch
 
 from loc2vec.cli.project import Project
 from loc2vec.core.config import LossConfig, ModelConfig
-from loc2vec.core.numerics import ISA_ENV, THREAD_ENV
+from loc2vec.core.numerics import ISA_ENV, PIN_MARKER, THREAD_ENV, resolve_cpu_bf16
 from loc2vec.training.losses import NEGATIVE_FREE, build_loss
 from loc2vec.training.model import Encoder, count_parameters, to_input
 
@@ -126,8 +126,10 @@ def _digest(model: torch.nn.Module) -> str:
 
 
 def cpu_settings(project: Project) -> list[dict[str, Any]]:
-    """The CPU settings measured side by side; the first is the trainer's default (params as loaded)."""
-    train, compute, model = project.params.train, project.params.compute, project.params.model
+    """The CPU settings measured side by side; the first is the trainer's default (params as `loc2vec train` resolves
+    them on this machine: train.cpu_bf16: auto is bf16 with the native ISA where the CPU has bf16 kernels)."""
+    params = resolve_cpu_bf16(project.params, lift_own_pin=True)
+    train, compute, model = params.train, params.compute, params.model
     default = {
         "channels_last": train.channels_last,
         "bf16": train.cpu_bf16,
@@ -140,12 +142,13 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         "encode_negatives": project.params.loss.name not in NEGATIVE_FREE,
     }
     first8 = [8, *model.conv_channels[1:]]
+    fp32 = {"bf16": False, "isa": project.params.compute.cpu_isa}  # float32 with compute's pinned kernels
     variants = [
         ("default (params)", {}),
-        ("fp32 contiguous", {"channels_last": False, "bf16": False}),
-        ("fp32 channels_last", {"channels_last": True, "bf16": False}),
-        ("fp32 channels_last, 1 thread", {"channels_last": True, "bf16": False, "threads": 1}),
-        ("fp32 channels_last, first conv 8 wide", {"channels_last": True, "bf16": False, "conv_channels": first8}),
+        ("fp32 contiguous", {**fp32, "channels_last": False}),
+        ("fp32 channels_last", {**fp32, "channels_last": True}),
+        ("fp32 channels_last, 1 thread", {**fp32, "channels_last": True, "threads": 1}),
+        ("fp32 channels_last, first conv 8 wide", {**fp32, "channels_last": True, "conv_channels": first8}),
         ("centre branch (model.centre_px 32)", {"centre_px": 32, "centre_source": "branch"}),  # a repeat if default
         ("centre from the trunk (model.centre_source trunk)", {"centre_px": 32, "centre_source": "trunk"}),
         ("no centre branch (model.centre_px 0)", {"centre_px": 0}),
@@ -174,7 +177,7 @@ def _model_cfg(model: dict[str, Any], setting: dict[str, Any]) -> ModelConfig:
 
 def _child_env(setting: dict[str, Any]) -> dict[str, str]:
     """The parent's environment with the setting's ISA cap and thread count, as core/numerics.py sets them."""
-    env = {k: v for k, v in os.environ.items() if k not in {*THREAD_ENV, *ISA_ENV["avx2"]}}
+    env = {k: v for k, v in os.environ.items() if k not in {*THREAD_ENV, *ISA_ENV["avx2"], PIN_MARKER}}
     env.update(ISA_ENV[setting["isa"]])
     if setting["threads"]:
         env.update({name: str(setting["threads"]) for name in THREAD_ENV})
