@@ -37,9 +37,14 @@ def encoder_tiles(encoder: Encoder, wide: bool = False) -> TileFn:
 
     def run(tiles: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return fn(to_input(torch.from_numpy(np.ascontiguousarray(tiles)))).float().numpy()
+            return fn(_as_input(tiles)).float().numpy()
 
     return run
+
+
+def _as_input(tiles: np.ndarray) -> torch.Tensor:
+    """(b, 12, s, s) uint8 numpy tiles as the encoder's float input."""
+    return to_input(torch.from_numpy(np.ascontiguousarray(tiles)))
 
 
 def encoder_tiles_both(encoder: Encoder) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -49,7 +54,7 @@ def encoder_tiles_both(encoder: Encoder) -> Callable[[np.ndarray], tuple[np.ndar
 
     def run(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
-            emb, rep = encoder.embedding_and_representation(to_input(torch.from_numpy(np.ascontiguousarray(tiles))))
+            emb, rep = encoder.embedding_and_representation(_as_input(tiles))
             return emb.float().numpy(), rep.float().numpy()
 
     return run

@@ -136,19 +136,28 @@ class Encoder(nn.Module):
             inner = stem(centre)[..., 1:-1, 1:-1]
         return rest(mid), inner.mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _trunk_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The trunk's map and, with a centre, the centre's mean-pooled features: what the head and the pooled
+        representation both read."""
         if not self.cfg.centre_px:
-            return self.head(self.features(x))
-        trunk, centre = self._trunk_and_centre(x)
-        return self.head(torch.cat([trunk.flatten(1), centre], 1))
+            return self.features(x), None
+        return self._trunk_and_centre(x)
+
+    def _embed(self, trunk: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
+        return self.head(trunk if centre is None else torch.cat([trunk.flatten(1), centre], 1))
+
+    @staticmethod
+    def _pooled(trunk: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
+        pooled = trunk.mean(dim=(2, 3))
+        return pooled if centre is None else torch.cat([pooled, centre], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._embed(*self._trunk_outputs(x))
 
     def embedding_and_representation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(x), representation(x)) from one pass of the trunk: the same numbers as the two calls."""
-        if not self.cfg.centre_px:
-            trunk = self.features(x)
-            return self.head(trunk), trunk.mean(dim=(2, 3))
-        trunk, centre = self._trunk_and_centre(x)
-        return self.head(torch.cat([trunk.flatten(1), centre], 1)), torch.cat([trunk.mean(dim=(2, 3)), centre], 1)
+        trunk, centre = self._trunk_outputs(x)
+        return self._embed(trunk, centre), self._pooled(trunk, centre)
 
     def representation(self, x: torch.Tensor) -> torch.Tensor:
         """(B, nin_channels[-1]) the convolutional trunk's output averaged over its 4×4 positions: what the dense
@@ -158,10 +167,7 @@ class Encoder(nn.Module):
         output. Of eight layers tried on Liechtenstein folds (README, "Wider than 16-D"), this 32-D one added the
         most to the best cheap baseline. With a centre branch, its mean-pooled features follow.
         """
-        if not self.cfg.centre_px:
-            return self.features(x).mean(dim=(2, 3))
-        trunk, centre = self._trunk_and_centre(x)
-        return torch.cat([trunk.mean(dim=(2, 3)), centre], 1)
+        return self._pooled(*self._trunk_outputs(x))
 
 
 def to_input(tiles_uint8: torch.Tensor) -> torch.Tensor:
