@@ -1,0 +1,119 @@
+"""Does context beyond the tile say more about the leak-free tasks? (issue 17 item 2, 'more than one scale').
+
+Before building a second, coarser input into the encoder, this measures whether the information is there at all:
+each leak-free label's masked scene is rendered again at a larger radius (the same 128 px, so 2·R/128 m per px),
+its object hidden as in the suite, and three summaries of it (`hist_far`: the 12-channel histogram; `rw_far`:
+random_wide's 1,024 features; `tags_far`: the tag counts in an R-metre disc) are scored by the suite's own folds
+and fits beside the stored 100 m featuresets: alone, added to the fold's best baseline (a lift with its
+block-bootstrap interval, as for loc2vec), and added to loc2vec (an optimistic stand-in for an encoder that also
+saw the far context). Liechtenstein only (options are chosen there).
+
+Usage (after `make run`, which stores the suite inputs):
+    python scripts/probe_context_scale.py --model data/model --radius 400 --out probe.context400.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from loc2vec.core.config import load_params
+from loc2vec.core.numerics import pin_cpu_numerics
+
+TASKS = ("venue_context", "transport_context", "building_type")
+FAR = ("hist_far", "rw_far", "tags_far")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="a model directory (model.pt + model_config.json)")
+    ap.add_argument("--radius", type=float, default=400.0, help="the far scene's radius in metres")
+    ap.add_argument("--region", default="liechtenstein")
+    ap.add_argument("--out", type=Path, required=True, help="the JSON written")
+    args = ap.parse_args()
+    pin_cpu_numerics(load_params(None).compute)  # before numpy and torch load their kernels, as the CLI does
+
+    import numpy as np
+
+    from loc2vec.cli.project import Project
+    from loc2vec.evaluation.added_value import score_added_value
+    from loc2vec.evaluation.context import EvaluationContext
+    from loc2vec.evaluation.scene import histogram, scene_tag_counts, tile_features
+    from loc2vec.evaluation.suite import task_baselines
+    from loc2vec.evaluation.suite_inputs import SuiteInputs
+    from loc2vec.evaluation.tilefeatures import RandomWide
+    from loc2vec.training.outputs import load_encoder
+
+    project = Project.load()
+    ctx = EvaluationContext.from_params(project.params, project.info)
+    cfg = project.params.evaluate
+    encoder = load_encoder(args.model)
+    inputs = SuiteInputs.open(project.paths.suite_inputs(args.region), args.region, cfg, ctx)
+    far_render = (ctx.render or project.params.render).model_copy(update={"radius_m": args.radius})
+    result: dict = {"region": args.region, "radius_m": args.radius, "model": str(args.model), "tasks": {}}
+    for task in TASKS:
+        data, fits = inputs.leakfree(task, encoder, {})
+        t0 = time.perf_counter()
+        fns = {"hist_far": histogram, "rw_far": RandomWide(cfg.suite.random_wide_features, cfg.suite.random_wide_seed)}
+        far = tile_features(data.labels, fns, far_render, ctx.info, cfg.suite.tile_batch)
+        far["tags_far"] = np.log1p(scene_tag_counts(data.labels, ctx.info, args.radius))
+        seconds = time.perf_counter() - t0
+        extra = {k: v.astype(float) for k, v in far.items()}
+        for base in ("loc2vec", "loc2vec_wide"):
+            for name in ("hist_far", "tags_far"):
+                extra[f"{base}+{name}"] = np.hstack([data.historical[base], far[name]])
+        for k, v in extra.items():  # the scenes are the labels' own: historical and online rows are the same
+            data.historical[k] = data.online[k] = v
+        names = [n for n in data.historical if n != "latlon"]
+        table, _, lifts = score_added_value(
+            data, names, task_baselines(task, cfg), cfg, ctx.radius_m, fits=fits, added=("loc2vec", *FAR)
+        )
+        result["tasks"][task] = {
+            "macro_f1": {n: {k: round(v["macro_f1"], 4) for k, v in c.items()} for n, c in table.items()},
+            "lift": {
+                a: {
+                    k: {
+                        "over": v["best_baseline"],
+                        "lift": round(v["lift"], 4),
+                        "ci95": [round(x, 4) for x in v["ci95"]],
+                    }
+                    for k, v in c.items()
+                }
+                for a, c in lifts.items()
+            },
+            "seconds_far_scenes": round(seconds, 1),
+        }
+        print(task, json.dumps(result["tasks"][task]["lift"]), flush=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    chart(result, args.out.with_suffix(".png"))
+
+
+def chart(result: dict, path: Path) -> None:
+    """Each task's logreg lift over the best baseline of loc2vec and of each far summary, with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    added = ("loc2vec", *FAR)
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.2), sharey=True)
+    for ax, task in zip(axes, TASKS, strict=True):
+        lifts = result["tasks"][task]["lift"]
+        rows = [lifts["lift" if a == "loc2vec" else f"lift_{a}"]["logreg"] for a in added]
+        values = [r["lift"] for r in rows]
+        errors = [[r["lift"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["lift"] for r in rows]]
+        ax.bar(range(len(added)), values, yerr=errors, capsize=3, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(added)), added, rotation=30)
+        ax.set_title(f"{task} (over {rows[0]['over']})", fontsize=9)
+    axes[0].set_ylabel("logreg macro-F1 lift, 95% CI")
+    fig.suptitle(f"{result['region']}: what a {result['radius_m']:.0f} m scene adds to the best baseline", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
