@@ -39,6 +39,7 @@ def main() -> None:
 
     from loc2vec.cli.project import Project
     from loc2vec.evaluation.added_value import score_added_value
+    from loc2vec.evaluation.chart import suite_chart
     from loc2vec.evaluation.context import EvaluationContext
     from loc2vec.evaluation.scene import histogram, scene_tag_counts, tile_features
     from loc2vec.evaluation.suite import task_baselines
@@ -52,14 +53,16 @@ def main() -> None:
     encoder = load_encoder(args.model)
     inputs = SuiteInputs.open(project.paths.suite_inputs(args.region), args.region, cfg, ctx)
     far_render = (ctx.render or project.params.render).model_copy(update={"radius_m": args.radius})
-    result: dict = {"region": args.region, "radius_m": args.radius, "model": str(args.model), "tasks": {}}
+    tasks: dict = {}
+    meta: dict = {"region": args.region, "train_regions": [], "suite": f"far-context probe ({args.radius:.0f} m)"}
+    meta |= {"radius_m": args.radius, "model": str(args.model), "tasks": {}}
     for task in TASKS:
         data, fits = inputs.leakfree(task, encoder, {})
         t0 = time.perf_counter()
         fns = {"hist_far": histogram, "rw_far": RandomWide(cfg.suite.random_wide_features, cfg.suite.random_wide_seed)}
         far = tile_features(data.labels, fns, far_render, ctx.info, cfg.suite.tile_batch)
         far["tags_far"] = np.log1p(scene_tag_counts(data.labels, ctx.info, args.radius))
-        seconds = time.perf_counter() - t0
+        meta["tasks"][task] = {"seconds_far_scenes": round(time.perf_counter() - t0, 1)}
         extra = {k: v.astype(float) for k, v in far.items()}
         for base in ("loc2vec", "loc2vec_wide"):
             for name in ("hist_far", "tags_far"):
@@ -70,49 +73,11 @@ def main() -> None:
         table, _, lifts = score_added_value(
             data, names, task_baselines(task, cfg), cfg, ctx.radius_m, fits=fits, added=("loc2vec", *FAR)
         )
-        result["tasks"][task] = {
-            "macro_f1": {n: {k: round(v["macro_f1"], 4) for k, v in c.items()} for n, c in table.items()},
-            "lift": {
-                a: {
-                    k: {
-                        "over": v["best_baseline"],
-                        "lift": round(v["lift"], 4),
-                        "ci95": [round(x, 4) for x in v["ci95"]],
-                    }
-                    for k, v in c.items()
-                }
-                for a, c in lifts.items()
-            },
-            "seconds_far_scenes": round(seconds, 1),
-        }
-        print(task, json.dumps(result["tasks"][task]["lift"]), flush=True)
+        tasks[task] = {**table, **lifts}  # the suite's JSON shape, so that its chart draws it
+        print(task, json.dumps(lifts), flush=True)
+    result = {"tasks": tasks, "meta": meta}
     args.out.write_text(json.dumps(result, indent=1))
-    chart(result, args.out.with_suffix(".png"))
-
-
-def chart(result: dict, path: Path) -> None:
-    """Each task's logreg lift over the best baseline of loc2vec and of each far summary, with its interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    added = ("loc2vec", *FAR)
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.2), sharey=True)
-    for ax, task in zip(axes, TASKS, strict=True):
-        lifts = result["tasks"][task]["lift"]
-        rows = [lifts["lift" if a == "loc2vec" else f"lift_{a}"]["logreg"] for a in added]
-        values = [r["lift"] for r in rows]
-        errors = [[r["lift"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["lift"] for r in rows]]
-        ax.bar(range(len(added)), values, yerr=errors, capsize=3, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"])
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(range(len(added)), added, rotation=30)
-        ax.set_title(f"{task} (over {rows[0]['over']})", fontsize=9)
-    axes[0].set_ylabel("logreg macro-F1 lift, 95% CI")
-    fig.suptitle(f"{result['region']}: what a {result['radius_m']:.0f} m scene adds to the best baseline", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    suite_chart(result, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
