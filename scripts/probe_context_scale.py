@@ -10,6 +10,8 @@ saw the far context). Liechtenstein only (options are chosen there).
 
 Usage (after `make run`, which stores the suite inputs):
     python scripts/probe_context_scale.py --model data/model --radius 400 --out probe.context400.json
+writes the JSON (the suite's shape: tasks.<task>.<featureset>.<classifier>.macro_f1 and the lift_* rows) and, beside
+it, the suite's chart of it (.png).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     import numpy as np
 
     from loc2vec.cli.project import Project
+    from loc2vec.core.atomic import write_text
     from loc2vec.evaluation.added_value import score_added_value
     from loc2vec.evaluation.chart import suite_chart
     from loc2vec.evaluation.context import EvaluationContext
@@ -76,7 +79,7 @@ def main() -> None:
         tasks[task] = {**table, **lifts}  # the suite's JSON shape, so that its chart draws it
         print(task, json.dumps(lifts), flush=True)
     result = {"tasks": tasks, "meta": meta}
-    args.out.write_text(json.dumps(result, indent=1))
+    write_text(args.out, json.dumps(result, indent=1))  # atomically: an earlier probe's file is never half-replaced
     suite_chart(result, args.out.with_suffix(".png"))
 
 
