@@ -41,7 +41,7 @@ def main() -> None:
 
     from loc2vec.cli.project import Project
     from loc2vec.core.atomic import write_text
-    from loc2vec.evaluation.added_value import score_added_value
+    from loc2vec.evaluation.added_value import REFERENCE, WIDE, score_added_value
     from loc2vec.evaluation.chart import suite_chart
     from loc2vec.evaluation.context import EvaluationContext
     from loc2vec.evaluation.scene import histogram, scene_tag_counts, tile_features
@@ -57,8 +57,14 @@ def main() -> None:
     inputs = SuiteInputs.open(project.paths.suite_inputs(args.region), args.region, cfg, ctx)
     far_render = (ctx.render or project.params.render).model_copy(update={"radius_m": args.radius})
     tasks: dict = {}
-    meta: dict = {"region": args.region, "train_regions": [], "suite": f"far-context probe ({args.radius:.0f} m)"}
-    meta |= {"radius_m": args.radius, "model": str(args.model), "tasks": {}}
+    meta: dict = {
+        "region": args.region,
+        "train_regions": [],
+        "suite": f"far-context probe ({args.radius:.0f} m)",
+        "radius_m": args.radius,
+        "model": str(args.model),
+        "tasks": {},
+    }
     for task in TASKS:
         data, fits = inputs.leakfree(task, encoder, {})
         t0 = time.perf_counter()
@@ -67,14 +73,14 @@ def main() -> None:
         far["tags_far"] = np.log1p(scene_tag_counts(data.labels, ctx.info, args.radius))
         meta["tasks"][task] = {"seconds_far_scenes": round(time.perf_counter() - t0, 1)}
         extra = {k: v.astype(float) for k, v in far.items()}
-        for base in ("loc2vec", "loc2vec_wide"):
+        for base in (REFERENCE, WIDE):
             for name in ("hist_far", "tags_far"):
                 extra[f"{base}+{name}"] = np.hstack([data.historical[base], far[name]])
         for k, v in extra.items():  # the scenes are the labels' own: historical and online rows are the same
             data.historical[k] = data.online[k] = v
         names = [n for n in data.historical if n != "latlon"]
         table, _, lifts = score_added_value(
-            data, names, task_baselines(task, cfg), cfg, ctx.radius_m, fits=fits, added=("loc2vec", *FAR)
+            data, names, task_baselines(task, cfg), cfg, ctx.radius_m, fits=fits, added=(REFERENCE, *FAR)
         )
         tasks[task] = {**table, **lifts}  # the suite's JSON shape, so that its chart draws it
         print(task, json.dumps(lifts), flush=True)
