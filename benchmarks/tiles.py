@@ -95,7 +95,7 @@ def _fast(index, lats, lons, angles, shifts, device: str, repeats: int = 5) -> f
 def _one_metatile_s(index, info: ConnInfo, lat: float, lon: float) -> float:
     """Seconds to render one metatile (in memory, not stored): the cold cost per metatile, even when
     this run found every metatile already on disk."""
-    renderer = MetatileRenderer(index.region, index.grid, info, index.spec.buffer_px, index.spec.poi_style)
+    renderer = MetatileRenderer(index.region, index.grid, info, index.spec.buffer_px)
     meta = index.entries[index.keys_for([lat], [lon])[0]]
     started = time.perf_counter()
     renderer.render(meta)

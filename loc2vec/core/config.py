@@ -134,9 +134,6 @@ class RenderConfig(Section):
     radius_m: float = Field(100.0, gt=0)
     size: int = Field(128, ge=8)
     buffer_px: int = Field(16, ge=0)  # Mapnik's query margin (anti-aliasing: masks are coverage 0..255)
-    # flat: every POI one full-coverage dot (the article's); groups: each POI group's dots at its own level
-    # (raster/channels.py channels_for). README, "POI groups in the POI channel".
-    poi_style: Literal["flat", "groups"] = "flat"
 
     @property
     def metres_per_pixel(self) -> float:
@@ -615,7 +612,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "shards": {"k_positives": 20},  # the article's 20 stored (anchor, positive) pairs per location
         "triplets": {"locations_per_batch": 20, "pairs_per_location": 5},
         "train": {"cpu_bf16": False},
-        "render": {"poi_style": "flat"},  # the article's map draws no POI categories
     },
 }
 

@@ -55,7 +55,7 @@ from loc2vec.core.errors import ConfigError
 from loc2vec.core.geo import from_mercator, inner_bbox, offset_m, to_mercator
 from loc2vec.core.names import validate_region_name
 from loc2vec.osm.db import ConnInfo, cursor, require_import
-from loc2vec.raster.channels import MAJOR_ROADS, POI_GROUPS, RAIL
+from loc2vec.raster.channels import MAJOR_ROADS, RAIL
 from loc2vec.sampling.land import ENVELOPE
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,28 @@ TRANSPORT_MODES: dict[str, str] = {
     "ferry": "route = 'ferry'",
 }
 
-VENUE_GROUPS: dict[str, str] = POI_GROUPS  # group → WHERE (raster/channels.py: the POI channel draws them too)
+# group → WHERE over planet_osm_point / planet_osm_polygon (`tags` is the hstore of other keys)
+VENUE_GROUPS: dict[str, str] = {
+    "food_drink": "amenity IN ('restaurant','cafe','bar','pub','fast_food','biergarten','ice_cream',"
+    "'food_court','nightclub')",
+    "shop": "shop IS NOT NULL",
+    "education": "amenity IN ('school','kindergarten','university','college','childcare','music_school',"
+    "'language_school','driving_school','research_institute')",
+    "health": "amenity IN ('pharmacy','doctors','hospital','dentist','clinic','veterinary','nursing_home')"
+    " OR tags ? 'healthcare'",
+    "lodging": "tourism IN ('hotel','guest_house','hostel','motel','apartment','chalet','alpine_hut',"
+    "'camp_site','caravan_site','wilderness_hut')",
+    "leisure_sport": "leisure IN ('sports_centre','pitch','fitness_centre','fitness_station','stadium','track',"
+    "'sports_hall','golf_course','miniature_golf','ice_rink','playground','water_park','horse_riding',"
+    "'swimming_area','bowling_alley')",
+    "transport": "amenity IN ('bus_station','parking','fuel','charging_station','car_wash','car_rental',"
+    "'car_sharing','ferry_terminal','taxi','bicycle_rental') OR railway IN ('station','halt')"
+    " OR public_transport = 'station'",
+    "culture_worship": "amenity IN ('place_of_worship','theatre','library','arts_centre','cinema',"
+    "'community_centre','events_venue','events_centre') OR tourism IN ('museum','gallery')",
+    "civic_finance": "amenity IN ('bank','atm','post_office','townhall','police','fire_station','courthouse',"
+    "'public_building','embassy')",
+}
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ class Channel:
     sql: str  # SELECT returning `way` (3857) and, for lines/points, `w` = width or diameter in metres (Mapnik's !bbox!)
     colour: tuple[int, int, int]  # RGB for the human preview
     description: str
-    leveled: bool = False  # points only: the SQL also returns `o`, the dot's opacity (its coverage level)
 
 
 def _line(table: str, where: str, width_sql: str) -> str:
@@ -49,51 +48,6 @@ NOT_POI_AMENITY = (
     "('bench','waste_basket','waste_disposal','parking_space','vending_machine','bicycle_parking',"
     "'grit_bin','hunting_stand','clock','letter_box','drinking_water','recycling')"
 )
-
-# POI group → WHERE over planet_osm_point / planet_osm_polygon (`tags` is the hstore of other keys); first match
-# wins. The venue task's classes (evaluation/labels.py) and, with `render.poi_style: groups`, the POI channel's levels.
-POI_GROUPS: dict[str, str] = {
-    "food_drink": "amenity IN ('restaurant','cafe','bar','pub','fast_food','biergarten','ice_cream',"
-    "'food_court','nightclub')",
-    "shop": "shop IS NOT NULL",
-    "education": "amenity IN ('school','kindergarten','university','college','childcare','music_school',"
-    "'language_school','driving_school','research_institute')",
-    "health": "amenity IN ('pharmacy','doctors','hospital','dentist','clinic','veterinary','nursing_home')"
-    " OR tags ? 'healthcare'",
-    "lodging": "tourism IN ('hotel','guest_house','hostel','motel','apartment','chalet','alpine_hut',"
-    "'camp_site','caravan_site','wilderness_hut')",
-    "leisure_sport": "leisure IN ('sports_centre','pitch','fitness_centre','fitness_station','stadium','track',"
-    "'sports_hall','golf_course','miniature_golf','ice_rink','playground','water_park','horse_riding',"
-    "'swimming_area','bowling_alley')",
-    "transport": "amenity IN ('bus_station','parking','fuel','charging_station','car_wash','car_rental',"
-    "'car_sharing','ferry_terminal','taxi','bicycle_rental') OR railway IN ('station','halt')"
-    " OR public_transport = 'station'",
-    "culture_worship": "amenity IN ('place_of_worship','theatre','library','arts_centre','cinema',"
-    "'community_centre','events_venue','events_centre') OR tourism IN ('museum','gallery')",
-    "civic_finance": "amenity IN ('bank','atm','post_office','townhall','police','fire_station','courthouse',"
-    "'public_building','embassy')",
-}
-POI_BASE = f"(amenity IS NOT NULL AND amenity NOT IN {NOT_POI_AMENITY}) OR shop IS NOT NULL OR tourism IS NOT NULL"
-PoiStyle = Literal["flat", "groups"]
-POI_STYLES: tuple[str, ...] = ("flat", "groups")
-
-
-def poi_level_sql() -> str:
-    """The marker opacity of `render.poi_style: groups`: POI_GROUPS' k-th group (first match) draws at
-    (k + 2) / (n + 1), any other POI at 1 / (n + 1): ten levels ~25 apart in the channel's 0..255."""
-    n = len(POI_GROUPS)
-    whens = " ".join(f"WHEN ({w}) THEN {(k + 2) / (n + 1):.4f}" for k, w in enumerate(POI_GROUPS.values()))
-    return f"(CASE {whens} ELSE {1 / (n + 1):.4f} END)"
-
-
-def _pois_sql(where: str, level: str | None = None) -> str:
-    """Points and area centres matching `where`: `w` the marker diameter (6 m), and `o` its opacity if leveled."""
-    cols = "6.0::float AS w" + (f", {level}::float AS o" if level else "")
-    return (
-        f"SELECT way, {cols} FROM {{schema}}.planet_osm_point WHERE {where}"
-        f" UNION ALL SELECT ST_PointOnSurface(way) AS way, {cols} FROM {{schema}}.planet_osm_polygon WHERE {where}"
-    )
-
 
 CHANNELS: tuple[Channel, ...] = (
     Channel(
@@ -166,26 +120,19 @@ CHANNELS: tuple[Channel, ...] = (
         " ('farmland','farmyard','orchard','vineyard','meadow','allotments','greenhouse_horticulture','plant_nursery')",
         (235, 225, 160), "farmland, farmyard, orchard, vineyard, meadow, allotments",
     ),
-    Channel("pois", "point", _pois_sql(POI_BASE), (240, 40, 200), "amenities, shops, tourism (points and area centres)"),
+    Channel(
+        "pois", "point",
+        "SELECT way, 6.0::float AS w FROM {schema}.planet_osm_point"
+        f" WHERE (amenity IS NOT NULL AND amenity NOT IN {NOT_POI_AMENITY}) OR shop IS NOT NULL"
+        " OR tourism IS NOT NULL"
+        " UNION ALL SELECT ST_PointOnSurface(way) AS way, 6.0::float AS w FROM {schema}.planet_osm_polygon"
+        f" WHERE (amenity IS NOT NULL AND amenity NOT IN {NOT_POI_AMENITY}) OR shop IS NOT NULL"
+        " OR tourism IS NOT NULL",
+        (240, 40, 200), "amenities, shops, tourism (points and area centres)",
+    ),
 )  # fmt: skip
 
 CHANNEL_NAMES: tuple[str, ...] = tuple(c.name for c in CHANNELS)
-_GROUPED_POIS = Channel(
-    "pois", "point", _pois_sql(" OR ".join(f"({w})" for w in (POI_BASE, *POI_GROUPS.values())), poi_level_sql()),
-    (240, 40, 200), "amenities, shops, tourism and every POI group's places, each group at its own level", True,
-)  # fmt: skip
-
-
-def channels_for(poi_style: PoiStyle) -> tuple[Channel, ...]:
-    """The 12 channels as `render.poi_style` draws them: `flat` (the article's: every POI one full-coverage dot),
-    or `groups` (every POI_GROUPS place too, its dot's coverage the group's level: poi_level_sql)."""
-    if poi_style == "flat":
-        return CHANNELS
-    if poi_style != "groups":
-        raise ValueError(f"unknown poi_style {poi_style!r}; styles are {', '.join(POI_STYLES)}")
-    return tuple(_GROUPED_POIS if c.name == "pois" else c for c in CHANNELS)
-
-
 N_CHANNELS = len(CHANNELS)
 assert N_CHANNELS == 12, "the encoder expects 12 channels"
 

@@ -75,7 +75,7 @@ from loc2vec.core.paths import ProjectPaths
 from loc2vec.core.pools import spawn_pool, worker_count
 from loc2vec.orchestration.runners import RunnerKind, map_tasks, runner_kind
 from loc2vec.osm.db import ConnInfo, ImportRecord, require_import
-from loc2vec.raster.channels import N_CHANNELS, PoiStyle, channels_for
+from loc2vec.raster.channels import CHANNELS, N_CHANNELS
 from loc2vec.raster.grid import Metatile, MetatileGrid
 from loc2vec.raster.render import MAX_FEATURE_M, RenderError, channel_map_xml
 
@@ -94,7 +94,6 @@ class MetatileSpec:
     render_processes: int = 0  # tiles.render_processes; 0 = one per core
     device_cache_mb: int = 4096  # tiles.device_cache_mb
     host_cache_mb: int = 4096  # tiles.host_cache_mb
-    poi_style: PoiStyle = "flat"  # render.poi_style
 
     @classmethod
     def from_config(cls, render: RenderConfig, augment: AugmentConfig, tiles: TilesConfig) -> MetatileSpec:
@@ -104,16 +103,15 @@ class MetatileSpec:
             render_processes=tiles.render_processes,
             device_cache_mb=tiles.device_cache_mb,
             host_cache_mb=tiles.host_cache_mb,
-            poi_style=render.poi_style,
         )
 
 
 # ---------------------------------------------------------------- the on-disk index
 
 
-def _channels_digest(poi_style: PoiStyle) -> str:
+def _channels_digest() -> str:
     """Changing a channel's SQL or drawing must invalidate the metatiles drawn with the old one."""
-    text = json.dumps([(c.name, c.kind, c.sql) + (("leveled",) if c.leveled else ()) for c in channels_for(poi_style)])
+    text = json.dumps([(c.name, c.kind, c.sql) for c in CHANNELS])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -235,12 +233,12 @@ class MetatileIndex:
         return len(self.entries)
 
 
-def _signature(record: ImportRecord, grid: MetatileGrid, poi_style: PoiStyle) -> dict:
+def _signature(record: ImportRecord, grid: MetatileGrid) -> dict:
     return {
         **asdict(grid),
         "margin_px": grid.margin_px,
         "mpp": grid.mpp,
-        "channels": _channels_digest(poi_style),
+        "channels": _channels_digest(),
         "import_sha256": record.sha256,
         "import_format": record.import_format,
     }
@@ -256,7 +254,7 @@ def load_index(region: str, spec: MetatileSpec, directory: Path, info: ConnInfo)
     process has already mapped) and the cutter's caches live on across calls.
     """
     record = require_import(region, info)
-    signature = _signature(record, spec.grid, spec.poi_style)
+    signature = _signature(record, spec.grid)
     index = _INDEXES.get(directory)
     if (
         index is None
@@ -372,14 +370,14 @@ def read_metatile(path: Path, window: tuple[slice, slice] | None = None) -> np.n
 class MetatileRenderer:
     """The 12 channel maps at metatile size, parsed once and re-aimed per metatile."""
 
-    def __init__(self, region: str, grid: MetatileGrid, info: ConnInfo, buffer_px: int, poi_style: PoiStyle = "flat"):
+    def __init__(self, region: str, grid: MetatileGrid, info: ConnInfo, buffer_px: int):
         px_per_m = 1.0 / grid.mpp
         # A line's round cap or a marker just outside the extent must still be drawn.
         buffer_px = buffer_px + int(math.ceil(MAX_FEATURE_M * px_per_m))
         side = grid.side_px
         self.side = side
         self._maps = []
-        for channel in channels_for(poi_style):
+        for channel in CHANNELS:
             m = mapnik.Map(side, side)
             mapnik.load_map_from_string(m, channel_map_xml(channel, region, info, px_per_m, buffer_px, side))
             self._maps.append(m)
@@ -397,7 +395,7 @@ class MetatileRenderer:
         return out
 
 
-_RENDERERS: dict[tuple[str, MetatileGrid, ConnInfo, int, str, int], MetatileRenderer] = {}
+_RENDERERS: dict[tuple[str, MetatileGrid, ConnInfo, int, int], MetatileRenderer] = {}
 
 
 @dataclass(frozen=True)
@@ -409,17 +407,16 @@ class RenderJob:
     info: ConnInfo
     buffer_px: int
     directory: Path
-    poi_style: PoiStyle = "flat"
 
 
 def render_metatile(job: RenderJob, key: str) -> Metatile:
     """Render and store one metatile (in a pool worker, a Dask worker or in-process); the maps are built once
     per process and thread (a renderer's maps and image are not shared between threads: Dask workers may run
     several)."""
-    slot = (job.region, job.grid, job.info, job.buffer_px, job.poi_style, threading.get_ident())
+    slot = (job.region, job.grid, job.info, job.buffer_px, threading.get_ident())
     renderer = _RENDERERS.get(slot)
     if renderer is None:
-        renderer = _RENDERERS[slot] = MetatileRenderer(job.region, job.grid, job.info, job.buffer_px, job.poi_style)
+        renderer = _RENDERERS[slot] = MetatileRenderer(job.region, job.grid, job.info, job.buffer_px)
     row, col = (int(v) for v in key[1:].split("_c"))
     meta = job.grid.metatile(row, col)
     write_metatile(job.directory / f"{key}.zarr", renderer.render(meta))
@@ -552,7 +549,7 @@ def ensure_metatiles(
                 index.save()  # after each one: an interrupted run keeps what it finished
                 bar.update()
 
-            job = RenderJob(region, spec.grid, info, spec.buffer_px, directory, spec.poi_style)
+            job = RenderJob(region, spec.grid, info, spec.buffer_px, directory)
             with bar:
                 render_missing(job, missing, done, kind=kind, processes=spec.render_processes, orchestrate=orchestrate)
             index.rendered = tuple(missing)

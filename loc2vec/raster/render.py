@@ -29,7 +29,7 @@ from loc2vec.core.errors import Loc2VecError
 from loc2vec.core.geo import lonlat_to_mercator, mercator_scale
 from loc2vec.core.names import validate_region_name
 from loc2vec.osm.db import ConnInfo, ImportRecord, require_import
-from loc2vec.raster.channels import CHANNEL_NAMES, HIDE_VARIABLES, Channel, PoiStyle, channels_for, maskable_sql
+from loc2vec.raster.channels import CHANNEL_NAMES, CHANNELS, HIDE_VARIABLES, Channel, maskable_sql
 
 log = logging.getLogger(__name__)
 _WORLD_3857 = "-20037508.34,-20037508.34,20037508.34,20037508.34"
@@ -54,10 +54,9 @@ def _symbolizer(channel: Channel, px_per_m: float, size: int) -> str:
             f'<LineSymbolizer stroke="white" stroke-width="[w]*{px_per_m:.6f}" '
             f'stroke-linecap="round" stroke-linejoin="round" {rotate}/>'
         )
-    opacity = ' opacity="[o]"' if channel.leveled else ""
     return (
         f'<MarkersSymbolizer marker-type="ellipse" width="[w]*{px_per_m:.6f}" height="[w]*{px_per_m:.6f}" '
-        f'fill="white"{opacity} stroke-width="0" allow-overlap="true" ignore-placement="true" {rotate}/>'
+        f'fill="white" stroke-width="0" allow-overlap="true" ignore-placement="true" {rotate}/>'
     )
 
 
@@ -153,17 +152,8 @@ class TileSpec:
 class TileRenderer:
     """The 12 channel maps of one region, built once; renders tiles on demand (one per process)."""
 
-    def __init__(
-        self,
-        region: str,
-        spec: TileSpec,
-        info: ConnInfo,
-        buffer_px: int,
-        maskable: bool = False,
-        poi_style: PoiStyle = "flat",
-    ):
+    def __init__(self, region: str, spec: TileSpec, info: ConnInfo, buffer_px: int, maskable: bool = False):
         self.region = validate_region_name(region)
-        self.channels = channels_for(poi_style)
         self.maskable = maskable
         self.spec = spec
         self.info = info
@@ -171,7 +161,7 @@ class TileRenderer:
         px_per_m = 1.0 / spec.metres_per_pixel
         buffer_px = max(buffer_px, min_buffer_px(spec.size, MAX_FEATURE_M * px_per_m))
         self._maps: list[mapnik.Map] = []
-        for channel in self.channels:
+        for channel in CHANNELS:
             m = mapnik.Map(spec.size, spec.size)
             xml = channel_map_xml(channel, region, self.info, px_per_m, buffer_px, spec.size, maskable)
             mapnik.load_map_from_string(m, xml)
@@ -200,7 +190,7 @@ class TileRenderer:
             for i, m in enumerate(self._maps):
                 variables: dict[str, float | int] = {"angle": float(angle_deg)}
                 if self.maskable:
-                    variables.update(hidden.variables(self.channels[i].name) if hidden else NOTHING_HIDDEN)
+                    variables.update(hidden.variables(CHANNELS[i].name) if hidden else NOTHING_HIDDEN)
                 m.zoom_to_box(box)
                 self._image.clear()
                 mapnik.render_with_vars(m, self._image, variables)
@@ -218,10 +208,10 @@ def get_renderer(region: str, render: RenderConfig, info: ConnInfo, maskable: bo
     `maskable` renderers can leave one OSM object out of each render (HiddenObject); the pipeline's are not.
     """
     spec = TileSpec(radius_m=float(render.radius_m), size=int(render.size))
-    key = (os.getpid(), region, spec, render.buffer_px, info, maskable, render.poi_style)
+    key = (os.getpid(), region, spec, render.buffer_px, info, maskable)
     renderer = _RENDERERS.get(key)
     if renderer is None:
-        renderer = _RENDERERS[key] = TileRenderer(region, spec, info, render.buffer_px, maskable, render.poi_style)
+        renderer = _RENDERERS[key] = TileRenderer(region, spec, info, render.buffer_px, maskable)
     return renderer
 
 
