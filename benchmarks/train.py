@@ -151,6 +151,7 @@ def cpu_settings(project: Project) -> list[dict[str, Any]]:
         ("fp32 channels_last, first conv 8 wide", {**fp32, "channels_last": True, "conv_channels": first8}),
         ("centre branch (model.centre_px 32)", {"centre_px": 32, "centre_source": "branch"}),  # a repeat if default
         ("centre from the trunk (model.centre_source trunk)", {"centre_px": 32, "centre_source": "trunk"}),
+        ("pooled centre (model.centre_source pooled)", {"centre_px": 32, "centre_source": "pooled"}),
         ("no centre branch (model.centre_px 0)", {"centre_px": 0}),
         ("fp32 channels_last, native ISA", {"channels_last": True, "bf16": False, "isa": "native"}),
         ("bf16 channels_last, native ISA", {"channels_last": True, "bf16": True, "isa": "native"}),

@@ -175,7 +175,9 @@ def test_dense_agrees_with_per_tile_on_the_test_region(cells: dict) -> None:
         assert (diff == 0).mean() > 0.9 and diff.max() <= 2 * 128 / 128**2, (settings, (diff == 0).mean(), diff.max())
 
 
-@pytest.mark.parametrize("centre", [None, "branch", "trunk"], ids=["trunk", "centre-branch", "centre-from-trunk"])
+@pytest.mark.parametrize(
+    "centre", [None, "branch", "trunk", "pooled"], ids=["trunk", "centre-branch", "centre-from-trunk", "pooled-centre"]
+)
 def test_dense_is_deterministic_and_independent_of_the_windows(cells: dict, centre: str | None) -> None:
     lats, lons, index = cells["lats"], cells["lons"], cells["index"]
     model = _encoder(2, centre_px=32, centre_source=centre) if centre else cells["model"]
@@ -192,11 +194,13 @@ def test_dense_is_deterministic_and_independent_of_the_windows(cells: dict, cent
     assert len(np.unique(keys)) >= 2, "several metatiles: several tasks"
 
 
+@pytest.mark.parametrize("source", ("branch", "pooled"))
 @pytest.mark.parametrize("stride", (32, 16, 8))
-def test_centre_branch_on_a_tile_alone_is_the_encoder(stride: int) -> None:
-    """With a centre branch, the dense trunk's window and the centre features of the tile's own central crop,
-    through the head, are the encoder's embedding; the centre features are `representation`'s centre part."""
-    model = _encoder(0, centre_px=32)
+def test_centre_branch_on_a_tile_alone_is_the_encoder(stride: int, source: str) -> None:
+    """With a centre branch (convs of its own, or a pooled centre's 1×1 layers), the dense trunk's window and the
+    centre features of the tile's own central crop, through the head, are the encoder's embedding; the centre
+    features are `representation`'s centre part."""
+    model = _encoder(0, centre_px=32, centre_source=source)
     canvas = _canvas(128, 128, seed=3)
     tile = _input(canvas)
     with torch.no_grad():
@@ -257,10 +261,11 @@ def test_centre_from_the_trunk_inside_a_canvas_is_the_per_tile_centre() -> None:
         torch.testing.assert_close(torch.from_numpy(emb), expected, **TOL)
 
 
-def test_centre_features_cut_the_exact_crop_and_pad_with_zeros() -> None:
+@pytest.mark.parametrize("source", ("branch", "pooled"))
+def test_centre_features_cut_the_exact_crop_and_pad_with_zeros(source: str) -> None:
     """Inside a canvas the centre features are the branch on the tile's central crop, at any pixel (no grid);
     where the crop leaves the array it reads zeros, as the per-tile cut does beyond a metatile."""
-    model = _encoder(1, centre_px=32)
+    model = _encoder(1, centre_px=32, centre_source=source)
     canvas = _canvas(300, 300, seed=4)
     xs, ys = np.array([0, 37, 101, 172]), np.array([5, 0, 63, 172])
     with torch.no_grad():
@@ -276,7 +281,8 @@ def test_centre_features_cut_the_exact_crop_and_pad_with_zeros() -> None:
         torch.testing.assert_close(edge, inside, **TOL)
 
 
-def test_centre_features_on_the_test_region_are_the_per_tile_paths(cells: dict) -> None:
+@pytest.mark.parametrize("source", ("branch", "pooled"))
+def test_centre_features_on_the_test_region_are_the_per_tile_paths(cells: dict, source: str) -> None:
     """On the real metatiles, the centre features `encode_dense` gives the head are the per-tile path's (the
     branch on the cut tile's central crop) wherever the cut reads the same pixels: the crop is cut at the
     tile's exact pixel, not snapped to the trunk's grid. (How far the whole embedding moves is the trunk's
@@ -284,7 +290,7 @@ def test_centre_features_on_the_test_region_are_the_per_tile_paths(cells: dict) 
     from loc2vec.raster.cutter import cut_tiles
 
     lats, lons, index = cells["lats"], cells["lons"], cells["index"]
-    model = _encoder(2, centre_px=32)
+    model = _encoder(2, centre_px=32, centre_source=source)
     keys, xs, ys = tile_corners(index, lats, lons)
     px, py = cut_pixels(xs, ys)
     n = len(lats)

@@ -197,3 +197,30 @@ def test_centre_read_from_the_trunk_is_the_trunks_own_map_and_its_crop() -> None
             ModelConfig(centre_source="trunk", **bad)
     assert "centre_source" not in ModelConfig(centre_px=32).model_dump()  # stored branch models: unchanged keys
     assert ModelConfig(centre_px=32, centre_source="trunk").model_dump()["centre_source"] == "trunk"
+
+
+def test_pooled_centre_is_its_blocks_means_through_pointwise_layers() -> None:
+    """centre_source: pooled has no 3×3 convs: its features are the mean over the central crop's 8×8 px blocks of
+    the 1×1 layers applied to each block's mean coverage; only the central 32 px are read."""
+    torch.manual_seed(0)
+    model = Encoder(ModelConfig(centre_px=32, centre_source="pooled")).eval()
+    convs = [m for m in model.centre.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [m.kernel_size for m in convs] == [(1, 1)] * 3
+    n_centre = 12 * 16 + 16 * 32 + 32 * 64 + 2 * (16 + 32 + 64)  # 1×1 convs, BatchNorms
+    assert count_parameters(model) == 303_248 + n_centre + 64 * 192
+    x = torch.rand(3, 12, 128, 128)
+    with torch.no_grad():
+        blocks = x[..., 48:80, 48:80].reshape(3, 12, 4, 8, 4, 8).mean(dim=(3, 5))
+        expected = model.centre[2:](blocks).mean(dim=(2, 3))
+        torch.testing.assert_close(model.representation(x)[:, 32:], expected)
+        torch.testing.assert_close(model(x), model(torch.cat([x, x], 1)))
+        centre_view = x.clone()
+        centre_view[..., :48, :] = torch.rand(3, 12, 48, 128)  # outside the central 32 px: not read
+        assert torch.equal(model(torch.cat([x, centre_view], 1)), model(torch.cat([x, x], 1)))
+        centre_view[..., 79, 79] = 1 - centre_view[..., 79, 79]  # inside: read
+        assert not torch.equal(model(torch.cat([x, centre_view], 1)), model(torch.cat([x, x], 1)))
+    with pytest.raises(ValidationError, match="centre_block_px"):
+        ModelConfig(centre_px=32, centre_source="pooled", centre_block_px=6)
+    assert ModelConfig(centre_px=36, centre_source="pooled", centre_block_px=4).centre_px == 36  # no pool halvings
+    assert ModelConfig(centre_px=32, centre_source="pooled").model_dump()["centre_block_px"] == 8
+    assert "centre_block_px" not in ModelConfig(centre_px=32).model_dump()  # stored models: unchanged keys

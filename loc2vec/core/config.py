@@ -226,8 +226,10 @@ class ModelConfig(Section):
     centre_channels: tuple[int, ...] = (16, 32, 64)
     # branch: the centre has convs of its own (centre_channels). trunk: it reads the trunk's own first
     # len(centre_channels) blocks (their widths must be centre_channels), so the dense path gets it from the
-    # trunk's map it computes anyway (training/model.py).
-    centre_source: Literal["branch", "trunk"] = "branch"
+    # trunk's map it computes anyway (training/model.py). pooled: the crop's centre_block_px blocks averaged, then
+    # 1×1 convs of centre_channels' widths per block, mean-pooled: no 3×3 convs, so it costs a cell ~1% of the trunk.
+    centre_source: Literal["branch", "trunk", "pooled"] = "branch"
+    centre_block_px: int = Field(8, ge=1)  # centre_source: pooled only
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -245,7 +247,11 @@ class ModelConfig(Section):
                 raise ValueError(
                     f"centre_px={self.centre_px} must be at most input_size={self.input_size}, with an even margin"
                 )
-            if self.centre_px % (2 ** len(self.centre_channels)):
+            if self.centre_source == "pooled" and self.centre_px % self.centre_block_px:
+                raise ValueError(
+                    f"centre_px={self.centre_px} is not divisible by centre_block_px={self.centre_block_px}"
+                )
+            if self.centre_source != "pooled" and self.centre_px % (2 ** len(self.centre_channels)):
                 raise ValueError(
                     f"centre_px={self.centre_px} is not divisible by 2**{len(self.centre_channels)} "
                     "(one 2×2 max-pool per centre conv layer)"
@@ -273,6 +279,8 @@ class ModelConfig(Section):
             data.pop("centre_channels", None)
         if not self.centre_px or self.centre_source == "branch":
             data.pop("centre_source", None)  # so the models trained before the key load and fingerprint as they were
+        if not self.centre_px or self.centre_source != "pooled":
+            data.pop("centre_block_px", None)
         return data
 
     @property

@@ -45,6 +45,11 @@ so that no zero padding reaches the average: the dense path reads it off the map
 bilinearly interpolated between grid positions as the trunk's windows are. On the grid it is the per-tile
 path's centre exactly (tests/test_dense.py); its cost is a gather.
 
+**Pooled centre** (``model.centre_source: pooled``). Its crop is cut at the exact pixel as the branch's is; the
+average over each 8 px block is taken on exact integer sums of the uint8 crop (`_block_means`), then the 1×1 layers:
+per-tile's numbers up to float summation order, for a few µs per cell (~6% of the dense path, against ~40% for the
+branch's convs).
+
 **Windows.** A metatile's cells are processed in windows of ``embed.dense_window_px`` px of tile
 corners (fitted to the cells they hold, so sparse edges cost little), each with a halo of B px: the
 trunk's reach beyond a tile is 1+2+4+8+16 = 31 px, so the window's own zero padding never reaches a
@@ -299,13 +304,36 @@ def centre_features(
     side = model.cfg.centre_px
     lo = (model.cfg.input_size - side) // 2
     xs, ys = (np.asarray(a, dtype=np.int64) + lo for a in (px, py))
+    pooled = model.cfg.centre_source == "pooled"
     out = []
     for i in range(0, len(xs), batch):
-        tiles = torch.from_numpy(_crops(array, xs[i : i + batch], ys[i : i + batch], side)).permute(0, 3, 1, 2)
-        out.append(model.centre(to_input(tiles)).mean(dim=(2, 3)))  # (n, C, side, side), a channels_last view
+        crops = _crops(array, xs[i : i + batch], ys[i : i + batch], side)
+        if pooled:  # the centre's input dropout and AvgPool2d, on exact integer sums (~3x faster than on floats)
+            out.append(model.centre[2:](_block_means(crops, model.cfg.centre_block_px)).mean(dim=(2, 3)))
+        else:  # (n, C, side, side), a channels_last view
+            out.append(model.centre(to_input(torch.from_numpy(crops).permute(0, 3, 1, 2))).mean(dim=(2, 3)))
     if not out:
         return torch.zeros((0, model.cfg.centre_channels[-1]))
     return torch.cat(out)
+
+
+def _block_means(crops: np.ndarray, block: int) -> torch.Tensor:
+    """(n, C, side/block, side/block) float32 means of each block × block px of (n, side, side, C) uint8 crops, in
+    to_input's scale ([0, 1]): what a pooled centre's AvgPool2d computes on the float crops, up to summation order.
+    The sums are exact integers, added one pixel column, then one pixel row, of every block at a time."""
+    n, side, _, channels = crops.shape
+    k = side // block
+    dtype = np.uint16 if 255 * block * block < 2**16 else np.uint32
+    cols = crops.reshape(n, side, k, block, channels)
+    rows = cols[:, :, :, 0].astype(dtype)
+    for j in range(1, block):
+        np.add(rows, cols[:, :, :, j], out=rows)
+    blocks = rows.reshape(n, k, block, k, channels)
+    sums = blocks[:, :, 0].copy()
+    for j in range(1, block):
+        np.add(sums, blocks[:, :, j], out=sums)
+    means = torch.from_numpy(sums.astype(np.float32)).div_(float(255 * block * block))
+    return means.permute(0, 3, 1, 2)
 
 
 def centre_from_tap(

@@ -11,7 +11,7 @@ Architecture (params.yaml `model:`, core.config.ModelConfig), after the Loc2Vec 
     Linear 16                       – the embedding, no activation (distances live in R^16)
 
 Exact parameter count of this network: 303,248 (the article's has 305,040); 340,528 with the centre branch, 315,536
-with the centre read from the trunk.
+with the centre read from the trunk, 318,512 with the pooled centre.
 
 Centre branch (`model.centre_px` > 0; params.yaml's default, 32, since the champion gate chose it; ModelConfig's
 own default is 0, the article's encoder, so that stored models without the key load as they were): the context
@@ -28,6 +28,12 @@ of the trunk's own map after its first len(centre_channels) blocks over the cent
 view (training) runs those blocks over its crop with one position of margin each side (`centre_margin_px`, 8 px), so
 the crop's zero padding never reaches what is averaged: its features are exactly what the trunk computes over a whole
 tile, or the dense path over a metatile, where they cost a gather instead of a second trunk (embedding/dense.py).
+
+Pooled centre (`model.centre_source: pooled`): the branch's 3×3 convs replaced by one average over each
+centre_block_px² block of the central crop (8 px: a 4×4 grid of the coverages under the point), then 1×1 convs of
+centre_channels' widths per block (a small MLP shared by the blocks), mean-pooled: ~44 k multiply-adds per tile
+against the branch's ~4.1 M, so the dense path pays a cell's centre a few µs instead of about what its trunk window
+costs (embedding/dense.py). Trained like the branch (its own views, shifted at GPS-noise scale).
 
 Convs followed by BatchNorm carry no bias (BN's shift replaces it). `forward` has no
 data-dependent Python control flow, so it is `torch.compile`-able, and every op
@@ -52,6 +58,17 @@ def conv_blocks(in_channels: int, widths: tuple[int, ...], act: nn.Module) -> li
     c = in_channels
     for w in widths:
         layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), act]
+        c = w
+    return layers
+
+
+def pointwise_blocks(in_channels: int, widths: tuple[int, ...], act: nn.Module) -> list[nn.Module]:
+    """[1×1 conv → BN → act] per width: a pooled centre's per-block layers (each block's averaged coverage →
+    features), a shared small MLP that costs nothing beside the trunk's 3×3 convs."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), act]
         c = w
     return layers
 
@@ -83,6 +100,10 @@ class Encoder(nn.Module):
         if cfg.centre_px and cfg.centre_source == "branch":
             blocks = conv_blocks(cfg.in_channels, cfg.centre_channels, act)
             self.centre = nn.Sequential(nn.Dropout2d(cfg.input_dropout), *blocks)
+        elif cfg.centre_px and cfg.centre_source == "pooled":
+            blocks = pointwise_blocks(cfg.in_channels, cfg.centre_channels, act)
+            pool = nn.AvgPool2d(cfg.centre_block_px)
+            self.centre = nn.Sequential(nn.Dropout2d(cfg.input_dropout), pool, *blocks)
         self._init_weights()
 
     def _centre_width(self) -> int:
