@@ -227,7 +227,7 @@ class ModelConfig(Section):
     # branch: the centre has convs of its own (centre_channels). trunk: it reads the trunk's own first
     # len(centre_channels) blocks (their widths must be centre_channels), so the dense path gets it from the
     # trunk's map it computes anyway (training/model.py). pooled: the crop's centre_block_px blocks averaged, then
-    # 1×1 convs of centre_channels' widths per block, mean-pooled: no 3×3 convs, so it costs a cell ~1% of the trunk.
+    # 1×1 convs of centre_channels' widths per block, mean-pooled: no 3×3 convs (~1% of a cell's dense multiply-adds).
     centre_source: Literal["branch", "trunk", "pooled"] = "branch"
     centre_block_px: int = Field(8, ge=1)  # centre_source: pooled only
 

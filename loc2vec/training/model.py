@@ -64,7 +64,7 @@ def conv_blocks(in_channels: int, widths: tuple[int, ...], act: nn.Module) -> li
 
 def pointwise_blocks(in_channels: int, widths: tuple[int, ...], act: nn.Module) -> list[nn.Module]:
     """[1×1 conv → BN → act] per width: a pooled centre's per-block layers (each block's averaged coverage →
-    features), a shared small MLP that costs nothing beside the trunk's 3×3 convs."""
+    features), a small MLP shared by the blocks, next to nothing beside the trunk's 3×3 convs."""
     layers: list[nn.Module] = []
     c = in_channels
     for w in widths:
