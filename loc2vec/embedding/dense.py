@@ -305,6 +305,8 @@ def centre_features(
     lo = (model.cfg.input_size - side) // 2
     xs, ys = (np.asarray(a, dtype=np.int64) + lo for a in (px, py))
     pooled = model.cfg.centre_source == "pooled"
+    if pooled and not isinstance(model.centre[1], nn.AvgPool2d):  # [Dropout2d, AvgPool2d, 1×1 layers…]: model.py
+        raise TypeError("a pooled centre's second layer must be its AvgPool2d")
     out = []
     for i in range(0, len(xs), batch):
         crops = _crops(array, xs[i : i + batch], ys[i : i + batch], side)
