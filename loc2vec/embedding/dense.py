@@ -305,13 +305,11 @@ def centre_features(
     lo = (model.cfg.input_size - side) // 2
     xs, ys = (np.asarray(a, dtype=np.int64) + lo for a in (px, py))
     pooled = model.cfg.centre_source == "pooled"
-    if pooled and not isinstance(model.centre[1], nn.AvgPool2d):  # [Dropout2d, AvgPool2d, 1×1 layers…]: model.py
-        raise TypeError("a pooled centre's second layer must be its AvgPool2d")
     out = []
     for i in range(0, len(xs), batch):
         crops = _crops(array, xs[i : i + batch], ys[i : i + batch], side)
         if pooled:  # the centre's input dropout and AvgPool2d, on exact integer sums (measured faster than on floats)
-            out.append(model.centre[2:](_block_means(crops, model.cfg.centre_block_px)).mean(dim=(2, 3)))
+            out.append(model.pooled_centre_layers(_block_means(crops, model.cfg.centre_block_px)).mean(dim=(2, 3)))
         else:  # (n, C, side, side), a channels_last view
             out.append(model.centre(to_input(torch.from_numpy(crops).permute(0, 3, 1, 2))).mean(dim=(2, 3)))
     if not out:

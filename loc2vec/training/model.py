@@ -129,6 +129,14 @@ class Encoder(nn.Module):
         return context, centre[..., lo : lo + side, lo : lo + side]
 
     @property
+    def pooled_centre_layers(self) -> nn.Module:
+        """A pooled centre's layers after its input dropout and block average (built in __init__ as [Dropout2d,
+        AvgPool2d, 1×1 layers…]): what the dense path runs on block means it sums itself (embedding/dense.py)."""
+        if self.centre is None or self.cfg.centre_source != "pooled":
+            raise ValueError("the encoder has no pooled centre")
+        return self.centre[2:]
+
+    @property
     def centre_blocks(self) -> int:
         """How many conv blocks the centre's features come out of."""
         return len(self.cfg.centre_channels) if self.cfg.centre_px else 0
