@@ -26,6 +26,12 @@ With each difference, its 95% paired spatial block-bootstrap interval (the suite
 blocks resampled, both predictions scored on the same draw) and how many tested labels the two paths predict
 differently: whether a difference is more than the task's sampling noise.
 
+Precision: both paths in ``embed.cpu_bf16`` as `loc2vec embed` resolves it on this machine (``cpu_bf16`` in the
+JSON: bf16 autocast with the CPU's own kernels, or the pinned float32), so the speedup compares like with like; the
+padding/position split runs in float32. ``macs_per_cell``: each path's multiply-adds per cell (convolutions and
+matmuls, torch's FlopCounterMode, untimed): the speedup the arithmetic alone allows, against which the measured one
+says how much better the dense path's large convolutions use the cores.
+
 The encoder: ``$LOC2VEC_BENCH_MODEL_DIR`` (model.pt + model_config.json, e.g. another checkout's
 data/model), else the registered ``champion`` of ``train.registered_model``, else data/model.
 """
@@ -111,6 +117,23 @@ def _snapped(model: Encoder, index, keys, xs, ys, settings: DenseSettings, batch
     return dense, tile
 
 
+def _macs(model: Encoder, index, lats, lons, order: np.ndarray, settings: DenseSettings, params) -> dict[str, float]:
+    """Multiply-adds per cell of each path (convolutions and matmuls, counted by torch's FlopCounterMode on one
+    per-tile batch and on the whole dense run, untimed): the speedup the arithmetic alone allows."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = min(params.embed.batch_size, len(order))
+    with FlopCounterMode(display=False) as counter:
+        encode(model, index, lats[order[:batch]], lons[order[:batch]], batch, progress=False, bf16=settings.bf16)
+    per_tile = counter.get_total_flops() / 2 / batch
+    with FlopCounterMode(display=False) as counter:
+        encode_dense(
+            model, index, lats[order], lons[order], settings, progress=False, cfg=params.orchestrate, kind="inline"
+        )
+    dense = counter.get_total_flops() / 2 / len(order)
+    return {"per_tile": round(per_tile), "dense": round(dense), "ratio": round(per_tile / dense, 2)}
+
+
 def _macro_f1(project: Project, region: str, model: Encoder, cells: list[str], dense: np.ndarray) -> dict[str, Any]:
     """Logreg macro-F1 per task, per-tile features vs dense ones, on the same labels and folds."""
     from loc2vec.evaluation.added_value import paired_lift
@@ -193,7 +216,7 @@ def run(project: Project, *, region: str | None = None, n: int | None = None) ->
     def per_tile(half: np.ndarray) -> float:
         started = time.perf_counter()
         tile_emb[half], tile_hist[half] = encode(
-            model, index, lats[sub[half]], lons[sub[half]], params.embed.batch_size, progress=False
+            model, index, lats[sub[half]], lons[sub[half]], params.embed.batch_size, progress=False, bf16=settings.bf16
         )
         return time.perf_counter() - started
 
@@ -216,6 +239,7 @@ def run(project: Project, *, region: str | None = None, n: int | None = None) ->
         "cells": len(cells),
         "metatiles": int(len(np.unique(keys))),
         "torch_threads": threads,
+        "cpu_bf16": settings.bf16,
         "model": model_info,
         "per_tile": {"cells": len(sub), "seconds": round(per_tile_s, 2), "cells_per_s": round(per_tile_rate, 1)},
         "dense": {
@@ -230,6 +254,7 @@ def run(project: Project, *, region: str | None = None, n: int | None = None) ->
             "settings": {"stride": settings.stride, "position": settings.position, "window_px": settings.window_px},
         },
         "speedup": round(dense_rate / per_tile_rate, 2),
+        "macs_per_cell": _macs(model, index, lats, lons, order, settings, params),
         "macro_f1": _macro_f1(project, region, model, list(cells), dense),
         "metatile_render_s": round(metatile_s, 2),
     }

@@ -118,6 +118,19 @@ def test_forward_traces_as_one_graph(encoder: Encoder) -> None:
         torch.testing.assert_close(compiled(x), encoder(x))
 
 
+@pytest.mark.parametrize("centre_px", [0, 32])
+def test_forward_with_bf16_convs_is_forward_up_to_bf16_rounding(centre_px: int) -> None:
+    """The convolutions in bf16, the head in float32: float32 out, not bf16-rounded, forward's direction."""
+    torch.manual_seed(0)
+    encoder = Encoder(ModelConfig(centre_px=centre_px)).eval()
+    x = torch.rand(4, 12, 128, 128)
+    with torch.no_grad():
+        fp32, bf16 = encoder(x), encoder.forward_with_bf16_convs(x)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert not torch.equal(bf16, bf16.bfloat16().float())  # the head's float32 output, not bf16's 8-bit mantissa
+    assert torch.nn.functional.cosine_similarity(bf16, fp32).min() > 0.999
+
+
 def test_representation_is_forwards_pooled_trunk_output(encoder: Encoder) -> None:
     """`representation` is exactly forward's own intermediate activation (what the dense head reads), pooled."""
     encoder.eval()

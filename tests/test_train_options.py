@@ -9,6 +9,7 @@ import pytest
 from loc2vec.core.config import PRESETS, ComputeConfig, ModelConfig, parse_params, read_yaml
 from loc2vec.core.errors import ConfigError
 from loc2vec.core.numerics import ISA_ENV, PIN_MARKER, pin_cpu_numerics, resolve_cpu_bf16
+from loc2vec.embedding.dense import DenseSettings
 from loc2vec.training.model import Encoder, count_parameters
 
 from .conftest import REPO
@@ -67,6 +68,22 @@ def test_cpu_bf16_needs_the_cpus_own_kernels() -> None:
         _params(train={"cpu_bf16": True})
     p = _params(train={"cpu_bf16": True}, compute={"cpu_isa": "native"})
     assert p.train.cpu_bf16 and p.train.channels_last
+    with pytest.raises(ConfigError, match=r"embed.cpu_bf16 needs compute.cpu_isa: native"):
+        _params(train={"cpu_bf16": False}, embed={"cpu_bf16": True})
+
+
+def test_embed_auto_bf16_resolves_for_the_embed_section_alone() -> None:
+    """embed.cpu_bf16: auto as train's (resolved by `loc2vec embed` and `bench embed`); train's setting untouched;
+    unresolved in a library call, it is float32 under our AVX2 pin (the tests' own)."""
+    p = _params(train={"cpu_bf16": "auto"}, embed={"cpu_bf16": "auto"})
+    own_pin = {**ISA_ENV["avx2"], PIN_MARKER: "avx2"}
+    amx = frozenset({"avx2", "amx_bf16", "amx_tile"})
+    on = resolve_cpu_bf16(p, section="embed", env=own_pin, flags=amx, lift_own_pin=True)
+    assert on.embed.cpu_bf16 is True and on.compute.cpu_isa == "native" and on.train == p.train
+    off = resolve_cpu_bf16(p, section="embed", env=own_pin, flags=frozenset({"avx2"}), lift_own_pin=True)
+    assert off.embed.cpu_bf16 is False and off.compute.cpu_isa == "avx2" and off.train == p.train
+    assert DenseSettings.from_config(on.embed).bf16 and not DenseSettings.from_config(off.embed).bf16
+    assert not DenseSettings.from_config(p.embed).bf16  # auto under the tests' AVX2 pin
 
 
 def test_auto_bf16_resolves_by_the_cpus_flags_and_the_caps_it_finds() -> None:

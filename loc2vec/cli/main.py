@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Literal
 
 from loc2vec import __version__
 
@@ -66,8 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             os.environ[PARAMS_ENV] = str(args.params)
         project = Project.load(args.params)
-        if args.command == "train":  # train.cpu_bf16: auto, resolved for this machine (it may lift our own ISA pin)
-            project = replace(project, params=resolve_cpu_bf16(project.params, lift_own_pin=True))
+        # train.cpu_bf16 / embed.cpu_bf16: auto, resolved for this machine by the command that uses it (it may lift
+        # our own ISA pin)
+        embeds = args.command == "embed" or (args.command == "bench" and args.what == "embed")
+        section: Literal["train", "embed"] | None = "train" if args.command == "train" else "embed" if embeds else None
+        if section is not None:
+            project = replace(project, params=resolve_cpu_bf16(project.params, section=section, lift_own_pin=True))
         pin_cpu_numerics(project.params.compute)  # before torch or numpy is imported
         return int(args.func(args, project) or 0)
     except (Exception, KeyboardInterrupt) as exc:

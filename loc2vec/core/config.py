@@ -363,6 +363,9 @@ class EmbedConfig(Section):
     dense_stride: int = 16  # px between the trunk's sampled positions: a power of two dividing the trunk's 32
     dense_position: Literal["snap", "bilinear"] = "bilinear"  # a tile corner between grid positions
     dense_window_px: int = Field(2048, ge=32)  # tile corners per window side (px; a multiple of 32)
+    # Both paths' convolutions under bf16 autocast, as train.cpu_bf16: `true` needs compute.cpu_isa: native; `auto`:
+    # bf16 with the CPU's own kernels for `loc2vec embed` where it has them, float32 with the pinned kernels elsewhere.
+    cpu_bf16: bool | Literal["auto"] = False
 
     @field_validator("dense_stride")
     @classmethod
@@ -677,10 +680,15 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _bf16_needs_native_kernels(self) -> Params:
-        if self.train.cpu_bf16 is True and self.compute.cpu_isa != "native" and self.train.device != "cuda":
-            raise ValueError(
-                "train.cpu_bf16 needs compute.cpu_isa: native (the AVX2 kernels have no bf16 and run it ~20x slower)"
-            )
+        for name, on in (
+            ("train", self.train.cpu_bf16 is True and self.train.device != "cuda"),
+            ("embed", self.embed.cpu_bf16 is True),
+        ):
+            if on and self.compute.cpu_isa != "native":
+                raise ValueError(
+                    f"{name}.cpu_bf16 needs compute.cpu_isa: native (the AVX2 kernels have no bf16 and run it ~20x "
+                    "slower)"
+                )
         return self
 
     @model_validator(mode="after")

@@ -48,6 +48,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from typing import Literal
 
 from loc2vec.core.config import ComputeConfig, Params
 
@@ -109,20 +110,29 @@ def bf16_kernels_available(
 def resolve_cpu_bf16(
     params: Params,
     *,
+    section: Literal["train", "embed"] = "train",
     lift_own_pin: bool = False,
     env: Mapping[str, str] | None = None,
     flags: frozenset[str] | None = None,
 ) -> Params:
-    """params with `train.cpu_bf16: auto` resolved for this machine: true (with compute.cpu_isa: native, which bf16
-    needs) where `bf16_kernels_available`, else false (the pinned float32 kernels). Called at the edge by the
-    commands that train, before the numerics are pinned; true and false are returned unchanged."""
-    if params.train.cpu_bf16 != "auto":
+    """params with `<section>.cpu_bf16: auto` resolved for this machine: true (with compute.cpu_isa: native, which
+    bf16 needs) where `bf16_kernels_available`, else false (the pinned float32 kernels). Called at the edge by the
+    commands that train (section train) or embed (section embed), before the numerics are pinned; true and false
+    are returned unchanged."""
+    cfg = getattr(params, section)
+    if cfg.cpu_bf16 != "auto":
         return params
     bf16 = bf16_kernels_available(env, flags, lift_own_pin=lift_own_pin)
-    update: dict[str, object] = {"train": params.train.model_copy(update={"cpu_bf16": bf16})}
+    update: dict[str, object] = {section: cfg.model_copy(update={"cpu_bf16": bf16})}
     if bf16:
         update["compute"] = params.compute.model_copy(update={"cpu_isa": "native"})
     return params.model_copy(update=update)
+
+
+def cpu_bf16_enabled(setting: bool | Literal["auto"]) -> bool:
+    """A `cpu_bf16` setting as a library call applies it: `auto` not resolved at an edge is bf16 only where the
+    kernels allow it in this process now (`bf16_kernels_available`: under our AVX2 pin, float32)."""
+    return bf16_kernels_available() if setting == "auto" else bool(setting)
 
 
 def pin_cpu_numerics(cfg: ComputeConfig) -> dict[str, str]:

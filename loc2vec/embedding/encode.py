@@ -21,9 +21,17 @@ from loc2vec.training.model import Encoder, channel_coverage, to_input
 
 
 def encode(
-    model: Encoder, index, lats: np.ndarray, lons: np.ndarray, batch_size: int, progress: bool = True
+    model: Encoder,
+    index,
+    lats: np.ndarray,
+    lons: np.ndarray,
+    batch_size: int,
+    progress: bool = True,
+    *,
+    bf16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings (n, D) float32, histograms (n, 12) float32) for tiles cut at the locations."""
+    """(embeddings (n, D) float32, histograms (n, 12) float32) for tiles cut at the locations; with `bf16`, the
+    encoder's convolutions under bf16 autocast (embed.cpu_bf16: `Encoder.forward_with_bf16_convs`)."""
     n = len(lats)
     dim = model.cfg.embedding_dim
     emb = np.empty((n, dim), dtype=np.float32)
@@ -38,7 +46,8 @@ def encode(
             tiles = cut_tiles(index, lats[b0:b1], lons[b0:b1], zeros, np.zeros((b1 - b0, 2)), device="cpu")
             with torch.no_grad():
                 hist[b0:b1] = channel_coverage(tiles).numpy()
-                emb[b0:b1] = model(to_input(tiles)).float().numpy()
+                x = to_input(tiles)
+                emb[b0:b1] = (model.forward_with_bf16_convs(x) if bf16 else model(x)).numpy()
             bar.update(b1 - b0)
     if not np.isfinite(emb).all():
         raise ValueError("the model produced non-finite embeddings")
@@ -46,13 +55,19 @@ def encode(
 
 
 def encode_chunk(
-    index: MetatileIndex, model: Encoder, lats: np.ndarray, lons: np.ndarray, batch_size: int, start: int
+    index: MetatileIndex,
+    model: Encoder,
+    lats: np.ndarray,
+    lons: np.ndarray,
+    batch_size: int,
+    start: int,
+    bf16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and histograms of cells [start, start + len(lats)) of the encoding order (see `encode`).
 
     `start` names the task run; `index` travels without its memory maps (metatiles are re-opened here).
     """
-    return encode(model, index, lats, lons, batch_size, progress=False)
+    return encode(model, index, lats, lons, batch_size, progress=False, bf16=bf16)
 
 
 def chunk_bounds(n: int, batch_size: int, batches_per_chunk: int) -> list[tuple[int, int]]:
@@ -72,11 +87,12 @@ def encode_cells(
     *,
     cfg: OrchestrateConfig,
     kind: RunnerKind | None = None,
+    bf16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`encode` over the configured runner: chunks of whole batches, assembled in order."""
     kind = kind or runner_kind(cfg)
     if kind == "inline":
-        return encode(model, index, lats, lons, batch_size, progress)
+        return encode(model, index, lats, lons, batch_size, progress, bf16=bf16)
     n = len(lats)
     bounds = chunk_bounds(n, batch_size, cfg.embed_chunk_batches)
     emb = np.empty((n, model.cfg.embedding_dim), dtype=np.float32)
@@ -102,6 +118,7 @@ def encode_cells(
                     "lons": lons[s:e],
                     "batch_size": batch_size,
                     "start": s,
+                    "bf16": bf16,
                 }
                 for s, e in bounds
             ],

@@ -141,20 +141,29 @@ def embed_region(
     order = np.lexsort((np.arange(len(cells)), np.asarray(index.keys_for(lats, lons))))
     t0 = time.perf_counter()
     runner = runner_kind(orchestrate)  # chunks (whole batches, or metatiles) on the configured task runner
+    settings = DenseSettings.from_config(cfg)  # embed.cpu_bf16 resolved: both paths use its answer
     if cfg.method == "dense":
         emb_o, hist_o = encode_dense(
             encoder,
             index,
             lats[order],
             lons[order],
-            DenseSettings.from_config(cfg),
+            settings,
             progress,
             cfg=orchestrate,
             kind=runner,
         )
     else:
         emb_o, hist_o = encode_cells(
-            encoder, index, lats[order], lons[order], cfg.batch_size, progress, cfg=orchestrate, kind=runner
+            encoder,
+            index,
+            lats[order],
+            lons[order],
+            cfg.batch_size,
+            progress,
+            cfg=orchestrate,
+            kind=runner,
+            bf16=settings.bf16,
         )
     encode_s = timings["encode_s"] = time.perf_counter() - t0
     emb, hist = np.empty_like(emb_o), np.empty_like(hist_o)
@@ -203,6 +212,7 @@ def embed_region(
         **record,
         "path": str(path),
         "method": cfg.method,
+        "cpu_bf16": settings.bf16,
         "cells_per_s": round(n / encode_s, 1),  # cells encoded per second (per_tile: tiles cut + encoded)
         "cells_per_s_end_to_end": round(n / total, 1),
         "seconds": round(total, 1),

@@ -183,6 +183,14 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._embed(*self._trunk_outputs(x))
 
+    def forward_with_bf16_convs(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) with the convolutions under bf16 autocast on the CPU and the head in float32, as the dense path
+        computes it (embed.cpu_bf16, embedding/): the convolutions carry the cost, and a float32 head keeps the
+        embedding from being rounded to bf16's 8-bit mantissa."""
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            trunk, centre = self._trunk_outputs(x)
+        return self._embed(trunk.float(), None if centre is None else centre.float())
+
     def embedding_and_representation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(x), representation(x)) from one pass of the trunk: the same numbers as the two calls."""
         trunk, centre = self._trunk_outputs(x)
