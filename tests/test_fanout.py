@@ -161,3 +161,32 @@ def test_embeddings_identical_on_every_runner(
     assert inline.shape == dask.shape
     np.testing.assert_allclose(dask, inline, rtol=0, atol=1e-5)  # float32 rounding, not another embedding
     assert p.paths.root / "data" / "embeddings" / f"{region}.parquet" == path
+
+
+def test_loc2vec_embed_resolves_cpu_bf16_auto_for_this_machine(
+    fanout_params: str, project: Path, tmp_path: Path
+) -> None:
+    """embed.cpu_bf16: auto, resolved by `loc2vec embed` itself (cli/main.py, lifting the ISA pin it set): bf16 with
+    the CPU's own kernels where it has them (the .json says so; every cell's cosine ≥ 0.999 with the float32
+    embedding), else the pinned float32 embedding. The same check as test_numerics' for train.cpu_bf16: auto."""
+    import json
+    import subprocess
+    import sys
+
+    from loc2vec.core.numerics import bf16_kernels_available
+
+    region = fanout_params
+    fp32 = _embeddings(embed(region, MODEL, project=load_project()).read_bytes())  # params' default: false
+    out = tmp_path / "auto.parquet"
+    with patched_params(project, {"embed": {"cpu_bf16": "auto"}}):
+        cmd = [sys.executable, "-m", "loc2vec.cli", "embed", "--region", region, "--out", str(out)]
+        proc = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bf16 = bf16_kernels_available({})  # this CPU, no cap: what the command resolves after lifting its own pin
+    assert json.loads(out.with_suffix(".json").read_text())["config"]["cpu_bf16"] is bf16
+    auto = _embeddings(out.read_bytes())
+    if bf16:
+        cos = (auto * fp32).sum(1) / (np.linalg.norm(auto, axis=1) * np.linalg.norm(fp32, axis=1))
+        assert not np.array_equal(auto, fp32) and cos.min() >= 0.999, cos.min()
+    else:
+        np.testing.assert_allclose(auto, fp32, rtol=0, atol=1e-5)
