@@ -175,6 +175,34 @@ def test_dense_agrees_with_per_tile_on_the_test_region(cells: dict) -> None:
         assert (diff == 0).mean() > 0.9 and diff.max() <= 2 * 128 / 128**2, (settings, (diff == 0).mean(), diff.max())
 
 
+def test_dense_reads_each_metatile_once_without_filling_the_lru(cells: dict) -> None:
+    """One task per metatile reads it once: encode_dense does not add it to the index's LRU of decompressed
+    metatiles (up to tiles.host_cache_mb held for nothing), but takes one a reader before it kept."""
+    import pickle
+
+    lats, lons = cells["lats"], cells["lons"]
+    index = pickle.loads(pickle.dumps(cells["index"]))  # as a task receives it: without decompressed arrays
+    keys = np.unique(tile_corners(index, lats, lons)[0]).tolist()
+    assert [k for k in keys if index.cached(k) is not None] == []
+    kept = index.array(keys[0])
+    emb, _ = encode_dense(
+        cells["model"], index, lats, lons, DenseSettings(), progress=False, cfg=cells["orchestrate"], kind="inline"
+    )
+    assert index.cached(keys[0]) is kept
+    assert [k for k in keys[1:] if index.cached(k) is not None] == []
+    again, _ = encode_dense(
+        cells["model"],
+        cells["index"],
+        lats,
+        lons,
+        DenseSettings(),
+        progress=False,
+        cfg=cells["orchestrate"],
+        kind="inline",
+    )
+    assert emb.tobytes() == again.tobytes()
+
+
 @pytest.mark.parametrize("centre", [None, "branch"], ids=["trained", "centre-branch"])
 def test_bf16_embeddings_are_float32s_up_to_rounding_and_deterministic(cells: dict, centre: str | None) -> None:
     """embed.cpu_bf16: both paths under bf16 autocast give float32's embeddings up to bf16 rounding (every cell's

@@ -583,8 +583,9 @@ def encode_metatile(
 def encode_dense_chunk(
     index: MetatileIndex, model: Encoder, key: str, xs: np.ndarray, ys: np.ndarray, settings: DenseSettings
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`encode_metatile` on one metatile of the index (a task: `index` travels without its memory maps)."""
-    return encode_metatile(model, index.array(key), xs, ys, settings)
+    """`encode_metatile` on one metatile of the index (a task: `index` travels without its memory maps). The
+    metatile is read once, so it is not kept in the index's LRU (taken from it if it is there)."""
+    return encode_metatile(model, index.array(key, keep=False), xs, ys, settings)
 
 
 def encode_dense(

@@ -173,9 +173,13 @@ class MetatileIndex:
             used = sum(a.nbytes for a in self._arrays.values())
         return used + side * side * N_CHANNELS <= self.spec.host_cache_mb << 20
 
-    def array(self, key: str) -> np.ndarray:
+    def array(self, key: str, *, keep: bool = True) -> np.ndarray:
         """The (H, W, 12) uint8 metatile, decompressed (read-only), from this process's LRU of decompressed
-        metatiles (`spec.host_cache_mb`; the least recently used ones make room)."""
+        metatiles (`spec.host_cache_mb`; the least recently used ones make room).
+
+        `keep=False`: a metatile not in the LRU is read without being added to it. For readers that visit each
+        metatile once (the dense embedding: one task per metatile), whose reads would otherwise fill the LRU up to
+        host_cache_mb (measured: `loc2vec embed` of Liechtenstein's 38 metatiles peaked at 3.9 GB) for nothing."""
         arr = self.cached(key)
         if arr is not None:
             return arr
@@ -184,6 +188,8 @@ class MetatileIndex:
         if arr.shape != (meta.height, meta.width, N_CHANNELS) or arr.dtype != np.uint8:
             raise RenderError(f"metatile {self.file(key)} is {arr.shape} {arr.dtype}, the index says otherwise")
         arr.flags.writeable = False
+        if not keep:
+            return arr
         with self._lock:
             self._arrays[key] = arr
             budget = self.spec.host_cache_mb << 20
