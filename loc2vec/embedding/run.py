@@ -42,6 +42,7 @@ import torch
 from loc2vec.core.atomic import write_text
 from loc2vec.core.config import EmbedConfig, OrchestrateConfig
 from loc2vec.core.names import validate_region_name
+from loc2vec.core.numerics import cpu_bf16_enabled
 from loc2vec.core.paths import ProjectPaths
 from loc2vec.embedding.cells import EmbedError, select_cells
 from loc2vec.embedding.dense import DenseSettings, encode_dense
@@ -141,14 +142,14 @@ def embed_region(
     order = np.lexsort((np.arange(len(cells)), np.asarray(index.keys_for(lats, lons))))
     t0 = time.perf_counter()
     runner = runner_kind(orchestrate)  # chunks (whole batches, or metatiles) on the configured task runner
-    settings = DenseSettings.from_config(cfg)  # embed.cpu_bf16 resolved: both paths use its answer
+    bf16 = cpu_bf16_enabled(cfg.cpu_bf16)  # resolved by `loc2vec embed`; DenseSettings reads it the same way
     if cfg.method == "dense":
         emb_o, hist_o = encode_dense(
             encoder,
             index,
             lats[order],
             lons[order],
-            settings,
+            DenseSettings.from_config(cfg),
             progress,
             cfg=orchestrate,
             kind=runner,
@@ -163,7 +164,7 @@ def embed_region(
             progress,
             cfg=orchestrate,
             kind=runner,
-            bf16=settings.bf16,
+            bf16=bf16,
         )
     encode_s = timings["encode_s"] = time.perf_counter() - t0
     emb, hist = np.empty_like(emb_o), np.empty_like(hist_o)
@@ -212,7 +213,7 @@ def embed_region(
         **record,
         "path": str(path),
         "method": cfg.method,
-        "cpu_bf16": settings.bf16,
+        "cpu_bf16": bf16,
         "cells_per_s": round(n / encode_s, 1),  # cells encoded per second (per_tile: tiles cut + encoded)
         "cells_per_s_end_to_end": round(n / total, 1),
         "seconds": round(total, 1),

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from loc2vec.core.config import LossConfig, ModelConfig, Params, TrainConfig
 from loc2vec.core.errors import Loc2VecError
-from loc2vec.core.numerics import bf16_kernels_available
+from loc2vec.core.numerics import cpu_bf16_enabled
 from loc2vec.core.paths import ProjectPaths
 from loc2vec.osm.db import ConnInfo
 from loc2vec.raster.metatiles import MetatileSpec
@@ -178,7 +178,7 @@ class Trainer:
     ):
         self.regions = regions
         if cfg.cpu_bf16 == "auto":  # not resolved at an edge (a library call): bf16 only where the kernels allow it now
-            cfg = cfg.model_copy(update={"cpu_bf16": bf16_kernels_available()})
+            cfg = cfg.model_copy(update={"cpu_bf16": cpu_bf16_enabled(cfg.cpu_bf16)})
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.loss_cfg = loss_cfg
