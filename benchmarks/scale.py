@@ -302,7 +302,7 @@ def drop_region(project: Project, region: str) -> None:
 
 # ---------------------------------------------------------------- the throwaway project
 def make_workspace(project: Project, root: Path) -> None:
-    """A project root with a copy of params.yaml (local extract paths made absolute)."""
+    """A project root with a copy of the params file the bench was given (local extract paths made absolute)."""
     raw = yaml.safe_load(project.paths.params_file.read_text())
     for spec in (raw.get("regions", {}).get("registry") or {}).values():
         src = str(spec.get("source", ""))

@@ -56,6 +56,29 @@ def test_bench_scale_tiny_bbox(project: Path, tmp_path: Path, monkeypatch: pytes
     assert not (tmp_path / "out" / "work").exists()
 
 
+def test_bench_scale_workspace_copies_the_params_file_given(project: Path, tmp_path: Path) -> None:
+    """`loc2vec --params P bench scale`: the stages run with P's settings, not the root's params.yaml's (they did
+    until 2026-12-05: a bf16 run of the bench embedded in float32)."""
+    import yaml
+
+    from benchmarks import scale
+    from loc2vec.cli.project import Project
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw.setdefault("embed", {})["batch_size"] = 77
+    other = project / "params.other.yaml"
+    other.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        given = Project.load(other)
+        assert given.paths.params_file == other.resolve()
+        scale.make_workspace(given, tmp_path / "work")
+    finally:
+        other.unlink()
+    copied = yaml.safe_load((tmp_path / "work" / "params.yaml").read_text())
+    assert copied["embed"]["batch_size"] == 77
+    assert load_project().paths.params_file == (project / "params.yaml").resolve()
+
+
 def test_bench_scale_bad_size_is_one_line() -> None:
     from benchmarks.scale import ScaleError, parse_sizes
 

@@ -648,6 +648,7 @@ class Params(Section):
     """params.yaml as a whole, plus the project root it was read from."""
 
     root: Path = Field(exclude=True)
+    file: Path | None = Field(None, exclude=True)  # the file load_params read (`--params` may name another)
     preset: Literal["article"] | None = None  # a named setup whose values win over the sections' (PRESETS)
     regions: RegionsConfig
     db: DBConfig = DBConfig()
@@ -825,4 +826,4 @@ def load_params(path: Path | str | None = None) -> Params:
     p = Path(path).resolve() if path else params_path()
     if not p.is_file():
         raise ConfigError(f"params file not found: {p}")
-    return parse_params(read_yaml(p), p.parent, source=str(p))
+    return parse_params(read_yaml(p), p.parent, source=str(p)).model_copy(update={"file": p})

@@ -27,6 +27,7 @@ class ProjectPaths:
     # Explicit inputs and outputs of a stage command (dvc.yaml passes them), per region, over the defaults.
     sample_files: tuple[tuple[str, Path], ...] = ()
     metatile_dirs: tuple[tuple[str, Path], ...] = ()
+    params_source: Path | None = None  # the params file read, where it is not the root's params.yaml
 
     @classmethod
     def from_params(cls, params: Params) -> ProjectPaths:
@@ -36,6 +37,7 @@ class ProjectPaths:
             pipeline_regions=params.pipeline_regions,
             download_dir_name=params.regions.download_dir,
             adhoc_registry_name=params.regions.adhoc_registry,
+            params_source=params.file,
         )
 
     def overriding(
@@ -55,8 +57,8 @@ class ProjectPaths:
 
     @property
     def params_file(self) -> Path:
-        """params.yaml."""
-        return self.root / "params.yaml"
+        """The params file these paths were read from (`loc2vec --params P`), else the root's params.yaml."""
+        return self.params_source or self.root / "params.yaml"
 
     @property
     def dvc_lock(self) -> Path:
