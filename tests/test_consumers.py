@@ -560,6 +560,24 @@ def test_versions_of_another_model_are_not_pinned_and_never_reuse_a_number() -> 
         check_same_models(served, {"1": "old-model", "2": "old-model"})
 
 
+def test_second_interpreter_runs_this_package_whatever_the_working_directory(tmp_path: Path) -> None:
+    """The re-execution under tcmalloc runs the package the first process ran: started from a folder that holds
+    another `loc2vec/` (another checkout), `python -m loc2vec.cli` would import that one (until 2026-12-05 a
+    bench run from a second checkout measured the second checkout's code)."""
+    from loc2vec.cli.allocator import tcmalloc_path
+
+    assert tcmalloc_path() is not None, "make setup installs libtcmalloc-minimal4"
+    decoy = tmp_path / "loc2vec" / "cli"
+    decoy.mkdir(parents=True)
+    (tmp_path / "loc2vec" / "__init__.py").write_text("")
+    (decoy / "__init__.py").write_text("")
+    (decoy / "__main__.py").write_text("print('decoy'); raise SystemExit(3)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LOC2VEC_ALLOCATOR")}
+    program = Path(sys.executable).parent / "loc2vec"  # the console script, as a user starts it
+    out = subprocess.run([str(program), "ingest", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "decoy" not in out.stdout and "--region" in out.stdout, out.stdout + out.stderr
+
+
 def test_lookups_run_without_a_second_interpreter() -> None:
     """`loc2vec features`/`services` are not re-executed under tcmalloc (cli/allocator.py: they compute
     nothing, and a second interpreter start is ~0.1 s of a lookup); the command is found past options and

@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+from pathlib import Path
 
 ALLOCATOR_ENV = "LOC2VEC_ALLOCATOR"
 LOOKUP_COMMANDS = frozenset({"features", "services"})  # what runs as is: no tensors, nothing to gain
@@ -53,8 +54,15 @@ def command_of(argv: list[str]) -> str | None:
     return None
 
 
+# The second interpreter's program: this package's CLI as `python -m loc2vec.cli` runs it, found at argv[1].
+_RUN_CLI = (
+    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1));"
+    " runpy.run_module('loc2vec.cli', run_name='__main__', alter_sys=True)"
+)
+
+
 def reexec_under_tcmalloc(argv: list[str]) -> None:
-    """Replace this process by `python -m loc2vec.cli ARGV` with tcmalloc preloaded, when it is installed,
+    """Replace this process by this package's CLI on ARGV with tcmalloc preloaded, when it is installed,
     not loaded yet, not declined (LOC2VEC_ALLOCATOR=system) and the command computes (not a lookup);
     otherwise return and run as is."""
     if os.environ.get(ALLOCATOR_ENV, "tcmalloc") == "system" or preloaded() or command_of(argv) in LOOKUP_COMMANDS:
@@ -64,4 +72,8 @@ def reexec_under_tcmalloc(argv: list[str]) -> None:
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "loc2vec.cli", *argv], env)
+    # Not `python -m loc2vec.cli`: -m puts the working directory first on sys.path, so run from inside another
+    # checkout (or any folder holding a loc2vec/) the second interpreter would import that code instead of this.
+    # -P adds no such entry; the folder holding the package this process runs goes first.
+    package_parent = str(Path(__file__).resolve().parents[2])
+    os.execve(sys.executable, [sys.executable, "-P", "-c", _RUN_CLI, package_parent, *argv], env)
