@@ -54,10 +54,9 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     from loc2vec.cli.project import Project
-    from loc2vec.evaluation.added_value import _row_bbox, paired_lift
+    from loc2vec.evaluation.added_value import inner_folds, paired_lift
     from loc2vec.evaluation.classifiers import scores
     from loc2vec.evaluation.context import EvaluationContext
-    from loc2vec.evaluation.cv import spatial_folds
     from loc2vec.evaluation.suite_inputs import SuiteInputs
 
     project = Project.load()
@@ -83,30 +82,26 @@ def main() -> None:
         hist, online = data.historical, data.online
         rng = np.random.default_rng(cfg.split.seed)
         noise = rng.standard_normal((len(y), hist["loc2vec"].shape[1]))
-        split = cfg.split.model_copy(update={"folds": cfg.suite.inner_folds, "seed": cfg.split.seed + 1})
         preds: dict[str, list[np.ndarray]] = {k: [] for k in ("baseline", "concat", "noise", "stack0", "stack1")}
         for i, fold in enumerate(data.folds):
             name = fits.chosen["logreg"][i]
             tr, te = fold.train, fold.test
             base_tr, base_te = hist[name][tr], online[name][te]
-            sub = data.labels.iloc[tr].reset_index(drop=True)
-            inner = spatial_folds(
-                sub, split, _row_bbox(sub["lat"].to_numpy(float), sub["lon"].to_numpy(float)), ctx.radius_m
-            )
+            inner = inner_folds(data.labels.iloc[tr].reset_index(drop=True), cfg, ctx.radius_m)
             with threadpool_limits(cfg.suite.fit_threads):
                 classes = np.unique(y[tr])
                 z_tr = np.full((len(tr), len(classes)), np.nan)
                 for g in inner:
                     z_tr[g.test] = log_proba(logreg().fit(base_tr[g.train], y[tr][g.train]), base_tr[g.test], classes)
-                seen = np.isfinite(z_tr).all(axis=1)  # rows no inner fold tested (its buffer) stay out of stage 2
+                assert np.isfinite(z_tr).all(), "every row is in one inner fold's test rows"
                 z_te = log_proba(logreg().fit(base_tr, y[tr]), base_te, classes)
                 l2v_tr, l2v_te = hist["loc2vec"][tr], online["loc2vec"][te]
                 preds["baseline"].append(fits.preds[(name, "logreg", i)])
                 for key, extra_tr, extra_te in (("concat", l2v_tr, l2v_te), ("noise", noise[tr], noise[te])):
                     model = logreg().fit(np.hstack([base_tr, extra_tr]), y[tr])
                     preds[key].append(model.predict(np.hstack([base_te, extra_te])))
-                preds["stack0"].append(logreg().fit(z_tr[seen], y[tr][seen]).predict(z_te))
-                stack1 = logreg().fit(np.hstack([z_tr, l2v_tr])[seen], y[tr][seen])
+                preds["stack0"].append(logreg().fit(z_tr, y[tr]).predict(z_te))
+                stack1 = logreg().fit(np.hstack([z_tr, l2v_tr]), y[tr])
                 preds["stack1"].append(stack1.predict(np.hstack([z_te, l2v_te])))
         tested = np.concatenate([f.test for f in data.folds])
         pred = {k: np.concatenate(v) for k, v in preds.items()}

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -137,6 +138,23 @@ def _row_bbox(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float, float, fl
     return float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max())
 
 
+def inner_folds(labels: pd.DataFrame, cfg: EvaluateConfig, radius_m: float) -> list[Fold]:
+    """The inner spatial folds over an outer fold's training rows (`labels`, re-indexed from 0), as the choice of
+    best_baseline uses them: ``suite.inner_folds`` folds of the same blocks and buffer, another seed.
+
+    Args:
+        labels: the outer fold's training rows (lat, lon).
+        cfg: params `evaluate` (split, suite.inner_folds).
+        radius_m: the tile radius (the buffer, as the outer folds').
+
+    Returns:
+        Folds whose rows index `labels`.
+    """
+    lat, lon = labels["lat"].to_numpy(float), labels["lon"].to_numpy(float)
+    split = cfg.split.model_copy(update={"folds": cfg.suite.inner_folds, "seed": cfg.split.seed + 1})
+    return spatial_folds(labels, split, _row_bbox(lat, lon), radius_m)
+
+
 def inner_scores(
     data: TaskData, rows: np.ndarray, names: Sequence[str], kind: str, cfg: EvaluateConfig, radius_m: float
 ) -> dict[str, float]:
@@ -163,9 +181,7 @@ def _inner_plan(
 ) -> tuple[list[FitJob], Any]:
     """`inner_scores` as fits to make and the function that scores their predictions (so callers can batch)."""
     sub = data.labels.iloc[rows].reset_index(drop=True)
-    lat, lon = sub["lat"].to_numpy(float), sub["lon"].to_numpy(float)
-    split = cfg.split.model_copy(update={"folds": cfg.suite.inner_folds, "seed": cfg.split.seed + 1})
-    inner = spatial_folds(sub, split, _row_bbox(lat, lon), radius_m)
+    inner = inner_folds(sub, cfg, radius_m)
     y = sub["label"].to_numpy()
     tested = np.concatenate([f.test for f in inner])
     width = _width(kind, cfg)
